@@ -1,0 +1,1 @@
+"""Sparse-delta linear: reference (the spec), Triton kernels, dispatching autograd op, benchmark."""
