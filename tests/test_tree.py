@@ -287,3 +287,21 @@ def test_atomic_output_dir(tmp_path):
         (tmp / "b").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_own_adapter_dir_opens_as_delta_tree(tmp_path):
+    from peft_lab.tree import is_delta
+    from peft_lab.tree.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TREE_KIND_KEY
+
+    d = tmp_path / "ad"
+    d.mkdir()
+    (d / ADAPTER_CONFIG).write_text('{"adapter": "sparse"}')
+    delta_tree = Tree({"encoder.w": Sparse(torch.tensor([1, 2]), torch.tensor([0.5, -1.0]), (2, 2))})
+    save_tree(delta_tree, d / ADAPTER_WEIGHTS, metadata={TREE_KIND_KEY: "delta"})
+    base = Tree({"bert.encoder.w": torch.zeros(2, 2)})
+    t = load_tree(d, base=base)
+    assert is_delta(t) and list(t) == ["bert.encoder.w"]
+    assert torch.equal(t["bert.encoder.w"].dense(), torch.tensor([[0.0, 0.5], [-1.0, 0.0]]))
+    assert not is_delta(base)
+    with pytest.raises(UserError, match="do not fit"):
+        load_tree(d, base=Tree({"encoder.w": torch.zeros(3, 2)}))

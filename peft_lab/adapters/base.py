@@ -26,12 +26,15 @@ from torch import nn
 from peft_lab.errors import UserError
 from peft_lab.registry import Registry
 from peft_lab.tree import Tree
+from peft_lab.tree.io import ADAPTER_CONFIG
 
 __all__ = ["ADAPTERS", "AdapterConfig", "Adapter", "build_adapter", "load_adapter", "ADAPTER_FILE", "count_parameters", "freeze"]
 
 ADAPTERS: Registry[type["Adapter"]] = Registry("adapter", package="peft_lab.adapters")
-# our own on-disk format: this JSON (name + config) beside `adapter.safetensors` (a saved delta tree or state)
-ADAPTER_FILE = "peft_lab_adapter.json"
+# our own on-disk format: this JSON ({"adapter": name, **config}) beside `adapter.safetensors`, the delta tree
+# saved with `save_tree(..., metadata={TREE_KIND_KEY: "delta"})` (structured leaves kept), which
+# `peft_lab.tree.load_tree` opens as a delta tree (so `peft-lab merge` takes these dirs as task vectors)
+ADAPTER_FILE = ADAPTER_CONFIG
 
 
 @dataclasses.dataclass
@@ -96,6 +99,10 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def load(cls, model: nn.Module, adapter_dir: str | Path) -> "Adapter":
         """Attach a saved adapter to a fresh base `model` (the returned adapter's `.model` is the module to run)."""
+
+    def on_optimizer_step(self, step: int, max_steps: int, optimizer) -> None:
+        """Called by the training loop after every optimizer step (`step` = steps completed). Adapters that
+        change their structure during training (sparse grow/drop) act here; the default does nothing."""
 
     # --- helpers for subclasses ---
     def config_dict(self) -> dict[str, Any]:

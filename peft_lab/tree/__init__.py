@@ -5,6 +5,7 @@ from peft_lab.tree.core import Tree
 from peft_lab.tree.io import (
     atomic_output_dir,
     copy_files,
+    is_delta,
     load_model_dir,
     load_peft_dir,
     load_safetensors,
@@ -58,4 +59,5 @@ __all__ = [
     "save_tree",
     "atomic_output_dir",
     "copy_files",
+    "is_delta",
 ]

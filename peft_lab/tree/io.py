@@ -49,12 +49,21 @@ __all__ = [
     "atomic_output_dir",
     "model_weight_files",
     "parse_size",
+    "is_delta",
     "FORMAT_KEY",
+    "TREE_KIND_KEY",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
     "LEAVES_KEY",
 ]
 
 FORMAT_KEY = "peft_lab.format"
 LEAVES_KEY = "peft_lab.leaves"
+# "delta" marks a tree of changes to a base model (task vector, adapter delta); anything else is a full model
+TREE_KIND_KEY = "peft_lab.tree_kind"
+# peft-lab's own adapter dirs (adapters PEFT does not implement): this JSON + a delta tree in ADAPTER_WEIGHTS
+ADAPTER_CONFIG = "peft_lab_adapter.json"
+ADAPTER_WEIGHTS = "adapter.safetensors"
 TREE_FORMAT = "tree/1"
 
 ST_TO_TORCH = {
@@ -281,6 +290,8 @@ def load_tree(path: str | os.PathLike, *, base: Tree | None = None, allow_pickle
         raise UserError(f"{p}: unsupported file type (expected .safetensors, an HF model dir or a PEFT adapter dir).")
     if (p / "adapter_config.json").exists():
         return load_peft_dir(p, base=base, allow_pickle=allow_pickle)
+    if (p / ADAPTER_CONFIG).exists():
+        return load_own_adapter_dir(p, base=base)
     if allow_pickle:
         try:
             return load_model_dir(p)
@@ -291,6 +302,28 @@ def load_tree(path: str | os.PathLike, *, base: Tree | None = None, allow_pickle
             trees = [_load_pickle(b) for b in bins]
             return Tree([kv for t in trees for kv in t.items()], source=str(p))
     return load_model_dir(p)
+
+
+def is_delta(tree: Tree) -> bool:
+    """True for trees of changes to a base (PEFT/peft-lab adapter dirs, files saved with tree_kind=delta)."""
+    return tree.meta.get(TREE_KIND_KEY) == "delta"
+
+
+def load_own_adapter_dir(adapter_dir: str | os.PathLike, *, base: Tree | None = None) -> Tree:
+    """A peft-lab adapter dir (`peft_lab_adapter.json` + `adapter.safetensors` holding its delta tree with
+    structured leaves) as a delta tree; names are resolved against `base` when given."""
+    d = Path(adapter_dir)
+    weights = d / ADAPTER_WEIGHTS
+    if not weights.exists():
+        raise UserError(f"{d}: {ADAPTER_CONFIG} is present but {ADAPTER_WEIGHTS} is missing.")
+    raw = load_safetensors(weights)
+    names = set(base) if base is not None else None
+    leaves = {_resolve(k, names, str(d)): leaf for k, leaf in raw.items()}
+    if base is not None:
+        bad = [f"{k} {tuple(v.shape)} vs base {tuple(base[k].shape)}" for k, v in leaves.items() if tuple(v.shape) != tuple(base[k].shape)]
+        if bad:
+            raise UserError(f"{d}: the adapter's deltas do not fit the base model: {'; '.join(bad[:10])}.")
+    return Tree(leaves, source=str(d), meta={**raw.meta, TREE_KIND_KEY: "delta"})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -421,7 +454,7 @@ def load_peft_dir(adapter_dir: str | os.PathLike, *, base: Tree | None = None, a
         resolved = {_resolve(k, base_names, where): leaf for k, leaf in full.items()}
         for k, leaf in _delta(Tree(resolved, source=where), base).items():
             leaves[k] = leaf
-    return Tree(leaves, source=where, meta={"peft_type": kind})
+    return Tree(leaves, source=where, meta={"peft_type": kind, TREE_KIND_KEY: "delta"})
 
 
 # ---------------------------------------------------------------------------------------------------------
