@@ -59,6 +59,8 @@ def resolve_modules_to_save(model: nn.Module, patterns: list[str] | None) -> lis
             return []
         children = dict(model.named_children())
         return [h for h in HEAD_NAMES if h in children and any(True for _ in children[h].parameters())]
+    if not patterns:
+        return []
     out = [n for n in names if matches(n, patterns)]
     if not out:
         raise UserError(
