@@ -115,11 +115,19 @@ def test_save_load_round_trip(name, dtype, tmp_path):
     adapter.save(tmp_path / "ad")
     fresh = MLP().to(dtype).eval()
     fresh.load_state_dict(sd0)
+    with torch.no_grad():  # a new head is initialised at random: the saved adapter must not depend on it
+        fresh.head.weight.normal_()
+    fresh_copy = MLP().to(dtype)
+    fresh_copy.load_state_dict(fresh.state_dict())
     loaded = load_adapter(fresh, tmp_path / "ad")
     assert type(loaded) is type(adapter)
     assert loaded.config == adapter.config
     assert loaded.num_trainable() == adapter.num_trainable()
     assert_close(loaded.model(x), y, dtype, f"{name}: reloaded adapter")
+    # after a reload the delta tree is relative to the model it was loaded onto (here: another head init)
+    plain = MLP().to(dtype).eval()
+    plain.load_state_dict(apply(Tree(snapshot(fresh_copy)), loaded.delta_tree()).to_state_dict())
+    assert_close(plain(x), y, dtype, f"{name}: fresh base + reloaded delta tree")
     # the saved dir is a delta tree for `peft-lab merge`, equal to the adapter's own
     disk = load_tree(tmp_path / "ad", base=Tree(sd0))
     mem = adapter.delta_tree()

@@ -114,3 +114,19 @@ def test_peft_mode_on_odd_shapes_and_counts():
     # fc1 17x33: (o1, o2) = (1, 17), (i1, i2) = (3, 11); r=4 < max(17, 11)/2 -> W2 = (17x4)(4x11); W1 full 1x3
     assert a.impl.layers()["fc1"].lokr_w2_a["default"].shape == (17, 4)
     assert a.delta_tree()["fc1.weight"].shape == (17, 33)
+
+
+def test_fast_forward_equals_peft_dense_delta_forward():
+    """Our LoKr layers apply kron(W1, W2) to x without forming it; PEFT's own forward forms it."""
+    from peft.tuners.lokr.layer import Linear
+
+    torch.manual_seed(0)
+    a = build_adapter("kronecker", r=2, factor=4)
+    a.attach(Wide())
+    perturb(a)
+    layer = a.impl.layers()["a"]
+    assert type(layer).__name__ == "FastLoKrLinear" and isinstance(layer, Linear)
+    x = torch.randn(3, 5, 96)
+    fast = layer._get_delta_activations("default", x)
+    dense = Linear._get_delta_activations(layer, "default", x)
+    torch.testing.assert_close(fast, dense, rtol=1e-5, atol=1e-6)

@@ -139,3 +139,35 @@ def test_peft_written_dir_loads_with_load_adapter(kind, tmp_path):
     torch.testing.assert_close(adapter.model(input_ids=X).logits, y, rtol=1e-6, atol=1e-6)
     assert adapter.config.r == pc.r
     assert set(adapter.delta_tree()) >= {"classifier.weight", "bert.encoder.layer.0.attention.self.query.weight"}
+
+
+@pytest.mark.parametrize("name", PEFT_BACKED)
+def test_exact_targets_even_where_peft_suffix_matching_would_take_more(name, tmp_path):
+    """`re:^fc1$` adapts the top-level fc1 only, although PEFT's own matching of "fc1" would also take block.fc1."""
+    from adapters_helpers import MLP
+    from peft import PeftModel
+
+    class Nested(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = torch.nn.Linear(8, 8)
+            self.block = MLP()
+
+        def forward(self, x):
+            return self.block(torch.nn.functional.pad(self.fc1(x), (0, 25)))
+
+    torch.manual_seed(0)
+    model = Nested().eval()
+    sd0 = snapshot(model)
+    adapter = make(name, target_modules=["re:^fc1$"])
+    adapted = adapter.attach(model)
+    assert list(adapter.delta_tree()) == ["fc1.weight"]
+    perturb(adapter, 0.05)
+    x = torch.randn(2, 8)
+    y = adapted(x)
+    adapter.save(tmp_path / "ad")
+    fresh = Nested().eval()
+    fresh.load_state_dict(sd0)
+    peft_model = PeftModel.from_pretrained(fresh, str(tmp_path / "ad"))
+    torch.testing.assert_close(peft_model(x), y)
+    assert type(peft_model.base_model.model.block.fc1) is torch.nn.Linear

@@ -7,8 +7,10 @@ initial values. On disk (the format `peft_lab.tree.load_tree` opens as a delta t
     peft_lab_adapter.json   {"adapter": name, **config}
     adapter.safetensors     the delta tree (structured leaves as `<weight>.<factor>`, their kind and meta in
                             the header; `modules_to_save` as dense deltas), tree_kind = "delta"
-    adapter_state.safetensors   optional: state needed to resume exactly (e.g. LoLDU's z and z0), keyed
-                            `<module>.<tensor>`; never read by `peft-lab merge`
+    adapter_state.safetensors   state for an exact reload, never read by `peft-lab merge`: the trained
+                            `modules_to_save` weights in full (a new head is initialised at random, so a
+                            delta against one random init cannot rebuild it on another), and layer state
+                            such as LoLDU's z and z0, keyed `<module>.<tensor>`
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class OwnAdapter(Adapter):
             elif name in self._saved_init:
                 init = self._saved_init[name]
                 for p, t in m.named_parameters():
-                    leaves[f"{name}.{p}"] = Dense(t.detach().float() - init[p].float())
+                    leaves[f"{name}.{p}"] = Dense(t.detach().float() - init[p].to(t.device).float())
         return Tree(leaves, source=f"{self.name} adapter", meta={TREE_KIND_KEY: "delta", "adapter": self.name})
 
     def merge(self) -> None:
@@ -152,6 +154,10 @@ class OwnAdapter(Adapter):
             for n, layer in self.layers().items()
             for k, v in layer.extra_state().items()
         }
+        model = self._require_attached()
+        for s in self._saved_init:
+            for p, t in model.get_submodule(s).named_parameters():
+                state[f"{s}.{p}"] = t.detach().contiguous()
         with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
             self.write_config(tmp)
             save_tree(tree, tmp / ADAPTER_WEIGHTS, metadata={TREE_KIND_KEY: "delta", "adapter": self.name})
@@ -188,8 +194,12 @@ class OwnAdapter(Adapter):
             for s in adapter._saved_init:
                 module = model.get_submodule(s)
                 for p, t in module.named_parameters():
-                    leaf = tree[f"{s}.{p}"]
+                    key = f"{s}.{p}"
+                    leaf = state_tree[key] if key in state_tree else tree[key]
                     if tuple(leaf.shape) != tuple(t.shape):
-                        raise UserError(f"{d}: {s}.{p} has shape {tuple(leaf.shape)}, the model's is {tuple(t.shape)}.")
-                    leaf.add_to(t.data)
+                        raise UserError(f"{d}: {key} has shape {tuple(leaf.shape)}, the model's is {tuple(t.shape)}.")
+                    if key in state_tree:  # the trained weights themselves (delta_tree is then relative
+                        t.data.copy_(leaf.dense(t.dtype))  # to this model's own init, as PEFT's would be)
+                    else:  # a bare delta tree: relative to this model's current weights
+                        leaf.add_to(t.data)
         return adapter

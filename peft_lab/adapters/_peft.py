@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 import json
+import logging
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,7 +25,9 @@ from peft_lab.errors import UserError
 from peft_lab.tree import Dense, Leaf, Tree
 from peft_lab.tree.io import TREE_KIND_KEY, atomic_output_dir
 
-__all__ = ["PeftAdapter", "saved_module_deltas"]
+__all__ = ["PeftAdapter", "saved_module_deltas", "peft_targets"]
+
+log = logging.getLogger("peft_lab.adapters")
 
 ADAPTER_NAME = "default"  # PEFT's name for the one adapter we attach
 
@@ -37,6 +41,16 @@ def saved_module_deltas(name: str, original: nn.Module, trained: nn.Module) -> d
     }
 
 
+def peft_targets(model: nn.Module, targets: list[str]) -> list[str] | str:
+    """`target_modules` for PEFT that select exactly `targets`: the names themselves (readable in
+    adapter_config.json), or, when PEFT's suffix matching would also take another module (a target `fc1` and a
+    module `block.fc1`), a regex PEFT full-matches."""
+    chosen = set(targets)
+    if not any(n not in chosen and any(n.endswith("." + t) for t in targets) for n, _ in model.named_modules()):
+        return list(targets)
+    return "|".join(re.escape(t) for t in targets)
+
+
 class PeftAdapter(Adapter):
     """An adapter realised by a PEFT tuner. Subclasses give the PEFT config and each layer's delta."""
 
@@ -46,8 +60,9 @@ class PeftAdapter(Adapter):
 
     # --- what subclasses define ---
     @abc.abstractmethod
-    def peft_config(self, model: nn.Module, targets: list[str], saved: list[str]):
-        """The PEFT config for these resolved target and saved module names."""
+    def peft_config(self, model: nn.Module, targets: list[str], peft_targets: list[str] | str, saved: list[str]):
+        """The PEFT config for these resolved target and saved module names (`peft_targets`: what to give PEFT
+        as target_modules to select exactly `targets`)."""
 
     @abc.abstractmethod
     def layer_delta(self, layer: nn.Module) -> Leaf:
@@ -80,7 +95,10 @@ class PeftAdapter(Adapter):
         )
         for t in targets:
             self.check_layer(t, model.get_submodule(t))
-        self.model = get_peft_model(model, self.peft_config(model, targets, saved))
+        self.model = get_peft_model(model, self.peft_config(model, targets, peft_targets(model, targets), saved))
+        extra = sorted(set(self.saved_modules()) - set(saved))
+        if extra:  # PEFT matches modules_to_save by bare name suffix (`classifier` also takes `pre_classifier`)
+            log.warning("%s: PEFT also trains %s in full (its modules_to_save matching)", self.name, ", ".join(extra))
         return self.model
 
     @property

@@ -110,12 +110,12 @@ class LoRA(PeftAdapter):
         c = self.config
         return dict(r=c.r, lora_alpha=c.lora_alpha, lora_dropout=c.dropout, use_rslora=c.use_rslora)
 
-    def peft_config(self, model, targets, saved):
+    def peft_config(self, model, targets, peft_targets, saved):
         from peft import LoraConfig
 
         init = True if self.config.init == "kaiming" else "gaussian"
         return LoraConfig(
-            target_modules=targets, modules_to_save=saved or None, init_lora_weights=init, **self.lora_kwargs()
+            target_modules=peft_targets, modules_to_save=saved or None, init_lora_weights=init, **self.lora_kwargs()
         )
 
     def layer_delta(self, layer: nn.Module) -> Leaf:

@@ -51,6 +51,13 @@ class PiSSAConfig(LowRankConfig):
             raise UserError(f"adapter.niter must be null (exact SVD) or a non-negative integer, got {self.niter!r}.")
 
 
+def _keep_init(layer: nn.Module, B0: torch.Tensor, A0: torch.Tensor) -> None:
+    """The initial factors, kept on the layer as non-persistent buffers (they follow `.to()`, stay out of
+    state_dict) for the conversion ΔW = s(B A − B0 A0)."""
+    layer.register_buffer("pissa_B0", B0, persistent=False)
+    layer.register_buffer("pissa_A0", A0, persistent=False)
+
+
 @ADAPTERS.register("pissa")
 class PiSSA(LoRA):
     name = "pissa"
@@ -59,29 +66,28 @@ class PiSSA(LoRA):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (B0, A0)
         self._svd = True  # False when load() restores a trained state instead of decomposing
 
-    def peft_config(self, model, targets, saved):
+    def peft_config(self, model, targets, peft_targets, saved):
         from peft import LoraConfig
 
         c = self.config
         init = ("pissa" if c.niter is None else f"pissa_niter_{c.niter}") if self._svd else True
         return LoraConfig(
-            target_modules=targets, modules_to_save=saved or None, init_lora_weights=init, **self.lora_kwargs()
+            target_modules=peft_targets, modules_to_save=saved or None, init_lora_weights=init, **self.lora_kwargs()
         )
 
     def attach(self, model: nn.Module) -> nn.Module:
         out = super().attach(model)
-        for name, layer in self.layers().items():
+        for layer in self.layers().values():
             d = lora_layer_delta(layer)
-            self._init_factors[name] = (d.B, d.A)
+            _keep_init(layer, d.B, d.A)
         return out
 
     def tree_delta(self, name: str, layer: nn.Module) -> Leaf:
         """s(B A − B0 A0) as one rank-2r LowRank, relative to the ORIGINAL weight W (not W_res)."""
         d = lora_layer_delta(layer)
-        B0, A0 = self._init_factors[name]
+        B0, A0 = layer.pissa_B0, layer.pissa_A0
         return LowRank(torch.cat([d.B, -B0], dim=1), torch.cat([d.A, A0], dim=0), d.scale, d.shape)
 
     def save_peft(self, out_dir: Path) -> None:
@@ -138,7 +144,7 @@ class PiSSA(LoRA):
                 # the same expression PEFT's pissa_init evaluates, so W_res is rebuilt bit for bit
                 s = layer.scaling[ADAPTER_NAME]
                 base.data = (base.data.float() - s * B0.float() @ A0.float()).to(base.dtype)
-                adapter._init_factors[name] = (B0.clone(), A0.clone())
+                _keep_init(layer, B0.clone(), A0.clone())
             result = set_peft_model_state_dict(adapter.model, sd)
         missing = [k for k in result.missing_keys if ADAPTER_NAME in k and ("lora_" in k or "modules_to_save" in k)]
         if missing:
