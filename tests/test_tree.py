@@ -305,3 +305,12 @@ def test_own_adapter_dir_opens_as_delta_tree(tmp_path):
     assert not is_delta(base)
     with pytest.raises(UserError, match="do not fit"):
         load_tree(d, base=Tree({"encoder.w": torch.zeros(3, 2)}))
+
+
+def test_file_rewritten_at_same_path_is_read_afresh(tmp_path):
+    p = tmp_path / "w.safetensors"
+    save_tree(Tree({"w": torch.zeros(4)}), p)
+    assert torch.equal(load_tree(p)["w"].dense(), torch.zeros(4))
+    # same path, new layout: read through the new header, never the old file's memory map
+    save_tree(Tree({"a": torch.full((3,), 2.0), "w": torch.ones(4)}), p)
+    assert torch.equal(load_tree(p)["w"].dense(), torch.ones(4))
