@@ -633,6 +633,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
         raise UserError(f"{out} already exists and is not empty. Choose another output dir or pass overwrite=true.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the output gets the usual permissions
     prev_term = None
     if threading.current_thread() is threading.main_thread():
         def _on_term(signum, frame):
@@ -659,6 +660,12 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
     finally:
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def copy_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, names: Iterable[str]) -> list[str]:
