@@ -101,7 +101,7 @@ def _union(steps: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for st in steps for k in st["keys"]))
 
 
-def _open(model_path, out) -> tuple[_Layout, Tree, dict, Tree]:
+def _open(model_path, out) -> tuple[_Layout, Tree, dict, Tree, list[str]]:
     lay = _layout(model_path)
     out = Path(out)
     if out.absolute() == lay.path.absolute() or (lay.is_dir and lay.path.absolute() in out.absolute().parents):
@@ -113,10 +113,16 @@ def _open(model_path, out) -> tuple[_Layout, Tree, dict, Tree]:
         raise UserError(f"{lay.path} is an adapter or a delta; patch a full model.")
     rec = read_record(model)
     restore = load_tree(lay.restore) if lay.restore.is_file() else Tree()
+    notes = []
     for st in rec["steps"]:  # copies lost (e.g. only the weights were copied): no bitwise restore for that step
         if st.get("restore") and any(f"{st['id']}/{k}" not in restore for k in st["keys"]):
             st["restore"] = False
-    return lay, model, rec, restore
+    if rec["steps"] and rec.get("state") != content_hash(model, _union(rec["steps"])):
+        # changed outside peft-lab after patching: copying the originals back would silently undo that change
+        notes.append("the patched tensors changed after patching (outside peft-lab); their kept copies are no longer used")
+        for st in rec["steps"]:
+            st["restore"] = False
+    return lay, model, rec, restore, notes
 
 
 def _entries(pairs: Pairs) -> list[dict[str, Any]]:
@@ -167,7 +173,7 @@ def patch(model_path: str | os.PathLike, pairs: Pairs, out: str | os.PathLike, *
     """
     if not pairs:
         raise UserError("patch: give at least one --signature.")
-    lay, model, rec, restore = _open(model_path, out)
+    lay, model, rec, restore, notes = _open(model_path, out)
     new = apply_signatures(model, pairs)
     touched = [k for k in model if k in {k for s, _ in pairs for k in s.tree}]
     keep = {f"{st['id']}/{k}": restore[f"{st['id']}/{k}"] for st in rec["steps"] if st["restore"] for k in st["keys"]}
@@ -176,7 +182,7 @@ def patch(model_path: str | os.PathLike, pairs: Pairs, out: str | os.PathLike, *
     rec["steps"].append({"id": sid, "signatures": _entries(pairs), "keys": touched, "restore": True})
     rec["next_id"] = sid + 1
     path = _finish(lay, model, new, touched, rec, keep, out, overwrite)
-    return PatchResult(path, touched, "patched")
+    return PatchResult(path, touched, "patched", notes)
 
 
 def _describe(steps: list[dict]) -> str:
@@ -200,19 +206,16 @@ def unpatch(
     """
     if not pairs:
         raise UserError("unpatch: give at least one --signature.")
-    lay, model, rec, restore = _open(model_path, out)
-    steps, notes = rec["steps"], []
+    lay, model, rec, restore, notes = _open(model_path, out)
+    steps = rec["steps"]
     given = Counter((s.hash, float(a)) for s, a in pairs)
     top = steps[-1] if steps else None
     if top is not None and top["restore"] and Counter((e["hash"], float(e["scale"])) for e in top["signatures"]) == given:
-        if rec.get("state") == content_hash(model, _union(steps)):
-            new = model.replace((k, restore[f"{top['id']}/{k}"] if k in top["keys"] else leaf) for k, leaf in model.items())
-            keep = {f"{st['id']}/{k}": restore[f"{st['id']}/{k}"] for st in steps[:-1] if st["restore"] for k in st["keys"]}
-            rec["steps"] = steps[:-1]
-            path = _finish(lay, model, new, list(top["keys"]), rec, keep, out, overwrite)
-            return PatchResult(path, list(top["keys"]), "restored")
-        notes.append("the patched tensors changed after patching (outside peft-lab), and the kept copies would "
-                     "undo that")
+        new = model.replace((k, restore[f"{top['id']}/{k}"] if k in top["keys"] else leaf) for k, leaf in model.items())
+        keep = {f"{st['id']}/{k}": restore[f"{st['id']}/{k}"] for st in steps[:-1] if st["restore"] for k in st["keys"]}
+        rec["steps"] = steps[:-1]
+        path = _finish(lay, model, new, list(top["keys"]), rec, keep, out, overwrite)
+        return PatchResult(path, list(top["keys"]), "restored")
     if not steps and not force:
         raise UserError(
             f"{lay.path} carries no record of patched signatures (it was not patched by peft-lab, or was re-saved by "
@@ -240,12 +243,12 @@ def unpatch(
     if unknown:
         notes.append(f"subtracted {', '.join(unknown)} although the record does not list it (--force)")
     if not notes:
-        notes.append(
-            "no patch record" if not steps
+        notes.append("subtracted, so within one rounding step of the original rather than bitwise: " + (
+            "the model has no patch record" if not steps
             else "taken off out of patch order" if lowest < len(steps) - 1
             else "the copies of the last patch step are missing" if not steps[-1]["restore"]
-            else "only part of the last patch step; taking off the rest later restores the original bytes"
-        )
+            else "only part of the last patch step (taking off the rest later restores the original bytes)"
+        ))
     for st in steps[lowest + 1:]:  # their copies include the signatures just subtracted
         st["restore"] = False
     rec["steps"] = [st for st in steps if st["signatures"]]

@@ -408,3 +408,39 @@ def test_running_var_is_patched_multiplicatively():
         got = apply_signatures(clean, [(sig, scale)])["bn.running_var"].dense()
         assert (got > 0).all()
         torch.testing.assert_close(got, var * 0.3**scale, rtol=1e-5, atol=0)
+
+
+def test_robust_given_as_an_adapter_delta_and_bad_values():
+    """A robust *adapter* trained from the clean model is a delta tree: its signature is that delta."""
+    from peft_lab.tree import LowRank
+    from peft_lab.tree.io import TREE_KIND_KEY
+
+    clean = _model(0)
+    g = torch.Generator().manual_seed(1)
+    lr = LowRank(torch.randn(5, 2, generator=g), torch.randn(2, 36, generator=g), 0.5)
+    adapter = Tree({"fc.weight": lr}, source="adapter", meta={TREE_KIND_KEY: "delta"})
+    sig = extract(clean, adapter, layers="all")
+    torch.testing.assert_close(sig.tree["fc.weight"].dense(), lr.dense(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(sig.tree["conv.weight"].dense(), torch.zeros(4, 2, 3, 3))
+    bad = Tree({k: v.dense(None).clone() for k, v in clean.items()}, source="nan_model")
+    bad["conv.bias"].dense(None)[0] = float("nan")
+    with pytest.raises(UserError, match="nan_model: tensor conv.bias has NaN"):
+        extract(clean, bad)
+    with pytest.raises(UserError, match="full model"):
+        extract(adapter, clean)
+    with pytest.raises(UserError, match="--bits 3"):
+        extract(clean, clean, bits=3)
+
+
+def test_layer_order_of_sorted_files_is_natural(tmp_path):
+    """safetensors' own writer sorts names (features.10 before features.2): depth counts in natural order."""
+    from merging.signature import in_forward_order
+
+    names = ["features.0.weight", "features.10.weight", "features.2.weight", "head.weight"]
+    t = Tree({n: torch.zeros(2, 2) for n in names}, source=str(tmp_path))
+    ordered, how = in_forward_order(t)
+    assert how == "natural" and list(ordered) == ["features.0.weight", "features.2.weight", "features.10.weight",
+                                                  "head.weight"]
+    sig = extract(t, Tree({n: torch.ones(2, 2) for n in names}), layers=2)
+    assert sig.record["layers"] == ["features.0", "features.2"] and sig.record["order"] == "natural"
+    assert in_forward_order(_model(0))[1] == "file"  # conv, bn, fc: written in the model's own order
