@@ -152,6 +152,7 @@ def test_pattern_refuses_bad_shapes_and_devices():
 # ---------------------------------------------------------------------------------------------------------
 CASES = [  # (batch, out, in, nnz or density): odd sizes, empty and single-entry deltas, 0.1% to 10%
     (5, 17, 33, 0),
+    (0, 5, 7, 3),
     (5, 17, 33, 1),
     (1, 1, 1, 1),
     (37, 17, 33, 0.10),
@@ -204,6 +205,23 @@ def test_values_follow_caller_order(monkeypatch):
     c = run("reference", monkeypatch, x, w, b, rows[perm], cols[perm], v[perm], dy)
     torch.testing.assert_close(c[0], a[0])
     torch.testing.assert_close(c[2], a[2][perm])  # the value gradient comes back in the caller's order
+
+
+def test_sparse_linear_reuses_its_pattern_until_the_indices_change(monkeypatch):
+    monkeypatch.setenv(op.BACKEND_ENV, "reference")
+    x, w, b, *_ = make_case(6, 9, 11, 0.2)
+    rows, cols, v = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 3.0])
+    p = op._pattern_for(rows, cols, (9, 11))
+    assert op._pattern_for(rows, cols, (9, 11)) is p  # validated and sorted once
+    assert op._pattern_for(rows.clone(), cols, (9, 11)) is not p  # another tensor: its own pattern
+    rows[0] = 5  # an in-place write (a reselection) bumps the version counter: the pattern is rebuilt
+    assert op._pattern_for(rows, cols, (9, 11)) is not p
+    s = torch.zeros(9, 11)
+    s[5, 0], s[1, 1], s[2, 2] = 1.0, 2.0, 3.0
+    torch.testing.assert_close(sparse_linear(x, w, rows, cols, v, b), x @ (w + s).T + b)
+    cols[2] = 11  # out of range after the first validation: caught on the rebuild
+    with pytest.raises(UserError, match=r"cols\[2\] = 11"):
+        sparse_linear(x, w, rows, cols, v, b)
 
 
 def test_autocast_runs_in_the_autocast_dtype(monkeypatch):

@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             results[path] = fwd_ms
             print(
                 f"{nnz / (out_f * in_f):>8.3%} {nnz:>9}  {path:<9} {fwd_ms:>10.3f} {step_ms:>14.3f} "
-                f"{_fmt(peak, 1):>9} {saved:>15.1f}"
+                f"{_fmt(peak, 1):>9} {saved:>15.3f}"
             )
         summary.append((density, nnz, pattern, results))
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from peft_lab.errors import UserError
 from peft_lab.kernels.sparse import reference
@@ -145,8 +147,10 @@ def sparse_linear(
     """y = x·(W + S)^T + b where S is zero except S[rows[k], cols[k]] = values[k].
 
     Differentiable in x and values (and weight/bias when they require grad); never builds a dense copy of
-    W + S. Validates the indices on every call (range, duplicates: one device sync); for repeated calls
-    build a `SparsePattern` once and use `pattern_linear`.
+    W + S. The indices are validated and sorted into a `SparsePattern` (range, duplicates: one device sync)
+    the first time a (rows, cols) pair of tensors is seen, and again only after either changes in place
+    (tracked by the tensors' version counters; writes through `.data` bypass them). Or build a
+    `SparsePattern` yourself and call `pattern_linear`.
 
     Args:
         x: (..., in); weight: (out, in); rows, cols: (nnz,) int32/int64 in any order, no duplicate
@@ -156,8 +160,25 @@ def sparse_linear(
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise UserError(f"sparse_linear: weight must be a 2-D (out, in) tensor, got {_describe(weight)}.")
-    pattern = SparsePattern(rows, cols, tuple(weight.shape), where="sparse_linear")
-    return pattern_linear(x, weight, pattern, values, bias)
+    return pattern_linear(x, weight, _pattern_for(rows, cols, tuple(weight.shape)), values, bias)
+
+
+# rows tensor -> (cols tensor, rows version, cols version, shape, pattern). Keyed weakly by tensor identity: an
+# adapter that passes the same index buffers every step validates and sorts them once; an in-place change of
+# either buffer (e.g. grow/drop reselection) bumps its version counter and rebuilds the pattern.
+_PATTERNS = WeakTensorKeyDictionary()
+
+
+def _pattern_for(rows: torch.Tensor, cols: torch.Tensor, shape: tuple[int, int]) -> SparsePattern:
+    if not (isinstance(rows, torch.Tensor) and isinstance(cols, torch.Tensor)) or rows.is_inference():
+        return SparsePattern(rows, cols, shape, where="sparse_linear")  # inference tensors have no version counter
+    key = (rows._version, cols._version, shape)
+    hit = _PATTERNS.get(rows)
+    if hit is not None and hit[0]() is cols and hit[1:4] == key:
+        return hit[4]
+    pattern = SparsePattern(rows, cols, shape, where="sparse_linear")
+    _PATTERNS[rows] = (weakref.ref(cols), *key, pattern)
+    return pattern
 
 
 @torch.no_grad()
