@@ -413,10 +413,11 @@ print("compiled")
 
 
 @needs_triton
-def test_kernels_compile_for_sm80_and_sm90():
+def test_kernels_compile_for_sm80_and_sm90(tmp_path):
     """The kernels compile to cubins for A100 and H100 (ahead of time, no GPU needed), so the code the CPU
     tests interpret is also code the GPU compiler accepts."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # a fresh compile, and no writes to ~/.triton
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run(

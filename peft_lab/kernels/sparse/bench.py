@@ -239,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"{nnz / (out_f * in_f):>8.3%} {nnz:>9}  {path:<9} {fwd_ms:>10.3f} {step_ms:>14.3f} "
                 f"{_fmt(peak, 1):>9} {saved:>15.3f}"
             )
-        summary.append((density, nnz, pattern, results))
+        summary.append((nnz / (out_f * in_f), nnz, pattern, results))
 
     print("\nforward / plain dense forward (target: triton <= 1.15x on H100/H200):")
     for density, _nnz, _, results in summary:
         ratios = ", ".join(f"{p} {ms / dense_ms:.2f}x" for p, ms in results.items())
-        print(f"  {density:.2%}: {ratios}")
+        print(f"  {density:.3%}: {ratios}")
 
     print("\nvalue gradient alone: SDDMM vs dense dy^T·x then gather (target: >= 5x faster at 1%, O(nnz) memory)")
     dyt, xt = dy.t().contiguous(), x.detach().t().contiguous()
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         r_, c_ = pattern.rows.long(), pattern.cols.long()
         naive = lambda: (dy.t() @ x.detach())[r_, c_].float()  # noqa: E731
         naive_ms = timer(naive)
-        line = f"  {density:.2%}: dense-then-gather {naive_ms:.3f} {u}, peak {_fmt(_peak_mb(dev, naive), 1)} MB"
+        line = f"  {density:.3%}: dense-then-gather {naive_ms:.3f} {u}, peak {_fmt(_peak_mb(dev, naive), 1)} MB"
         impls = [("triton", tk)] if triton_ok else []
         impls.append(("reference", reference))
         for label, impl in impls:
