@@ -62,15 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--pretrained", default=None, help="θ_pre: use the projection form (clean and robust fine-tuned from it)")
     ex.add_argument("--name", default=None, help="the signature's name (default: the file's stem)")
     ex.add_argument("--no-stats", action="store_true", help="leave normalisation running statistics out")
-    ex.add_argument("--overwrite", action="store_true")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing file")
 
     for name, help in (("patch", "add scale·signature to a model"), ("unpatch", "take signatures off a patched model")):
         p = sub.add_parser(name, help=help)
-        p.add_argument("--model", required=True)
+        p.add_argument("--model", required=True, help="an HF model dir or a .safetensors file")
         p.add_argument("--signature", action=_Pair, required=True, help="SIG file, folder, or BANK::NAME (repeatable)")
         p.add_argument("--scale", action=_Pair, type=float, help="scale of the --signature before it (default 1.0)")
-        p.add_argument("--out", required=True)
-        p.add_argument("--overwrite", action="store_true")
+        p.add_argument("--out", required=True, help="the output model dir (a .safetensors file for a file model)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output")
         if name == "unpatch":
             p.add_argument("--force", action="store_true", help="subtract even if the model's record does not list it")
 
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     pk = sub.add_parser("pack", help="put several signatures into one bank file")
     pk.add_argument("signatures", nargs="+", help="SIG files, folders or BANK::NAME")
     pk.add_argument("--out", required=True)
-    pk.add_argument("--overwrite", action="store_true")
+    pk.add_argument("--overwrite", action="store_true", help="replace an existing file")
     return ap
 
 

@@ -444,3 +444,14 @@ def test_layer_order_of_sorted_files_is_natural(tmp_path):
     sig = extract(t, Tree({n: torch.ones(2, 2) for n in names}), layers=2)
     assert sig.record["layers"] == ["features.0", "features.2"] and sig.record["order"] == "natural"
     assert in_forward_order(_model(0))[1] == "file"  # conv, bn, fc: written in the model's own order
+
+
+def test_sharded_model_dir_stays_sharded(tmp_path):
+    clean, (sig,) = _sigs(2, 1, torch.float32)
+    save_tree(clean, tmp_path / "m", max_shard_size=600)
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
+    patch(tmp_path / "m", [(sig, 1.0)], tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and set(index["weight_map"]) == set(clean)
+    unpatch(tmp_path / "p", [(sig, 1.0)], tmp_path / "u")
+    assert _bitwise(_tensors(tmp_path / "u"), _tensors(tmp_path / "m"))
