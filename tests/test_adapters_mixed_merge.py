@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 from adapters_helpers import make, perturb
-from transformers import BertConfig, BertForSequenceClassification
 
 from peft_lab.adapters import ADAPTERS
 from peft_lab.tree import LDU, Kronecker, LowRank, Sparse, apply, check_compatible, load_tree
@@ -17,6 +16,8 @@ KINDS = {"lora": LowRank, "pissa": LowRank, "kronecker": Kronecker, "loldu": LDU
 
 
 def test_mixed_adapter_dirs_merge_as_task_vectors(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification  # lazily: see test_adapters_peft.py
+
     cfg = BertConfig(
         vocab_size=60, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, num_labels=3
     )

@@ -8,15 +8,25 @@ import json
 import pytest
 import torch
 from adapters_helpers import make, perturb, snapshot
-from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification
 
 from peft_lab.adapters import load_adapter
 
 PEFT_BACKED = ["lora", "pissa", "kronecker"]
 
 
+# transformers and safetensors are imported inside the tests: importing transformers imports Triton, which must
+# happen after tests/test_kernels_* set TRITON_INTERPRET at collection time on machines without a GPU
+
+
+def load_file(path):
+    from safetensors.torch import load_file as _load
+
+    return _load(path)
+
+
 def _bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
     cfg = BertConfig(
         vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, num_labels=3
     )
@@ -26,6 +36,8 @@ def _bert():
 
 
 def _fresh(cfg, sd0):
+    from transformers import BertForSequenceClassification
+
     m = BertForSequenceClassification(cfg).eval()
     m.load_state_dict(sd0)
     return m
