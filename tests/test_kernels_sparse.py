@@ -1,4 +1,5 @@
-"""Sparse-delta linear: the reference against dense autograd, the Triton kernels against the reference.
+"""Sparse-delta linear: the reference against dense autograd; the Triton kernels and the CPU sparse-BLAS
+backend (`csr`) against the reference.
 
 Without CUDA the Triton kernels run on the CPU under TRITON_INTERPRET=1 (set below, before Triton is
 imported); with CUDA they run compiled on the GPU. `pytest -m gpu` adds larger shapes on the GPU.
@@ -11,6 +12,7 @@ Tolerances (Triton vs reference, both accumulate in float32):
 - value gradients are float32 sums of exact products of the (16-bit) inputs: rtol 1e-5 in every dtype;
 - the scatter (index op) must match bit for bit.
 The reference against dense float64/float32 autograd: rtol 1e-5 (ALGORITHMS.md A5.2).
+The csr backend against the reference: the same tolerances per dtype, and 1e-10 in float64.
 """
 
 from __future__ import annotations
@@ -34,8 +36,12 @@ tk = op._triton_module()
 needs_triton = pytest.mark.skipif(tk is None, reason="Triton is not installed")
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() and tk is not None and not tk.INTERPRETED else "cpu"
 
-TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2**-7, atol=1e-2)}
-RMS_RATIO = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
+TOL = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2**-7, atol=1e-2),
+}
+RMS_RATIO = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-3}
 
 
 def err_ratio(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -267,15 +273,35 @@ def test_bad_inputs_give_clear_errors(change, match):
 def test_backend_selection(monkeypatch):
     t = torch.zeros(2)
     monkeypatch.delenv(op.BACKEND_ENV, raising=False)
-    assert op.backend_for(t) == "reference"  # auto: the reference on CPU tensors
+    assert op.backend_for(t) == "csr"  # auto: sparse BLAS on CPU tensors
     monkeypatch.setenv(op.BACKEND_ENV, "reference")
     assert op.backend_for(t) == "reference"
     monkeypatch.setenv(op.BACKEND_ENV, "cuda-please")
-    with pytest.raises(UserError, match="is not a backend; use one of auto, triton, reference"):
+    with pytest.raises(UserError, match="is not a backend; use one of auto, triton, csr, reference"):
         op.backend_for(t)
     if tk is not None:
         monkeypatch.setenv(op.BACKEND_ENV, "triton")
         assert op.backend_for(t) == "triton"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The CPU sparse-BLAS backend against the reference
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_csr_matches_reference(case, dtype, monkeypatch):
+    x, w, b, rows, cols, v, dy = make_case(*case, dtype=dtype, vdtype=torch.float32 if dtype == torch.bfloat16 else dtype, shuffle=True)
+    ref = run("reference", monkeypatch, x, w, b, rows, cols, v, dy, need_w=True)
+    got = run("csr", monkeypatch, x, w, b, rows, cols, v, dy, need_w=True)
+    for name, a, c in zip(("y", "dx", "dvalues", "dW", "db"), ref, got):
+        assert_close(name, a, c, torch.float32 if name == "dvalues" and dtype == torch.bfloat16 else dtype)
+
+
+def test_csr_gradcheck_float64(monkeypatch):
+    monkeypatch.setenv(op.BACKEND_ENV, "csr")
+    x, w, b, rows, cols, v, _ = make_case(4, 6, 5, 0.3, dtype=torch.float64, vdtype=torch.float64)
+    x, v, b = (t.detach().requires_grad_() for t in (x, v, b))
+    assert torch.autograd.gradcheck(lambda x, v, b: sparse_linear(x, w, rows, cols, v, b), (x, v, b))
 
 
 # ---------------------------------------------------------------------------------------------------------

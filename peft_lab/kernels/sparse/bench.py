@@ -1,4 +1,4 @@
-"""Benchmark of the sparse-delta linear y = x·(W + S)^T + b (ALGORITHMS.md A5.2), four paths side by side.
+"""Benchmark of the sparse-delta linear y = x·(W + S)^T + b (ALGORITHMS.md A5.2), five paths side by side.
 
     python -m peft_lab.kernels.sparse.bench            # 4096x4096 weight, x 8x512, bfloat16, 0.1% / 1% / 5%
     python -m peft_lab.kernels.sparse.bench --quick    # small shapes, a minute on a CPU
@@ -6,6 +6,7 @@
 
 Paths, all at the same nnz (SHiRA's budget r·(out + in), r chosen to hit each density):
 - triton:    `pattern_linear` on the Triton kernels (CUDA only);
+- csr:       `pattern_linear` on `torch.sparse` CSR kernels (the CPU default; also runs on CUDA);
 - reference: `pattern_linear` on the PyTorch reference;
 - naive:     autograd through W' = W + scatter(values), F.linear: a dense W' saved for the backward, a dense
              (out, in) gradient of W', gathered at the indices;
@@ -31,12 +32,12 @@ import torch
 import torch.nn.functional as F
 
 from peft_lab.errors import UserError
-from peft_lab.kernels.sparse import op, reference
+from peft_lab.kernels.sparse import csr, op, reference
 from peft_lab.kernels.sparse.pattern import SparsePattern
 
 __all__ = ["main"]
 
-PATHS = ("triton", "reference", "naive", "shira")
+PATHS = ("triton", "csr", "reference", "naive", "shira")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -151,7 +152,7 @@ def _shira_layer(weight: torch.Tensor, bias: torch.Tensor, pattern: SparsePatter
 
 
 def _path_fn(path: str, x, weight, bias, pattern, values, shira) -> Callable[[], torch.Tensor]:
-    if path in ("triton", "reference"):
+    if path in ("triton", "csr", "reference"):
 
         def fwd():
             with _backend(path):
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         naive_ms = timer(naive)
         line = f"  {density:.3%}: dense-then-gather {naive_ms:.3f} {u}, peak {_fmt(_peak_mb(dev, naive), 1)} MB"
         impls = [("triton", tk)] if triton_ok else []
-        impls.append(("reference", reference))
+        impls += [("csr", csr), ("reference", reference)]
         for label, impl in impls:
             fn = lambda impl=impl: impl.sddmm(dyt, xt, pattern)  # noqa: E731
             ms = timer(fn)
