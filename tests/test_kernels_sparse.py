@@ -293,7 +293,7 @@ def test_csr_matches_reference(case, dtype, monkeypatch):
     x, w, b, rows, cols, v, dy = make_case(*case, dtype=dtype, vdtype=torch.float32 if dtype == torch.bfloat16 else dtype, shuffle=True)
     ref = run("reference", monkeypatch, x, w, b, rows, cols, v, dy, need_w=True)
     got = run("csr", monkeypatch, x, w, b, rows, cols, v, dy, need_w=True)
-    for name, a, c in zip(("y", "dx", "dvalues", "dW", "db"), ref, got):
+    for name, a, c in zip(("y", "dx", "dvalues", "dW", "db"), ref, got, strict=True):
         assert_close(name, a, c, torch.float32 if name == "dvalues" and dtype == torch.bfloat16 else dtype)
 
 
