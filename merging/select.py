@@ -29,8 +29,15 @@ _CANDIDATE_CAP = 1 << 23  # candidates held at once (32 MB); past it they are th
 class KthLargest:
     """Exact k-th largest of `n` non-negative values delivered in passes.
 
-    Usage: `add_sample(values, weight)` over a sample, then loop `{begin_count(); count(chunk) for every
-    chunk; done = resolve()}` until `resolve()` returns True; then read `threshold`.
+    Usage: `add_sample(values, weight)` over a sample, `bracket()`, then loop `{begin_count(); count(chunk)
+    for every chunk; done = resolve()}` until `resolve()` returns True; then read `threshold`.
+
+    Every round counts the values above the bracket `[lo, hi]` and collects those inside it. The threshold
+    is known to lie in `[L, U]`; a round that does not resolve it narrows `[L, U]` (past the bracket, or to
+    it) and picks the next bracket inside, from a thinned copy of the candidates when there were too many
+    to keep. When that would not shrink the bracket (a long run of tied values), the next bracket is the
+    single value at the estimated rank: a round then either finds the threshold there or excludes that
+    value, so every round makes progress.
 
     Args:
         n: how many values the stream holds.
@@ -44,7 +51,8 @@ class KthLargest:
         self.n, self.k, self.z = n, k, z
         self._sample: list[tuple[torch.Tensor, float]] = []
         self._sample_size = 0
-        self.lo, self.hi = 0.0, math.inf  # candidates: lo <= x <= hi; x > hi counted as above
+        self.L, self.U = 0.0, math.inf  # the threshold lies in [L, U]
+        self.lo, self.hi = 0.0, math.inf  # this round's candidates: lo <= x <= hi; x > hi counted as above
         self.threshold: float | None = None
         self.rounds = 0
 
@@ -64,30 +72,36 @@ class KthLargest:
     def bracket(self) -> None:
         """Set `[lo, hi]` from the sample (or keep the full range if there is none)."""
         if self._sample:
-            self._bracket_from(self._sample, self.k, self.lo, self.hi)
+            self._bracket_from(self._sample, self.k)
         self._sample = []
         self._sample_size = 0
 
-    def _bracket_from(self, sample: list[tuple[torch.Tensor, float]], k: float, lo: float, hi: float) -> None:
+    def _bracket_from(self, sample: list[tuple[torch.Tensor, float]], k: float) -> bool:
+        """Bracket the value of weighted rank k (from the top) of the sample, inside [L, U]. Returns False
+        if the bracket would not be narrower than the current one."""
         vals = torch.cat([s for s, _ in sample])
         wts = torch.cat([torch.full((s.numel(),), w, dtype=torch.float64) for s, w in sample])
         order = torch.argsort(vals, descending=True)
         vals, cum = vals[order], torch.cumsum(wts[order], 0)
         m = vals.numel()
         if m == 0:
-            return
+            return False
         total = float(cum[-1])
         p = min(max(k / total, 0.0), 1.0)
         # rank uncertainty of the estimate, in stream units (binomial, effective sample size m)
         margin = self.z * math.sqrt(max(m * p * (1 - p), 1.0)) * (total / m)
         i_hi = int(torch.searchsorted(cum, torch.tensor(k - margin, dtype=torch.float64)))
         i_lo = int(torch.searchsorted(cum, torch.tensor(k + margin, dtype=torch.float64)))
-        new_hi = float(vals[i_hi - 1]) if i_hi >= 1 else math.inf  # values above it: fewer than k
-        new_lo = float(vals[i_lo]) if i_lo < m else lo
-        self.hi = min(new_hi, hi)
-        self.lo = max(new_lo, lo)
-        if self.lo > self.hi:
-            self.lo = self.hi
+        hi = min(float(vals[i_hi - 1]) if i_hi >= 1 else math.inf, self.U)
+        lo = max(float(vals[i_lo]) if i_lo < m else self.L, self.L)
+        if (lo, hi) == (self.lo, self.hi) or lo > hi:
+            i_mid = min(int(torch.searchsorted(cum, torch.tensor(k, dtype=torch.float64))), m - 1)
+            v = min(max(float(vals[i_mid]), self.L), self.U)
+            if (v, v) == (self.lo, self.hi):
+                return False
+            lo = hi = v
+        self.lo, self.hi = lo, hi
+        return True
 
     # -- pass 2: count ---------------------------------------------------------------------------------
     def begin_count(self) -> None:
@@ -112,7 +126,7 @@ class KthLargest:
             self._cands.append(c)
             self._kept += c.numel()
             if self._kept > _CANDIDATE_CAP:  # too many: keep a thinned copy (a sample for the next bracket)
-                self._cands = [t[::2] for t in self._cands]
+                self._cands = [t[::2].clone() for t in self._cands]
                 self._kept = sum(t.numel() for t in self._cands)
                 self._thin *= 2
 
@@ -120,27 +134,27 @@ class KthLargest:
         """True when the threshold is known; otherwise the bracket has moved and another count is needed."""
         self.rounds += 1
         need = self.k - self._above  # rank of the threshold among the candidates
-        if 0 < need <= self._ncand and self.lo == self.hi:  # every candidate has the same value
-            self.threshold = self.lo
-            self._cands = []
-            return True
-        if self._thin == 1 and 0 < need <= self._ncand:
-            cand = torch.cat(self._cands) if len(self._cands) > 1 else self._cands[0]
-            # need-th largest == (ncand - need + 1)-th smallest
-            self.threshold = float(torch.kthvalue(cand, self._ncand - need + 1).values)
-            self._cands = []
-            return True
-        if need <= 0:  # the threshold lies above hi
-            self.lo, self.hi = math.nextafter(self.hi, math.inf), math.inf
-        elif need > self._ncand:  # below lo
-            self.lo, self.hi = 0.0, math.nextafter(self.lo, -math.inf)
-        else:  # inside, but too many candidates to hold: re-bracket from the thinned ones
-            sample = [(torch.cat(self._cands), float(self._thin))]
-            lo, hi = self.lo, self.hi
-            self._bracket_from(sample, need, lo, hi)
-            # values above the new hi inside the old bracket are counted as "above" next round
-        self._cands = []
-        if self.rounds > 64:
+        cands, self._cands = self._cands, []
+        if 0 < need <= self._ncand:
+            if self.lo == self.hi:  # every candidate has the same value
+                self.threshold = self.lo
+                return True
+            if self._thin == 1:
+                cand = torch.cat(cands) if len(cands) > 1 else cands[0]
+                # need-th largest == (ncand - need + 1)-th smallest
+                self.threshold = float(torch.kthvalue(cand, self._ncand - need + 1).values)
+                return True
+            # inside, but too many candidates to hold: bracket again from the thinned ones
+            self.L, self.U = self.lo, self.hi
+            if not self._bracket_from([(torch.cat(cands), float(self._thin))], need):
+                raise RuntimeError("KthLargest made no progress")
+        elif need <= 0:  # the threshold lies above hi
+            self.L = math.nextafter(self.hi, math.inf)
+            self.lo, self.hi = self.L, self.U
+        else:  # below lo
+            self.U = math.nextafter(self.lo, -math.inf)
+            self.lo, self.hi = self.L, self.U
+        if self.rounds > 200 or self.L > self.U:
             raise RuntimeError("KthLargest did not converge (non-finite values in the stream?)")
         return False
 

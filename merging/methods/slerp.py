@@ -1,4 +1,5 @@
-"""SLERP of two models, per tensor (as mergekit's `slerp`; K. Shoemake, SIGGRAPH 1985).
+"""SLERP of two models, per tensor, as mergekit's `slerp` (https://github.com/arcee-ai/mergekit); Shoemake,
+"Animating rotation with quaternion curves", SIGGRAPH 1985, https://doi.org/10.1145/325165.325242.
 
 With v0 = the base's tensor and v1 = the other model's, flattened, and d = <v0/|v0|, v1/|v1|> (a norm <= 1e-8
 counts as 1):
