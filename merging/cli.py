@@ -123,6 +123,11 @@ def _hydra_form(argv: list[str]) -> int:
             raise _Abort(e) from None
 
     _check_method_names(argv, conf_dir())
+    if multirun and any(a.startswith("method=") and "," in a for a in argv):
+        # Hydra composes a sweep's base config with the default method, where method.X may not exist:
+        # a one-value sweep (choice) is applied per job instead, after the job's method is chosen
+        argv = [f"{k}=choice({v})" if k.startswith("method.") and not re.search(r"[,(\[{]", v) else a
+                for a in argv for k, _, v in [a.partition("=")]]  # fmt: skip
     scratch = tempfile.mkdtemp(prefix="peft-lab-hydra-")
     hydra_args = [
         *argv,

@@ -83,8 +83,8 @@ class Options:
             raise UserError(f"Option progress={self.progress!r} must be true, false or null (auto).")
         if self.hash not in HASHES:
             raise UserError(f"Option hash={self.hash!r} must be one of: {', '.join(HASHES)}.")
-        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 1024:
-            raise UserError(f"Option chunk_size={self.chunk_size!r} must be an integer >= 1024.")
+        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 16:
+            raise UserError(f"Option chunk_size={self.chunk_size!r} must be an integer >= 16.")
         if self.chunk_size % 2:  # DARE's random stream is drawn two values at a time
             object.__setattr__(self, "chunk_size", self.chunk_size + 1)
 
