@@ -14,8 +14,9 @@ Two ways to write the per-tensor function:
 - the streaming protocol (`streaming = True`): the executor hands flat float32 *chunks* of each tensor to
   `merge_chunk`, after optional statistic passes (`next_pass` / `observe`) for methods whose per-tensor result
   depends on the whole tensor (a magnitude threshold, a norm). Peak memory is then a few chunks whatever the
-  model, and `merge_tensor` comes for free (one chunk). Results must not depend on the chunking; the contract
-  tests check it for every registered method.
+  model, and `merge_tensor` comes for free (one chunk). Results must not depend on the chunking, except for
+  float32 rounding in whole-tensor statistics accumulated chunk by chunk (slerp's norms, DARE's L1 rescale);
+  the contract tests check it for every registered method.
 
 The executor (`merging.run`) validates inputs, calls `prepare(inputs)` once, then streams: for each tensor it
 reads the base and the models' tensors (or task vectors), calls the method, casts, writes.

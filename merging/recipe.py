@@ -73,7 +73,7 @@ class Options:
     progress: bool | None = None
     max_shard_size: int | str = "5GB"
     hash: str = "sha256"
-    chunk_size: int = 1 << 24
+    chunk_size: int = 1 << 22
 
     def __post_init__(self):
         for k in ("overwrite", "allow_pickle", "allow_nonfinite"):

@@ -234,8 +234,7 @@ class _Merge:
     def scan(self, fn, kind: str = FULL) -> None:
         """Stream every float tensor (chunks, or 1/64 samples for SAMPLE) into `fn(job, start, base, chunks)`."""
         names = self.float_names()
-        total = sum(self.ref[n].numel for n in names)
-        with self.bar(total * (1 + len(self.inputs)) * 4 // (64 if kind == SAMPLE else 1), f"statistics ({kind})") as bar:
+        with self.bar(len(names), f"{self.method.name} statistics ({kind} pass)", unit="tensor") as bar:
             for name in names:
                 numel = self.ref[name].numel
                 ranges, rate = sample_ranges(numel) if kind == SAMPLE else (list(chunk_ranges(numel, self.opts.chunk_size)), 1.0)
@@ -244,7 +243,7 @@ class _Merge:
                 for s, e in ranges:
                     base, chunks = self.read(name, base_src, srcs, s, e)
                     fn(job, s, base, chunks)
-                    bar.update((e - s) * (1 + len(self.inputs)) * 4)
+                bar.update(1)
 
     # ------------------------------------------------------------------------------------------------
     # one output tensor
@@ -295,11 +294,11 @@ class _Merge:
     # ------------------------------------------------------------------------------------------------
     # the run
     # ------------------------------------------------------------------------------------------------
-    def bar(self, total: int, desc: str):
+    def bar(self, total: int, desc: str, unit: str = "B"):
         from tqdm.auto import tqdm
 
         show = self.opts.progress if self.opts.progress is not None else sys.stderr.isatty()
-        return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not show,
+        return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024, disable=not show,
                     file=sys.stderr, dynamic_ncols=True, mininterval=0.5)  # fmt: skip
 
     def record(self, digests: dict[Path, str] | None) -> dict[str, Any]:
@@ -357,8 +356,15 @@ class _Merge:
                     scan=self.scan,
                 ))  # fmt: skip
                 with self.bar(total, f"{m.name} -> {out.name}") as bar:
+                    done = [0]
+
+                    def progress(_key: str, nbytes: int) -> None:
+                        done[0] += 1
+                        bar.set_postfix_str(f"{done[0]}/{len(names)} tensors", refresh=False)
+                        bar.update(nbytes)
+
                     written = save_tree(merged, tmp, metadata={RECIPE_KEY: placeholder}, max_shard_size=self.opts.max_shard_size,
-                                        stem=stem, on_tensor=lambda _k, nb: bar.update(nb))  # fmt: skip
+                                        stem=stem, on_tensor=progress)  # fmt: skip
                 if config_src is not None:
                     copied = copy_files(config_src, tmp, COPIED_FILES)
                     if "config.json" in copied and self.r.dtype is not None:
