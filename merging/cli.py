@@ -101,7 +101,7 @@ def _hydra_form(argv: list[str]) -> int:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from merging.recipe import hydra_to_dict
+    from merging.recipe import hydra_to_dict, parse_recipe
     from merging.run import run_merge
     from peft_lab.config import conf_dir
 
@@ -118,7 +118,7 @@ def _hydra_form(argv: list[str]) -> int:
             hc = HydraConfig.get()
             out = out / (_dirname(list(hc.overrides.task)) or f"job{hc.job.num}")
         try:
-            outs.append(run_merge(hydra_to_dict(d), out))
+            outs.append(run_merge(parse_recipe(hydra_to_dict(d), where="overrides"), out))
         except UserError as e:
             raise _Abort(e) from None
 

@@ -49,7 +49,7 @@ from peft_lab.tree import (
     model_weight_files,
     save_tree,
 )
-from peft_lab.tree.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from peft_lab.tree.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_SUFFIXES
 
 __all__ = ["run_merge", "RECIPE_KEY", "RECIPE_FILE", "COPIED_FILES"]
 
@@ -93,7 +93,10 @@ def input_files(path: str | os.PathLike) -> list[Path]:
     for cfg, weights in (("adapter_config.json", "adapter_model.safetensors"), (ADAPTER_CONFIG, ADAPTER_WEIGHTS)):
         if (p / cfg).exists():
             return [f for f in (p / cfg, p / weights) if f.exists()]
-    files = model_weight_files(p)
+    try:
+        files = model_weight_files(p)
+    except UserError:  # a pickle-only dir, loaded because allow_pickle=true
+        return sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
     index = [f for f in p.glob("*.safetensors.index.json")]
     return index + files
 

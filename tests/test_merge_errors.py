@@ -162,6 +162,12 @@ def test_pickle_inputs_are_refused_unless_allowed(files, tmp_path):
         run_merge(r, tmp_path / "out")
     assert_nothing_left(tmp_path / "out")
     run_merge(r, tmp_path / "out", allow_pickle=True)
+    # a model dir holding only pickle weights, allowed: merged and hashed like any input
+    (tmp_path / "bindir").mkdir()
+    torch.save(_tensors(4), tmp_path / "bindir" / "pytorch_model.bin")
+    r["models"][-1] = {"model": str(tmp_path / "bindir")}
+    out = run_merge(r, tmp_path / "out2", allow_pickle=True)
+    assert "pytorch_model.bin" in yaml.safe_load((out / "merge_recipe.yaml").read_text())["inputs"][-1]["files"]
 
 
 def test_adapter_inputs_need_a_full_base(files, tmp_path):
