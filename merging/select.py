@@ -85,8 +85,9 @@ class KthLargest:
             v, weight = v[::step], weight * step
         self._sample.append((v.clone(), float(weight)))
         self._sample_size += v.numel()
-        if self._sample_size > 4 * _SAMPLE_CAP:  # keep memory bounded: thin everything by 2
-            self._sample = [(s[::2].clone(), w * 2) for s, w in self._sample]
+        if self._sample_size > 4 * _SAMPLE_CAP:  # keep memory bounded: thin everything by 2 ...
+            # ... keeping each piece's total weight (a piece of one value keeps its value and its weight)
+            self._sample = [(s[::2].clone(), w * s.numel() / ((s.numel() + 1) // 2)) for s, w in self._sample]
             self._sample_size = sum(s.numel() for s, _ in self._sample)
 
     def bracket(self) -> None:

@@ -437,3 +437,24 @@ def test_out_of_range_parameters_are_refused(method, params, per_model, match):
         del recipe["base_model"]
     with pytest.raises(UserError, match=match):
         parse_recipe(recipe)
+
+
+def test_thinned_sample_keeps_its_weight(monkeypatch):
+    """A long sample in many pieces (some of one value) is thinned to bounded memory without biasing the
+    bracket: the pieces' weights still add up to the stream's size and the bracket holds the k-th largest."""
+    import merging.select as sel_mod
+
+    monkeypatch.setattr(sel_mod, "_SAMPLE_CAP", 256)
+    x = rand((200_000,), 3).abs()
+    k = 40_000
+    s = KthLargest(x.numel(), k, z=6.0)
+    pieces = [x[i : i + n] for i, n in zip(range(0, 200_000, 1000), [1, 7, 64, 1000] * 50, strict=False)]
+    covered = 0
+    for i, p in zip(range(0, 200_000, 1000), pieces, strict=True):
+        s.add_sample(p, 1000 / p.numel())  # each piece stands for its 1000-value block
+        covered += 1000
+    assert s._sample_size <= 4 * 256 + 1000
+    assert math.isclose(sum(v.numel() * w for v, w in s._sample), covered, rel_tol=1e-9)
+    s.bracket()
+    kth = torch.topk(x, k).values[-1].item()
+    assert s.lo <= kth <= s.hi
