@@ -54,7 +54,8 @@ def make_models(root: Path, size: str) -> tuple[Path, list[Path]]:
 
     from peft_lab.tree import Thunk, Tree, save_tree
 
-    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16")
+    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16",
+                      architectures=["LlamaForCausalLM"])  # fmt: skip
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     dirs = [root / size / n for n in ("base", "v0", "v1", "v2")]

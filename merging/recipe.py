@@ -10,6 +10,7 @@ composed config into the same mergekit-style dict (`hydra_to_dict`), and `parse_
         parameters: {weight: 1.0, density: 0.2}
     parameters: {lambda: 1.0, normalize: true}   # the method's own parameters + defaults for per-model ones
     dtype: bfloat16                     # output dtype (default: the base model's); arithmetic is float32
+    data: {...}                         # data-driven methods only: the examples they need
 
 Per-model parameters resolve as in mergekit: the model's own value, else the top-level one, else the method's
 default. Methods that merge task vectors drop a `models` entry that is the base model itself; `linear` adds a
@@ -110,6 +111,7 @@ class Recipe:
         models: the inputs, in recipe order, with resolved per-model parameters.
         dtype: the requested output dtype (None: each tensor keeps the base model's dtype).
         options: how to run it.
+        data: the examples data-driven methods need (the recipe's `data` mapping; `MergeInputs.extra["data"]`).
     """
 
     method: MergeMethod
@@ -117,6 +119,7 @@ class Recipe:
     models: tuple[InputModel, ...]
     dtype: torch.dtype | None
     options: Options = field(default_factory=Options)
+    data: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """The canonical recipe (every parameter resolved), a valid input to `parse_recipe`."""
@@ -126,6 +129,8 @@ class Recipe:
         d["models"] = [{"model": m.path, "parameters": _fields_dict(m.params)} for m in self.models]
         d["parameters"] = _fields_dict(self.method.params)
         d["dtype"] = DTYPE_NAMES[self.dtype] if self.dtype is not None else None
+        if self.data is not None:
+            d["data"] = self.data
         return d
 
 
@@ -191,6 +196,9 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
     unknown_opts = [k for k in opts if k not in OPTION_KEYS]
     if unknown_opts:
         raise UserError(f"Unknown option(s) {', '.join(unknown_opts)}; options are: {', '.join(OPTION_KEYS)}.")
+    data = raw.pop("data", None)
+    if data is not None and not isinstance(data, Mapping):
+        raise UserError(f"{where}: `data` must be a mapping (the examples a data-driven method needs), got {data!r}.")
     known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
     unknown = [k for k in raw if k not in known]
     if unknown:
@@ -276,7 +284,8 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
             + (" (entries equal to base_model count as the base)." if base is not None and cls.needs_base else ".")
         )
     method.check_models([m.params for m in models], [m.path for m in models])
-    return Recipe(method=method, base=base, models=tuple(models), dtype=dtype, options=Options(**opts))
+    return Recipe(method=method, base=base, models=tuple(models), dtype=dtype, options=Options(**opts),
+                  data=None if data is None else dict(data))  # fmt: skip
 
 
 def load_recipe(recipe: str | os.PathLike | Mapping[str, Any], **options: Any) -> Recipe:
@@ -304,6 +313,8 @@ def hydra_to_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
         d["base_model"] = cfg["base"]
     if cfg.get("dtype") is not None:
         d["dtype"] = cfg["dtype"]
+    if cfg.get("data") is not None:  # e.g. +data.tasks='[...]' for data-driven methods
+        d["data"] = cfg["data"]
     for k in OPTION_KEYS:
         if k in cfg:
             d[k] = cfg[k]

@@ -10,9 +10,9 @@
    task vectors for methods that take them), run the method's statistic passes and `merge_chunk`, check the
    result is finite, cast to the output dtype and append it to the current shard. Non-float tensors (int
    buffers) are copied from the base unchanged. Peak memory is a few chunks, not a few models.
-6. Copy config/tokenizer files from the base, record the recipe with the input hashes in the safetensors
-   headers (written with fixed-width placeholders, patched in place once the hashes are known) and in
-   `merge_recipe.yaml`.
+6. Write the method's `artifacts()` files if it has any, copy config/tokenizer files from the base, record
+   the recipe with the input hashes in the safetensors headers (written with fixed-width placeholders,
+   patched in place once the hashes are known) and in `merge_recipe.yaml`.
 """
 
 from __future__ import annotations
@@ -111,10 +111,8 @@ class _Hasher(threading.Thread):
         self.files, self.kind = files, kind
         self.digests: dict[Path, str] = {}
         self.error: BaseException | None = None
-        self.seconds = 0.0
 
     def run(self) -> None:
-        t0 = time.perf_counter()
         try:
             for f in self.files:
                 h = hashlib.sha256()
@@ -124,7 +122,6 @@ class _Hasher(threading.Thread):
                 self.digests[f] = f"sha256:{h.hexdigest()}"
         except BaseException as e:  # reported by the main thread
             self.error = e
-        self.seconds = time.perf_counter() - t0
 
     @staticmethod
     def placeholder(kind: str) -> str:
@@ -188,13 +185,11 @@ class _Merge:
                 f"The models do not line up with {self.ref.source} ({len(lines)} problem(s)); they must share the "
                 "architecture (tensor names and shapes):\n  " + "\n  ".join(shown)
             )
-        for out in (Path(self.out).absolute(),):
-            for p in [self.r.base, *self.labels]:
-                if p is None:
-                    continue
-                q = Path(p).absolute()
-                if out == q or out in q.parents:
-                    raise UserError(f"The output dir {out} would contain or replace the input {p}; choose another output dir.")
+        out = Path(self.out).resolve()
+        for p in [self.r.base, *self.labels]:
+            q = Path(p).resolve() if p is not None else None
+            if q is not None and (out == q or out in q.parents):
+                raise UserError(f"The output dir {out} would contain or replace the input {p}; choose another output dir.")
 
     def sources(self, name: str) -> tuple[TensorSource | None, list[TensorSource]]:
         base = TensorSource(self.base[name], self.files, self.r.base) if self.base is not None else None
@@ -356,6 +351,7 @@ class _Merge:
                     deltas=[i.tree if i.is_delta else delta(i.tree, self.base) if self.base is not None else i.tree for i in self.inputs],
                     model_params=[i.params for i in self.inputs],
                     labels=self.labels,
+                    extra={} if self.r.data is None else {"data": self.r.data},
                     scan=self.scan,
                 ))  # fmt: skip
                 with self.bar(total, f"{m.name} -> {out.name}") as bar:
@@ -368,6 +364,9 @@ class _Merge:
 
                     written = save_tree(merged, tmp, metadata={RECIPE_KEY: placeholder}, max_shard_size=self.opts.max_shard_size,
                                         stem=stem, on_tensor=progress)  # fmt: skip
+                # files a method writes beside the model (e.g. AdaMerging's learned coefficients)
+                for fname, text in (getattr(m, "artifacts", lambda: {})() or {}).items():
+                    (tmp / fname).write_text(text)
                 if config_src is not None:
                     copied = copy_files(config_src, tmp, COPIED_FILES)
                     if "config.json" in copied and self.r.dtype is not None:

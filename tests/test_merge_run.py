@@ -274,3 +274,28 @@ def test_hash_kind_none_records_no_hashes(llama32, tmp_path):
     base, fts = llama32
     rec = yaml.safe_load((run_merge(recipe("linear", None, fts), tmp_path / "o", hash="none") / "merge_recipe.yaml").read_text())
     assert rec["hash"] == "none" and all("files" not in i for i in rec["inputs"])
+
+
+def test_data_and_artifacts_reach_data_driven_methods(llama32, tmp_path):
+    """A recipe's `data` mapping reaches `prepare` as `inputs.extra["data"]`, is recorded in the recipe, and
+    a method's `artifacts()` are written beside the merged model."""
+    import dataclasses
+
+    from merging.methods.linear import Linear
+    from merging.recipe import parse_recipe
+
+    base, fts = llama32
+    seen = {}
+
+    class Probe(Linear):
+        def prepare(self, inputs):
+            seen.update(inputs.extra)
+
+        def artifacts(self):
+            return {"probe.json": json.dumps({"tasks": len(seen["data"]["tasks"])})}
+
+    r = parse_recipe({**recipe("linear", None, fts), "data": {"tasks": [{"dataset": "bbc_news"}, {"path": "t2.csv"}]}})
+    out = run_merge(dataclasses.replace(r, method=Probe(r.method.params)), tmp_path / "o")
+    assert seen["data"]["tasks"][1] == {"path": "t2.csv"}
+    assert json.loads((out / "probe.json").read_text()) == {"tasks": 2}
+    assert yaml.safe_load((out / "merge_recipe.yaml").read_text())["data"] == seen["data"]
