@@ -32,14 +32,14 @@ SIZES = {  # TinyLlama-1.1B's shape, and the same with fewer layers
                  num_key_value_heads=4, vocab_size=32000),
 }  # fmt: skip
 RUNS = {  # name -> (merge_method, parameters, per-model parameters, number of models)
-    "linear": ("linear", {}, {}, 3),
+    "linear": ("linear", {}, {"weight": 1.0}, 3),
     "task_arithmetic": ("task_arithmetic", {"lambda": 0.5}, {"weight": 1.0}, 3),
-    "ties (tensor)": ("ties", {"trim_scope": "tensor"}, {"density": 0.2}, 3),
-    "ties (global)": ("ties", {"trim_scope": "global"}, {"density": 0.2}, 3),
-    "dare_ties": ("dare_ties", {}, {"density": 0.5}, 3),
-    "dare_linear": ("dare_linear", {}, {"density": 0.5}, 3),
+    "ties (tensor)": ("ties", {"trim_scope": "tensor"}, {"weight": 1.0, "density": 0.2}, 3),
+    "ties (global)": ("ties", {"trim_scope": "global"}, {"weight": 1.0, "density": 0.2}, 3),
+    "dare_ties": ("dare_ties", {}, {"weight": 1.0, "density": 0.5}, 3),
+    "dare_linear": ("dare_linear", {}, {"weight": 1.0, "density": 0.5}, 3),
     "slerp": ("slerp", {"t": 0.5}, {}, 1),
-    "soup": ("soup", {}, {}, 3),
+    "soup": ("soup", {}, {"weight": 1.0}, 3),
 }
 MERGEKIT = {"linear", "task_arithmetic", "ties (tensor)", "dare_ties", "dare_linear", "slerp"}
 
@@ -175,9 +175,9 @@ def recipe_for(run: str, base: Path, models: list[Path]) -> dict:
     method, params, per, n = RUNS[run]
     r = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16", "parameters": params,
          "models": [{"model": str(m), "parameters": per} for m in models[:n]]}  # fmt: skip
-    if method in ("linear", "soup"):
+    if method in ("linear", "soup"):  # averages of the base and the 3 variants
         del r["base_model"]
-        r["models"] = [{"model": str(m)} for m in [base, *models][: n + 1]]
+        r["models"] = [{"model": str(m), "parameters": per} for m in [base, *models][: n + 1]]
     return r
 
 

@@ -299,3 +299,23 @@ def test_data_and_artifacts_reach_data_driven_methods(llama32, tmp_path):
     assert seen["data"]["tasks"][1] == {"path": "t2.csv"}
     assert json.loads((out / "probe.json").read_text()) == {"tasks": 2}
     assert yaml.safe_load((out / "merge_recipe.yaml").read_text())["data"] == seen["data"]
+
+
+def test_diffusers_model_dirs_merge_into_a_loadable_dir(tmp_path):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)  # fmt: skip
+    unet.save_pretrained(tmp_path / "a")
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.1)
+    unet.save_pretrained(tmp_path / "b")
+    out = run_merge(recipe("linear", None, [tmp_path / "a", tmp_path / "b"]), tmp_path / "o")
+    assert (out / "diffusion_pytorch_model.safetensors").exists() and (out / "config.json").exists()
+    merged = UNet2DModel.from_pretrained(out)
+    a = UNet2DModel.from_pretrained(tmp_path / "a")
+    for (k, v), (_, w) in zip(merged.state_dict().items(), a.state_dict().items(), strict=True):
+        torch.testing.assert_close(v, w + 0.05, rtol=1e-5, atol=1e-6, msg=k)
