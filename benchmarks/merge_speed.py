@@ -1,0 +1,256 @@
+"""Merge speed: `peft-lab merge` vs the plainest streaming merge (the floor) vs mergekit, side by side.
+
+    python benchmarks/merge_speed.py --root /tmp/merge_bench [--mergekit /tmp/mk/bin/mergekit-yaml]
+
+Generates (once, seeded, sharded, bfloat16) a Llama-style base from a config and 3 variants (base + small
+noise), for two model sizes, then runs every merge as a subprocess (one thread: OMP_NUM_THREADS=1) and reports
+its wall time, CPU time (user + sys, from wait4) and peak RSS (its VmHWM), and the ratio to the floor.
+The floor reads the N+1 models tensor by tensor with safetensors, averages them in float32 and streams the
+result into one safetensors file: what any merge must at least do. Inputs are read once before timing so
+they sit in the page cache (printed: the machine's memory and load when the runs start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+SIZES = {  # TinyLlama-1.1B's shape, and the same with fewer layers
+    "1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000),
+    "0.4B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000),
+}  # fmt: skip
+RUNS = {  # name -> (merge_method, parameters, per-model parameters, number of models)
+    "linear": ("linear", {}, {"weight": 1.0}, 3),
+    "task_arithmetic": ("task_arithmetic", {"lambda": 0.5}, {"weight": 1.0}, 3),
+    "ties (tensor)": ("ties", {"trim_scope": "tensor"}, {"weight": 1.0, "density": 0.2}, 3),
+    "ties (global)": ("ties", {"trim_scope": "global"}, {"weight": 1.0, "density": 0.2}, 3),
+    "dare_ties": ("dare_ties", {}, {"weight": 1.0, "density": 0.5}, 3),
+    "dare_linear": ("dare_linear", {}, {"weight": 1.0, "density": 0.5}, 3),
+    "slerp": ("slerp", {"t": 0.5}, {}, 1),
+    "soup": ("soup", {}, {"weight": 1.0}, 3),
+}
+MERGEKIT = {"linear", "task_arithmetic", "ties (tensor)", "dare_ties", "dare_linear", "slerp"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------------------------------------
+def make_models(root: Path, size: str) -> tuple[Path, list[Path]]:
+    """base + 3 variants (base + 0.1·σ noise) in bfloat16, sharded at 500 MB, each tensor from its own seed."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_lab.tree import Thunk, Tree, save_tree
+
+    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16",
+                      architectures=["LlamaForCausalLM"])  # fmt: skip
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
+    dirs = [root / size / n for n in ("base", "v0", "v1", "v2")]
+
+    def tensor(name: str, variant: int) -> torch.Tensor:
+        seed = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=4).digest(), "little")
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(shapes[name], generator=g).mul_(0.02)
+        if variant >= 0:  # the variants keep the base's exact zeros: one sparsity mask, as a soup needs
+            g.manual_seed(seed + 1000 * (variant + 1))
+            w.add_(torch.randn(shapes[name], generator=g).mul_(w != 0), alpha=0.002)
+        return w.to(torch.bfloat16)
+
+    for i, d in enumerate(dirs):
+        if (d / "config.json").exists():
+            continue
+        tmp = d.with_name(d.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tree = Tree({k: Thunk(lambda k=k, i=i: tensor(k, i - 1), [], s, torch.bfloat16, name=k) for k, s in shapes.items()})
+        t0 = time.time()
+        save_tree(tree, tmp, max_shard_size="500MB")
+        cfg.save_pretrained(tmp)
+        tmp.rename(d)
+        print(f"  generated {d} in {time.time() - t0:.0f} s", flush=True)
+    return dirs[0], dirs[1:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the floor: read N+1 models tensor by tensor, average in float32, stream one file out
+# ---------------------------------------------------------------------------------------------------------
+def floor(base: str, models: list[str], out: str) -> None:
+    import torch
+    from safetensors import safe_open
+
+    torch.set_num_threads(1)
+
+    def files(d):
+        index = json.loads((Path(d) / "model.safetensors.index.json").read_text())["weight_map"]
+        return {k: str(Path(d) / f) for k, f in index.items()}
+
+    maps = [files(d) for d in (base, *models)]
+    handles: dict[str, object] = {}
+
+    def get(path, key):
+        if path not in handles:
+            handles[path] = safe_open(path, "pt")
+        return handles[path].get_tensor(key)
+
+    names = list(maps[0])
+    # header from the base's shapes, then each tensor's bytes as it is computed
+    header, off = {}, 0
+    for k in names:
+        with safe_open(maps[0][k], "pt") as f:
+            sl = f.get_slice(k)
+            shape, dt = sl.get_shape(), sl.get_dtype()
+        n = math.prod(shape) * 2
+        header[k] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    os.makedirs(out, exist_ok=True)
+    with open(Path(out) / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for k in names:
+            acc = get(maps[0][k], k).float()
+            for m in maps[1:]:
+                acc += get(m[k], k).float()
+            acc /= len(maps)
+            f.write(acc.to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timing one subprocess
+# ---------------------------------------------------------------------------------------------------------
+def timed(cmd: list[str], cwd: Path | None = None, timeout: float = 3600) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # peak RSS: the child's VmHWM, polled. (wait4's ru_maxrss would not do: Linux carries the parent's RSS
+    # at fork into the child's maxrss across exec, and this process holds over a GB.)
+    hwm = [0]
+
+    def poll():
+        while p.returncode is None:
+            try:
+                for line in open(f"/proc/{p.pid}/status"):
+                    if line.startswith("VmHWM:"):
+                        hwm[0] = max(hwm[0], int(line.split()[1]))
+            except (FileNotFoundError, ProcessLookupError):
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    _, status, ru = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return {"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "rss_gb": hwm[0] / 2**20}
+
+
+def warm(paths: list[Path]) -> float:
+    """Read every input file once (into the page cache); returns GB read."""
+    total = 0
+    for d in paths:
+        for f in sorted(d.glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                while block := fh.read(64 << 20):
+                    total += len(block)
+    return total / 1e9
+
+
+def recipe_for(run: str, base: Path, models: list[Path]) -> dict:
+    method, params, per, n = RUNS[run]
+    r = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16", "parameters": params,
+         "models": [{"model": str(m), "parameters": per} for m in models[:n]]}  # fmt: skip
+    if method in ("linear", "soup"):  # averages of the base and the 3 variants
+        del r["base_model"]
+        r["models"] = [{"model": str(m), "parameters": per} for m in [base, *models][: n + 1]]
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", type=Path, default=Path("/tmp/merge_bench"), help="where inputs/outputs go (~20 GB)")
+    ap.add_argument("--sizes", default="1.1B,0.4B")
+    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
+    ap.add_argument("--mergekit", default=os.environ.get("MERGEKIT_YAML"), help="mergekit-yaml executable (optional)")
+    ap.add_argument("--mergekit-sizes", default="1.1B", help="sizes to run mergekit on (it is slow)")
+    ap.add_argument("--hash-cost", action="store_true", help="also time linear with hash=none")
+    ap.add_argument("--floor", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.floor:
+        return floor(a.floor[0], a.floor[1:-1], a.floor[-1])
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    runs = [r.strip() for r in a.runs.split(",") if r.strip()]
+    results = []
+    for size in a.sizes.split(","):
+        print(f"== {size}: inputs", flush=True)
+        base, models = make_models(a.root, size)
+        gb = warm([base, *models])
+        load = os.getloadavg()
+        mem = {k: v for k, v in (line.split(":") for line in open("/proc/meminfo").read().splitlines()[:5])}
+        print(f"  {gb:.1f} GB of inputs read into the page cache; load average {load[0]:.1f}; "
+              f"MemAvailable {mem['MemAvailable'].strip()}", flush=True)  # fmt: skip
+        out = a.root / size / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        r = timed([sys.executable, __file__, "--floor", str(base), *map(str, models), str(out)])
+        shutil.rmtree(out)
+        results.append({"size": size, "run": "floor", "tool": "floor", **r})
+        print(f"  floor: {r['wall']:.1f} s wall, {r['cpu']:.1f} CPU-s, {r['rss_gb']:.2f} GB", flush=True)
+        extra = [("linear", {"hash": "none"})] if a.hash_cost else []
+        for run, opts in [(x, {}) for x in runs] + extra:
+            rec = a.root / size / "recipe.yaml"
+            import yaml
+
+            rec.write_text(yaml.safe_dump({**recipe_for(run, base, models), **opts}))
+            res = timed([sys.executable, "-m", "peft_lab", "merge", "--config", str(rec), "--out", str(out), "--no-progress"],
+                        cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+            shutil.rmtree(out)
+            label = run + (" hash=none" if opts else "")
+            results.append({"size": size, "run": label, "tool": "peft-lab", **res})
+            print(f"  peft-lab {label}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB", flush=True)
+            if a.mergekit and run in MERGEKIT and size in a.mergekit_sizes.split(",") and not opts:
+                mk = {k: v for k, v in recipe_for(run, base, models).items()}
+                if mk["merge_method"] == "ties":
+                    mk["parameters"] = {}  # mergekit's TIES trims per tensor (its only mode)
+                mk["dtype"] = "float32"  # compute in float32 as peft-lab does ...
+                mk["out_dtype"] = "bfloat16"  # ... and write bfloat16
+                rec.write_text(yaml.safe_dump(mk))
+                res = timed([a.mergekit, str(rec), str(out), "--no-cuda", "--quiet"])
+                shutil.rmtree(out)
+                results.append({"size": size, "run": run, "tool": "mergekit", **res})
+                print(f"  mergekit {run}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB", flush=True)
+    report(results)
+    (a.root / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def report(results: list[dict]) -> None:
+    print("\n| size | run | peft-lab wall s | CPU-s | peak RSS GB | / floor (wall) | mergekit wall s | CPU-s | peak RSS GB | mergekit / peft-lab (wall) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size in dict.fromkeys(r["size"] for r in results):
+        fl = next(r for r in results if r["size"] == size and r["tool"] == "floor")
+        print(f"| {size} | floor | {fl['wall']:.1f} | {fl['cpu']:.1f} | {fl['rss_gb']:.2f} | 1.00 | | | | |")
+        for r in results:
+            if r["size"] != size or r["tool"] != "peft-lab":
+                continue
+            mk = next((m for m in results if m["size"] == size and m["tool"] == "mergekit" and m["run"] == r["run"]), None)
+            mkcols = f"{mk['wall']:.1f} | {mk['cpu']:.1f} | {mk['rss_gb']:.2f} | {mk['wall'] / r['wall']:.1f}x" if mk else " | | | "
+            print(f"| {size} | {r['run']} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rss_gb']:.2f} | {r['wall'] / fl['wall']:.2f} | {mkcols} |")
+
+
+if __name__ == "__main__":
+    main()
