@@ -17,7 +17,8 @@ Everything is accumulated in float32 (squares of half-precision gradients underf
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -25,7 +26,7 @@ from torch.func import functional_call, grad, vmap
 
 from peft_lab.errors import UserError
 
-__all__ = ["LABEL_MODES", "diagonal_fisher", "diagonal_fisher_loop", "logits_of"]
+__all__ = ["LABEL_MODES", "diagonal_fisher", "diagonal_fisher_loop", "eager_attention", "logits_of"]
 
 LabelMode = Literal["sample", "expected", "empirical"]
 LABEL_MODES = ("sample", "expected", "empirical")
@@ -79,6 +80,22 @@ def _length_groups(batch: dict[str, torch.Tensor], rows: torch.Tensor):
         yield (per_row == n).nonzero().squeeze(1), sub
 
 
+@contextlib.contextmanager
+def eager_attention(module: torch.nn.Module) -> Iterator[None]:
+    """Run a transformers model with its "eager" attention while inside: `vmap` has no batching rule for the
+    CPU fused attention kernel (SDPA) and falls back to a slow per-example loop for it."""
+    cfg = getattr(module, "config", None)
+    old = getattr(cfg, "_attn_implementation", None)
+    if old in (None, "eager") or not hasattr(module, "set_attn_implementation"):
+        yield
+        return
+    module.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        module.set_attn_implementation(old)
+
+
 def _labels(logits: torch.Tensor, mode: str, gold: torch.Tensor | None, gen: torch.Generator | None):
     """Per-example labels and their weights: (labels (B*K,), weights (B*K,), example index (B*K,))."""
     B, C = logits.shape
@@ -130,6 +147,14 @@ def diagonal_fisher(
     params = {n: all_params[n].detach() for n in names}
     frozen = {n: p.detach() for n, p in all_params.items() if n not in params}
     per_example = vmap(grad(_log_prob_fn(module, frozen)), in_dims=(None, 0, 0))
+    with eager_attention(module):
+        total, seen = _accumulate(module, params, per_example, batches, labels, gold_key, num_examples, chunk_size, generator)
+    if seen == 0:
+        raise UserError("Fisher: no examples were given (the task's data is empty); give at least one example.")
+    return {n: t / seen for n, t in total.items()}
+
+
+def _accumulate(module, params, per_example, batches, labels, gold_key, num_examples, chunk_size, generator):
     total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
     seen = 0
     for batch in batches:
@@ -156,9 +181,7 @@ def diagonal_fisher(
         seen += B
         if num_examples is not None and seen >= num_examples:
             break
-    if seen == 0:
-        raise UserError("Fisher: no examples were given (the task's data is empty); give at least one example.")
-    return {n: t / seen for n, t in total.items()}
+    return total, seen
 
 
 def diagonal_fisher_loop(
