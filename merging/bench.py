@@ -1,0 +1,341 @@
+"""`peft-lab bench merge [--quick]`: the offline multi-task merging benchmark.
+
+Several tasks share one pretrained encoder (all-MiniLM-L6-v2) and have their own heads (merging/bench_suite.py,
+merging/bench_tasks.py); each task's encoder is fine-tuned, then the fine-tuned encoders are merged by every
+method and each task is scored with its own head on its test split. Bounds: the pretrained encoder (with the
+task heads) and the individual fine-tuned encoders. Each method runs at its paper-default hyperparameters and
+tuned on the validation split (never on test); every number is a mean over seeds, with the spread.
+
+Outputs (in --out): results.csv (one row per seed/method/variant/task/split), table.md, table.csv,
+accuracies.png, coefficients.png (AdaMerging's layer-wise λ), adamerging_seed*.json; W&B with --wandb.
+`--perf` prints the cost figures of merging/bench_perf.py instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from merging.fisher_info import diagonal_fisher
+from merging.methods.adamerging import AdaMergingParams, adamerge, merged_params, ties_vectors
+from merging.methods.fisher import fisher_merge
+
+__all__ = ["BenchConfig", "run", "main"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_train: int = 600
+    n_val: int = 200
+    n_test: int = 400
+    ft_steps: int = 80
+    # paper defaults (ALGORITHMS.md B1-B4) and the CPU budget's deviations from them
+    ta_lambda: float = 0.3  # AdaMerging repo's task-arithmetic baseline
+    ties_density: float = 0.2
+    ties_lambda: float = 0.3  # AdaMerging repo's TIES baseline: dis-sum, K = 20%, λ = 0.3
+    fisher_examples: int = 64  # official 4096 (CPU: 64 per task)
+    ada_steps: int = 100  # official 500 (CPU: 100)
+    ada_batch: int = 16  # official 2 batches of 16 per task per step (CPU: 1 batch)
+    ada_batches_per_step: int = 1
+    ada_lr: float = 1e-3
+    # validation grids for the tuned variants
+    ta_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    ties_grid: tuple[tuple[float, float], ...] = ((0.2, 0.3), (0.2, 0.5), (0.2, 0.7), (0.2, 1.0), (0.1, 0.5), (0.1, 1.0))
+    fisher_grid: int = 6  # Dirichlet(1) weight draws (+ uniform), as the official coefficient search
+    ada_tuned_lr: float = 1e-2
+    tasks: tuple[str, ...] = ("topic", "bshift", "somo", "headline", "sentstart", "halves", "digits")
+
+
+QUICK = dict(seeds=(0,), n_train=300, n_val=100, n_test=200, ft_steps=40, fisher_examples=32, ada_steps=40, ada_batch=8,
+             ta_grid=(0.1, 0.3, 0.5, 1.0), ties_grid=((0.2, 0.3), (0.2, 0.7), (0.2, 1.0)), fisher_grid=2,
+             tasks=("topic", "bshift", "somo", "headline", "sentstart", "digits"))
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_seed(cfg: BenchConfig, seed: int, progress=print) -> tuple[list[dict], dict]:
+    """All methods on one seed. Returns rows {seed, method, variant, task, split, acc, hparams} and extras."""
+    from merging.bench_suite import Suite, SuiteConfig
+
+    torch.manual_seed(seed)
+    t0 = _cpu()
+    suite = Suite(SuiteConfig(tasks=cfg.tasks, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                              ft_steps=cfg.ft_steps, seed=seed))
+    T = len(suite.tasks)
+    names, theta0 = suite.names, suite.theta0
+    progress(f"[seed {seed}] {T} tasks built, probes fitted ({_cpu() - t0:.0f} CPU-s)")
+    fts = [suite.finetune(k, seed) for k in range(T)]
+    taus = [{n: ft[n] - theta0[n] for n in names} for ft in fts]
+    progress(f"[seed {seed}] fine-tuned ({_cpu() - t0:.0f} CPU-s)")
+    rows: list[dict] = []
+    extras: dict = {"lambdas": {}, "timing": {}}
+
+    def score(method: str, variant: str, params_of, hp: dict, splits=("test",)) -> dict[str, float]:
+        accs = {}
+        for split in splits:
+            for k in range(T):
+                a = suite.accuracy(params_of(k), k, split)
+                accs[(split, k)] = a
+                rows.append({"seed": seed, "method": method, "variant": variant, "task": suite.tasks[k].name, "split": split,
+                             "acc": a, "hparams": json.dumps(hp)})
+        return {s: float(np.mean([accs[(s, k)] for k in range(T)])) for s in splits}
+
+    def val_avg(params: dict) -> float:
+        return float(np.mean([suite.accuracy(params, k, "val") for k in range(T)]))
+
+    def pick(cands: list[tuple[dict, dict]]) -> tuple[dict, dict]:
+        """(params, hparams) with the best validation average."""
+        scored = [(val_avg(p), i) for i, (p, _) in enumerate(cands)]
+        return cands[max(scored)[1]]
+
+    def ta(lam: float, vecs=taus) -> dict:
+        return {n: theta0[n] + lam * sum(v[n] for v in vecs) for n in names}
+
+    score("pretrained", "-", lambda k: theta0, {})
+    score("fine-tuned (individual)", "-", lambda k: fts[k], {})
+    score("simple average", "-", lambda k, p=ta(1.0 / T): p, {"lambda": 1.0 / T})
+    # task arithmetic
+    score("task arithmetic", "paper", lambda k, p=ta(cfg.ta_lambda): p, {"lambda": cfg.ta_lambda})
+    p, hp = pick([(ta(lam), {"lambda": lam}) for lam in cfg.ta_grid])
+    score("task arithmetic", "tuned", lambda k, p=p: p, hp)
+    # TIES (AdaMerging repo's baseline form: dis-sum)
+    tv_cache = {}
+
+    def ties(density: float, lam: float) -> dict:
+        if density not in tv_cache:
+            tv_cache[density] = ties_vectors(taus, names, density)
+        return ta(lam, tv_cache[density])
+
+    score("TIES", "paper", lambda k, p=ties(cfg.ties_density, cfg.ties_lambda): p, {"density": cfg.ties_density, "lambda": cfg.ties_lambda})
+    p, hp = pick([(ties(d, lam), {"density": d, "lambda": lam}) for d, lam in cfg.ties_grid])
+    score("TIES", "tuned", lambda k, p=p: p, hp)
+    progress(f"[seed {seed}] baselines scored ({_cpu() - t0:.0f} CPU-s)")
+    # Fisher
+    c0 = _cpu()
+    gen = torch.Generator().manual_seed(seed)
+    fishers = []
+    for k in range(T):
+        f = diagonal_fisher(suite.load(fts[k], k), names, suite.batches(k, "train", 16, cfg.fisher_examples), labels="sample",
+                            chunk_size=16, generator=gen)
+        fishers.append(f)
+    suite.load(theta0, 0)
+    norms = [float(torch.sqrt(sum(f[n].double().square().sum() for n in names))) for f in fishers]
+    extras["timing"]["fisher_cpu_s"] = _cpu() - c0
+
+    def fisher(weights) -> dict:
+        coeffs = [w / nm if nm > 0 else w for w, nm in zip(weights, norms, strict=True)]
+        return {n: fisher_merge([ft[n] for ft in fts], [f[n] for f in fishers], coeffs) for n in names}
+
+    score("Fisher", "paper", lambda k, p=fisher([1.0] * T): p, {"weights": "uniform", "examples": cfg.fisher_examples})
+    rng = np.random.default_rng(seed)
+    cands = [(fisher([1.0] * T), {"weights": "uniform"})]
+    for _ in range(cfg.fisher_grid):
+        w = rng.dirichlet(np.ones(T)).tolist()
+        cands.append((fisher(w), {"weights": [round(x, 3) for x in w]}))
+    p, hp = pick(cands)
+    score("Fisher", "tuned", lambda k, p=p: p, hp)
+    progress(f"[seed {seed}] Fisher done ({_cpu() - t0:.0f} CPU-s)")
+    # AdaMerging: task-wise, layer-wise, layer-wise on TIES vectors (AdaMerging++)
+    tv_ties = tv_cache.get(cfg.ties_density) or ties_vectors(taus, names, cfg.ties_density)
+    for label, gran, vecs in (("AdaMerging task-wise", "task", taus), ("AdaMerging layer-wise", "layer", taus),
+                              ("AdaMerging++ layer-wise (TIES)", "layer", tv_ties)):
+        variants = {}
+        for variant, lr in (("paper", cfg.ada_lr), ("tuned", cfg.ada_tuned_lr)):
+            c0 = _cpu()
+            g = torch.Generator().manual_seed(seed)
+            samplers = [suite.sampler(k, "test", cfg.ada_batch, g) for k in range(T)]  # unlabeled test inputs, as the paper
+            ckpts = {}
+            every = max(cfg.ada_steps // 4, 1)
+
+            def keep(step, loss, lam, ckpts=ckpts, every=every):
+                if (step + 1) % every == 0:
+                    ckpts[step + 1] = lam.clamp(0, 1).clone()
+
+            prm = AdaMergingParams(granularity=gran, steps=cfg.ada_steps, lr=lr, batch_size=cfg.ada_batch,
+                                   batches_per_step=cfg.ada_batches_per_step, heads=())
+            res = adamerge(suite.module, theta0, vecs, suite.heads, samplers, prm, names=names, on_step=keep)
+            extras["timing"][f"{label} {variant} cpu_s"] = _cpu() - c0
+            variants[variant] = (res, ckpts)
+        res, _ = variants["paper"]
+        hp = {"lr": cfg.ada_lr, "steps": cfg.ada_steps}
+        score(label, "paper", lambda k, p=merged_params(theta0, vecs, res.lambdas, names): p, hp)
+        extras["lambdas"][label] = {"names": names, "lambdas": res.lambdas.tolist(), "losses": res.losses}
+        cands = [(merged_params(theta0, vecs, lam, names), {"lr": v, "steps": s})
+                 for v, (_, ck) in ((cfg.ada_lr, variants["paper"]), (cfg.ada_tuned_lr, variants["tuned"])) for s, lam in ck.items()]
+        p, hp = pick(cands)
+        score(label, "tuned", lambda k, p=p: p, hp)
+        progress(f"[seed {seed}] {label} done ({_cpu() - t0:.0f} CPU-s)")
+    extras["timing"]["total_cpu_s"] = _cpu() - t0
+    extras["tasks"] = [t.name for t in suite.tasks]
+    return rows, extras
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tables and plots
+# ---------------------------------------------------------------------------------------------------------
+ORDER = ["pretrained", "fine-tuned (individual)", "simple average", "task arithmetic", "TIES", "Fisher",
+         "AdaMerging task-wise", "AdaMerging layer-wise", "AdaMerging++ layer-wise (TIES)"]
+
+
+def summarize(rows: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
+    """Test-split table: per method/variant, per-task mean over seeds and the average's mean ± std over seeds."""
+    test = [r for r in rows if r["split"] == "test"]
+    tasks = list(dict.fromkeys(r["task"] for r in test))
+    keys = list(dict.fromkeys((r["method"], r["variant"]) for r in test))
+    keys.sort(key=lambda mv: (ORDER.index(mv[0]) if mv[0] in ORDER else 99, mv[1] != "paper"))
+    header = ["method", "hparams", *tasks, "average", "± std (seeds)"]
+    table, records = [], []
+    for m, v in keys:
+        rs = [r for r in test if r["method"] == m and r["variant"] == v]
+        seeds = sorted({r["seed"] for r in rs})
+        per_task = [100 * np.mean([r["acc"] for r in rs if r["task"] == t]) for t in tasks]
+        per_seed = [100 * np.mean([r["acc"] for r in rs if r["seed"] == s]) for s in seeds]
+        name = m if v == "-" else f"{m} ({v})"
+        hps = sorted({r["hparams"] for r in rs})
+        table.append([name, hps[0] if len(hps) == 1 else "per seed", *[f"{x:.1f}" for x in per_task],
+                      f"{np.mean(per_seed):.1f}", f"{np.std(per_seed):.1f}"])
+        records.append({"method": m, "variant": v, "avg": float(np.mean(per_seed)), "std": float(np.std(per_seed)),
+                        **{t: float(x) for t, x in zip(tasks, per_task, strict=True)}})
+    return header, table, records
+
+
+def markdown(header: list[str], table: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    return "\n".join(lines)
+
+
+def plots(records: list[dict], extras: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    labels = [r["method"] if r["variant"] == "-" else f"{r['method']} ({r['variant']})" for r in records]
+    colors = ["#888888" if r["variant"] == "-" else ("#4c72b0" if r["variant"] == "paper" else "#dd8452") for r in records]
+    ax.barh(range(len(records)), [r["avg"] for r in records], xerr=[r["std"] for r in records], color=colors)
+    ax.set_yticks(range(len(records)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("average test accuracy over tasks (%), mean ± std over seeds")
+    ax.set_title("Multi-task merging on all-MiniLM-L6-v2 (grey: bounds, blue: paper defaults, orange: tuned on val)", fontsize=9)
+    lo = min(r["avg"] for r in records)
+    ax.set_xlim(max(0, lo - 10), 100)
+    fig.tight_layout()
+    files.append(out / "accuracies.png")
+    fig.savefig(files[-1], dpi=110)
+    plt.close(fig)
+    lam = extras[0]["lambdas"].get("AdaMerging layer-wise") if extras else None
+    if lam:
+        L = np.array(lam["lambdas"])  # (tensors, tasks)
+        names = lam["names"]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        x = np.arange(len(names))
+        for k, t in enumerate(extras[0]["tasks"]):
+            ax.plot(x, L[:, k], marker=".", lw=1, label=t)
+        layer_starts = [i for i, n in enumerate(names) if n.endswith("attention.self.query.weight")]
+        for i in layer_starts:
+            ax.axvline(i, color="#cccccc", lw=0.5)
+        ax.set_xlabel("merged tensor (grey lines: start of each transformer layer)")
+        ax.set_ylabel("λ (clamped to [0, 1])")
+        ax.set_title("AdaMerging layer-wise coefficients (first seed, paper defaults)", fontsize=9)
+        ax.legend(fontsize=7, ncol=4)
+        fig.tight_layout()
+        files.append(out / "coefficients.png")
+        fig.savefig(files[-1], dpi=110)
+        plt.close(fig)
+    return files
+
+
+def run(cfg: BenchConfig, out: Path, *, wandb: bool = False, progress=print) -> dict:
+    """Run every seed, write the outputs, return {rows, records, table_md, extras}."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, extras = [], []
+    w0, c0 = time.perf_counter(), _cpu()
+    for seed in cfg.seeds:
+        r, e = run_seed(cfg, seed, progress)
+        rows += r
+        extras.append(e)
+        (out / f"adamerging_seed{seed}.json").write_text(json.dumps(e["lambdas"]))
+    header, table, records = summarize(rows)
+    md = markdown(header, table)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "table.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(table)
+    files = plots(records, extras, out)
+    wall, cpu = time.perf_counter() - w0, _cpu() - c0
+    meta = {"config": asdict(cfg), "wall_s": wall, "cpu_s": cpu, "threads": torch.get_num_threads(),
+            "load_avg": os.getloadavg()[0], "timing": [e["timing"] for e in extras]}
+    (out / "table.md").write_text(md + "\n")
+    (out / "run.json").write_text(json.dumps(meta, indent=1))
+    if wandb:
+        _log_wandb(cfg, rows, records, files, out)
+    return {"rows": rows, "records": records, "table_md": md, "extras": extras, "meta": meta, "files": files}
+
+
+def _log_wandb(cfg, rows, records, files, out: Path) -> None:
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    run = wandb.init(project="peft-lab-bench-merge", dir=str(out), config=asdict(cfg), reinit="finish_previous")
+    run.log({"table": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+    for r in records:
+        run.summary[f"{r['method']}/{r['variant']}/avg"] = r["avg"]
+    for f in files:
+        run.log({f.stem: wandb.Image(str(f))})
+    run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="peft-lab bench merge", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed, 6 tasks, smaller splits and budgets (< 5 min on 2 cores)")
+    ap.add_argument("--out", default="bench-merge-out", help="output dir (default: ./bench-merge-out)")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    ap.add_argument("--wandb", action="store_true", help="log the table and plots to W&B (offline unless configured)")
+    ap.add_argument("--perf", action="store_true", help="print the cost figures (Fisher vmap vs loop, AdaMerging step, memory)")
+    args, rest = ap.parse_known_args(argv)
+    if args.perf:
+        from merging.bench_perf import main as perf_main
+
+        return perf_main(["--threads", str(args.threads), *rest])
+    if rest:
+        ap.error(f"unknown arguments: {' '.join(rest)}")
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    cfg = BenchConfig(**QUICK) if args.quick else BenchConfig()
+    if args.seeds is not None:
+        cfg = replace(cfg, seeds=tuple(range(args.seeds)))
+    res = run(cfg, Path(args.out), wandb=args.wandb, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    m = res["meta"]
+    print(res["table_md"])
+    print(f"\n{len(cfg.seeds)} seed(s), {len(cfg.tasks)} tasks; {m['wall_s']:.0f} s wall, {m['cpu_s']:.0f} CPU-s, "
+          f"{m['threads']} thread(s), load average {m['load_avg']:.1f}. Outputs in {args.out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
