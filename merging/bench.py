@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from merging.fisher_info import diagonal_fisher
-from merging.methods.adamerging import AdaMergingParams, adamerge, merged_params, ties_vectors
+from merging.methods.adamerging import AdaMergingParams, adamerge, merged_params, ties_thresholds, ties_vectors
 from merging.methods.fisher import fisher_merge
 
 __all__ = ["BenchConfig", "run", "main"]
@@ -85,7 +85,7 @@ def run_seed(cfg: BenchConfig, seed: int, progress=print) -> tuple[list[dict], d
     taus = [{n: ft[n] - theta0[n] for n in names} for ft in fts]
     progress(f"[seed {seed}] fine-tuned ({_cpu() - t0:.0f} CPU-s)")
     rows: list[dict] = []
-    extras: dict = {"lambdas": {}, "timing": {}}
+    extras: dict = {"lambdas": {}, "timing": {}, "sign_conflicts": sign_conflicts(taus, names, cfg.ties_density)}
 
     def score(method: str, variant: str, params_of, hp: dict, splits=("test",)) -> dict[str, float]:
         accs = {}
@@ -187,6 +187,17 @@ def run_seed(cfg: BenchConfig, seed: int, progress=print) -> tuple[list[dict], d
     return rows, extras
 
 
+def sign_conflicts(taus: list[dict], names: list[str], density: float) -> dict[str, float]:
+    """Per tensor, the fraction of parameters where the trimmed task vectors (top `density` per task, global)
+    hold both signs: the conflicts TIES resolves by electing one sign."""
+    thr = ties_thresholds(taus, names, density)
+    out = {}
+    for n in names:
+        kept = torch.stack([t[n] * (t[n].abs() >= th) for t, th in zip(taus, thr, strict=True)])  # (T, ...)
+        out[n] = float(((kept > 0).any(0) & (kept < 0).any(0)).float().mean())
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Tables and plots
 # ---------------------------------------------------------------------------------------------------------
@@ -223,13 +234,12 @@ def markdown(header: list[str], table: list[list[str]]) -> str:
 
 
 def plots(records: list[dict], extras: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # Figure objects, not pyplot: no global backend switch (the tour notebook keeps its inline backend)
+    from matplotlib.figure import Figure
 
     files = []
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig = Figure(figsize=(9, 4.5))
+    ax = fig.subplots()
     labels = [r["method"] if r["variant"] == "-" else f"{r['method']} ({r['variant']})" for r in records]
     colors = ["#888888" if r["variant"] == "-" else ("#4c72b0" if r["variant"] == "paper" else "#dd8452") for r in records]
     ax.barh(range(len(records)), [r["avg"] for r in records], xerr=[r["std"] for r in records], color=colors)
@@ -242,12 +252,12 @@ def plots(records: list[dict], extras: list[dict], out: Path) -> list[Path]:
     fig.tight_layout()
     files.append(out / "accuracies.png")
     fig.savefig(files[-1], dpi=110)
-    plt.close(fig)
     lam = extras[0]["lambdas"].get("AdaMerging layer-wise") if extras else None
     if lam:
         L = np.array(lam["lambdas"])  # (tensors, tasks)
         names = lam["names"]
-        fig, ax = plt.subplots(figsize=(9, 4))
+        fig = Figure(figsize=(9, 4))
+        ax = fig.subplots()
         x = np.arange(len(names))
         for k, t in enumerate(extras[0]["tasks"]):
             ax.plot(x, L[:, k], marker=".", lw=1, label=t)
@@ -261,7 +271,6 @@ def plots(records: list[dict], extras: list[dict], out: Path) -> list[Path]:
         fig.tight_layout()
         files.append(out / "coefficients.png")
         fig.savefig(files[-1], dpi=110)
-        plt.close(fig)
     return files
 
 
