@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ import torch
 from merging.fisher_info import diagonal_fisher
 from merging.methods.adamerging import AdaMergingParams, adamerge, merged_params, ties_thresholds, ties_vectors
 from merging.methods.fisher import fisher_merge
+from peft_lab.errors import UserError
 
 __all__ = ["BenchConfig", "run", "main"]
 
@@ -38,31 +40,65 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BenchConfig:
+    suite: str = "digits"  # digits: 8 image-domain tasks on a residual MLP (default) | text: 7 tasks on MiniLM
     seeds: tuple[int, ...] = (0, 1, 2)
+    tasks: tuple[str, ...] = ()  # default: all of the suite's tasks
+    suite_set: tuple[tuple[str, float], ...] = ()  # digits suite: overrides of DigitsConfig (width, features, ft_lr, ...)
+    # text suite sizes (the digits suite splits its 1797 examples 1077/360/360)
     n_train: int = 600
     n_val: int = 200
     n_test: int = 400
     ft_steps: int = 80
-    # paper defaults (ALGORITHMS.md B1-B4) and the CPU budget's deviations from them
+    # paper defaults (ALGORITHMS.md B1-B4); where the CPU budget deviates, the preset says so
     ta_lambda: float = 0.3  # AdaMerging repo's task-arithmetic baseline
     ties_density: float = 0.2
     ties_lambda: float = 0.3  # AdaMerging repo's TIES baseline: dis-sum, K = 20%, λ = 0.3
-    fisher_examples: int = 64  # official 4096 (CPU: 64 per task)
-    ada_steps: int = 100  # official 500 (CPU: 100)
-    ada_batch: int = 16  # official 2 batches of 16 per task per step (CPU: 1 batch)
-    ada_batches_per_step: int = 1
+    fisher_examples: int = 4096  # official: 4096 training examples per model (capped by the split)
+    ada_steps: int = 500
+    ada_batch: int = 16
+    ada_batches_per_step: int = 2  # official: 2 batches of 16 per task per step
     ada_lr: float = 1e-3
     # validation grids for the tuned variants
-    ta_grid: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-    ties_grid: tuple[tuple[float, float], ...] = ((0.2, 0.3), (0.2, 0.5), (0.2, 0.7), (0.2, 1.0), (0.1, 0.5), (0.1, 1.0))
-    fisher_grid: int = 6  # Dirichlet(1) weight draws (+ uniform), as the official coefficient search
-    ada_tuned_lr: float = 1e-2
-    tasks: tuple[str, ...] = ("topic", "bshift", "somo", "headline", "sentstart", "halves", "digits")
+    ta_grid: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    ties_grid: tuple[tuple[float, float], ...] = ((0.2, 0.1), (0.2, 0.2), (0.2, 0.3), (0.2, 0.5), (0.2, 0.7), (0.2, 1.0),
+                                                  (0.1, 0.3), (0.1, 0.5), (0.1, 1.0))
+    fisher_grid: int = 8  # Dirichlet(1) weight draws (+ uniform), as the official coefficient search
+    ada_tuned_lr: float = 1e-2  # the tuned variant also tries this lr; checkpoints of both runs are candidates
 
 
-QUICK = dict(seeds=(0,), n_train=300, n_val=100, n_test=200, ft_steps=40, fisher_examples=32, ada_steps=40, ada_batch=8,
-             ta_grid=(0.1, 0.3, 0.5, 1.0), ties_grid=((0.2, 0.3), (0.2, 0.7), (0.2, 1.0)), fisher_grid=2,
-             tasks=("topic", "bshift", "somo", "headline", "sentstart", "digits"))
+PRESETS = {
+    "digits": {},
+    "digits-quick": dict(seeds=(0,), ta_grid=(0.1, 0.3, 0.5, 1.0), ties_grid=((0.2, 0.3), (0.2, 0.7), (0.2, 1.0)),
+                         fisher_grid=3, ada_steps=200),
+    # MiniLM on a CPU: fine-tuning, Fisher and AdaMerging budgets cut (official: 4096 examples, 500 steps x 2 x 16)
+    "text": dict(suite="text", fisher_examples=64, ada_steps=100, ada_batch=16, ada_batches_per_step=1,
+                 ta_grid=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0), ties_grid=((0.2, 0.3), (0.2, 0.5), (0.2, 1.0), (0.1, 0.5)), fisher_grid=4),
+    "text-quick": dict(suite="text", seeds=(0,), n_train=300, n_val=100, n_test=200, ft_steps=40, fisher_examples=32,
+                       ada_steps=40, ada_batch=8, ada_batches_per_step=1, ta_grid=(0.1, 0.3, 0.5, 1.0),
+                       ties_grid=((0.2, 0.3), (0.2, 1.0)), fisher_grid=2, tasks=("topic", "bshift", "somo", "headline", "sentstart", "digits")),
+}
+QUICK = PRESETS["digits-quick"]
+
+
+def make_suite(cfg: BenchConfig, seed: int):
+    """The suite object (tasks, θ_0, heads, routines) of `cfg.suite` for one seed."""
+    if cfg.suite == "digits":
+        from merging.bench_digits import DIGIT_TASKS, DigitsConfig, DigitsSuite
+
+        fields = {f.name: f.type for f in dataclasses.fields(DigitsConfig)}
+        bad = [k for k, _ in cfg.suite_set if k not in fields or k in ("tasks", "seed")]
+        if bad:
+            raise UserError(f"bench merge: --set {', '.join(bad)}: not a digits-suite setting; settable: "
+                            f"{', '.join(k for k in fields if k not in ('tasks', 'seed'))}.")
+        over = {k: (int(v) if fields[k] in (int, "int") else float(v)) for k, v in cfg.suite_set}
+        return DigitsSuite(DigitsConfig(tasks=cfg.tasks or DIGIT_TASKS, seed=seed, **over))
+    if cfg.suite == "text":
+        from merging.bench_suite import Suite, SuiteConfig
+        from merging.bench_tasks import TASKS
+
+        return Suite(SuiteConfig(tasks=cfg.tasks or TASKS, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
+                                 ft_steps=cfg.ft_steps, seed=seed))
+    raise ValueError(f"unknown suite {cfg.suite!r} (digits | text)")
 
 
 def _cpu() -> float:
@@ -72,12 +108,9 @@ def _cpu() -> float:
 
 def run_seed(cfg: BenchConfig, seed: int, progress=print) -> tuple[list[dict], dict]:
     """All methods on one seed. Returns rows {seed, method, variant, task, split, acc, hparams} and extras."""
-    from merging.bench_suite import Suite, SuiteConfig
-
     torch.manual_seed(seed)
     t0 = _cpu()
-    suite = Suite(SuiteConfig(tasks=cfg.tasks, n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test,
-                              ft_steps=cfg.ft_steps, seed=seed))
+    suite = make_suite(cfg, seed)
     T = len(suite.tasks)
     names, theta0 = suite.names, suite.theta0
     progress(f"[seed {seed}] {T} tasks built, probes fitted ({_cpu() - t0:.0f} CPU-s)")
@@ -233,6 +266,14 @@ def markdown(header: list[str], table: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def layer_starts(names: list[str]) -> list[int]:
+    """Indices where a new numbered layer/block begins (`...layer.3.`, `...blocks.3.`), for plot separators."""
+    import re
+
+    keys = [(m.group(1) if (m := re.search(r"(?:layer|blocks|layers|h)\.(\d+)\.", n)) else None) for n in names]
+    return [i for i in range(1, len(keys)) if keys[i] != keys[i - 1]]
+
+
 def plots(records: list[dict], extras: list[dict], out: Path) -> list[Path]:
     # Figure objects, not pyplot: no global backend switch (the tour notebook keeps its inline backend)
     from matplotlib.figure import Figure
@@ -246,7 +287,7 @@ def plots(records: list[dict], extras: list[dict], out: Path) -> list[Path]:
     ax.set_yticks(range(len(records)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("average test accuracy over tasks (%), mean ± std over seeds")
-    ax.set_title("Multi-task merging on all-MiniLM-L6-v2 (grey: bounds, blue: paper defaults, orange: tuned on val)", fontsize=9)
+    ax.set_title("Multi-task merging (grey: bounds, blue: paper defaults, orange: tuned on validation)", fontsize=9)
     lo = min(r["avg"] for r in records)
     ax.set_xlim(max(0, lo - 10), 100)
     fig.tight_layout()
@@ -261,10 +302,9 @@ def plots(records: list[dict], extras: list[dict], out: Path) -> list[Path]:
         x = np.arange(len(names))
         for k, t in enumerate(extras[0]["tasks"]):
             ax.plot(x, L[:, k], marker=".", lw=1, label=t)
-        layer_starts = [i for i, n in enumerate(names) if n.endswith("attention.self.query.weight")]
-        for i in layer_starts:
-            ax.axvline(i, color="#cccccc", lw=0.5)
-        ax.set_xlabel("merged tensor (grey lines: start of each transformer layer)")
+        for i in layer_starts(names):
+            ax.axvline(i - 0.5, color="#cccccc", lw=0.5)
+        ax.set_xlabel("merged tensor, input to output (grey lines: start of each layer/block)")
         ax.set_ylabel("λ (clamped to [0, 1])")
         ax.set_title("AdaMerging layer-wise coefficients (first seed, paper defaults)", fontsize=9)
         ax.legend(fontsize=7, ncol=4)
@@ -274,13 +314,29 @@ def plots(records: list[dict], extras: list[dict], out: Path) -> list[Path]:
     return files
 
 
-def run(cfg: BenchConfig, out: Path, *, wandb: bool = False, progress=print) -> dict:
-    """Run every seed, write the outputs, return {rows, records, table_md, extras}."""
+def _seed_worker(cfg: BenchConfig, seed: int, threads: int) -> tuple[list[dict], dict]:
+    torch.set_num_threads(threads)
+    c0 = _cpu()
+    rows, extras = run_seed(cfg, seed, lambda s: print(s, file=sys.stderr, flush=True))
+    extras["timing"]["process_cpu_s"] = _cpu() - c0
+    return rows, extras
+
+
+def run(cfg: BenchConfig, out: Path, *, wandb: bool = False, progress=print, jobs: int = 1) -> dict:
+    """Run every seed (`jobs` seeds at a time, one process each), write the outputs, return
+    {rows, records, table_md, extras, meta, files}."""
     out.mkdir(parents=True, exist_ok=True)
     rows, extras = [], []
     w0, c0 = time.perf_counter(), _cpu()
-    for seed in cfg.seeds:
-        r, e = run_seed(cfg, seed, progress)
+    if jobs > 1 and len(cfg.seeds) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(jobs, len(cfg.seeds)), mp_context=mp.get_context("spawn")) as ex:
+            results = list(ex.map(_seed_worker, [cfg] * len(cfg.seeds), cfg.seeds, [torch.get_num_threads()] * len(cfg.seeds)))
+    else:
+        results = [run_seed(cfg, seed, progress) for seed in cfg.seeds]
+    for seed, (r, e) in zip(cfg.seeds, results, strict=True):
         rows += r
         extras.append(e)
         (out / f"adamerging_seed{seed}.json").write_text(json.dumps(e["lambdas"]))
@@ -295,7 +351,8 @@ def run(cfg: BenchConfig, out: Path, *, wandb: bool = False, progress=print) -> 
         w.writerow(header)
         w.writerows(table)
     files = plots(records, extras, out)
-    wall, cpu = time.perf_counter() - w0, _cpu() - c0
+    wall = time.perf_counter() - w0
+    cpu = (_cpu() - c0) + sum(e["timing"].get("process_cpu_s", 0.0) for e in extras)  # + the seed processes'
     meta = {"config": asdict(cfg), "wall_s": wall, "cpu_s": cpu, "threads": torch.get_num_threads(),
             "load_avg": os.getloadavg()[0], "timing": [e["timing"] for e in extras]}
     (out / "table.md").write_text(md + "\n")
@@ -320,11 +377,16 @@ def _log_wandb(cfg, rows, records, files, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="peft-lab bench merge", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="1 seed, 6 tasks, smaller splits and budgets (< 5 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="1 seed, smaller grids and budgets (< 5 min on 2 cores)")
+    ap.add_argument("--suite", choices=("digits", "text"), default="digits",
+                    help="digits: 8 image-domain tasks on a residual MLP (default); text: 7 text tasks on all-MiniLM-L6-v2 (slow)")
     ap.add_argument("--out", default="bench-merge-out", help="output dir (default: ./bench-merge-out)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (1 is fastest on a shared box)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="seeds run in parallel processes")
     ap.add_argument("--wandb", action="store_true", help="log the table and plots to W&B (offline unless configured)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="digits suite setting, e.g. --set features=64 --set ft_lr=3e-4 (see merging/bench_digits.py)")
     ap.add_argument("--perf", action="store_true", help="print the cost figures (Fisher vmap vs loop, AdaMerging step, memory)")
     args, rest = ap.parse_known_args(argv)
     if args.perf:
@@ -335,14 +397,19 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown arguments: {' '.join(rest)}")
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    cfg = BenchConfig(**QUICK) if args.quick else BenchConfig()
+    cfg = BenchConfig(**PRESETS[args.suite + ("-quick" if args.quick else "")])
+    try:
+        sets = tuple((k, float(v)) for k, v in (a.split("=", 1) for a in args.set))
+    except ValueError:
+        raise UserError(f"bench merge: --set takes KEY=NUMBER, got {args.set}.") from None
+    cfg = replace(cfg, suite_set=sets)
     if args.seeds is not None:
         cfg = replace(cfg, seeds=tuple(range(args.seeds)))
-    res = run(cfg, Path(args.out), wandb=args.wandb, progress=lambda s: print(s, file=sys.stderr, flush=True))
+    res = run(cfg, Path(args.out), wandb=args.wandb, progress=lambda s: print(s, file=sys.stderr, flush=True), jobs=args.jobs)
     m = res["meta"]
     print(res["table_md"])
-    print(f"\n{len(cfg.seeds)} seed(s), {len(cfg.tasks)} tasks; {m['wall_s']:.0f} s wall, {m['cpu_s']:.0f} CPU-s, "
-          f"{m['threads']} thread(s), load average {m['load_avg']:.1f}. Outputs in {args.out}/")
+    print(f"\n{len(cfg.seeds)} seed(s), {len(res['extras'][0]['tasks'])} tasks; {m['wall_s']:.0f} s wall, {m['cpu_s']:.0f} CPU-s, "
+          f"{args.jobs} process(es) x {m['threads']} thread(s), load average {m['load_avg']:.1f}. Outputs in {args.out}/")
     return 0
 
 

@@ -10,8 +10,12 @@ import pytest
 from merging.bench import BenchConfig, run
 from merging.bench_tasks import TASKS, build_texts
 
-TINY = BenchConfig(seeds=(0,), n_train=48, n_val=24, n_test=24, ft_steps=3, fisher_examples=4, ada_steps=4, ada_batch=4,
-                   ta_grid=(0.3, 1.0), ties_grid=((0.2, 0.3), (0.2, 1.0)), fisher_grid=1, tasks=("topic", "digits"))
+TINY = BenchConfig(seeds=(0,), tasks=("digits", "shapes", "stripes"), fisher_examples=32, ada_steps=6, ada_batch=8,
+                   ada_batches_per_step=1, ta_grid=(0.3, 1.0), ties_grid=((0.2, 0.3), (0.2, 1.0)), fisher_grid=1,
+                   suite_set=(("pretrain_epochs", 1), ("ft_epochs", 1), ("width", 64), ("blocks", 2)))
+TINY_TEXT = BenchConfig(suite="text", seeds=(0,), n_train=24, n_val=12, n_test=12, ft_steps=2, fisher_examples=4, ada_steps=2,
+                        ada_batch=4, ada_batches_per_step=1, ta_grid=(0.3,), ties_grid=((0.2, 0.3),), fisher_grid=0,
+                        tasks=("topic", "digits"))
 
 
 def test_tasks_are_deterministic_and_labelled():
@@ -48,11 +52,20 @@ def test_bench_rows_outputs_and_tuning(result):
         table = list(csv.reader(fh))
     assert table[0][:2] == ["method", "hparams"] and table[0][-2:] == ["average", "± std (seeds)"]
     assert len(table) == 1 + 3 + 2 * 6  # bounds + average + 6 methods x 2 variants
+    assert [row[0] for row in table[1:4]] == ["pretrained", "fine-tuned (individual)", "simple average"]
     lam = json.loads((out / "adamerging_seed0.json").read_text())["AdaMerging layer-wise"]
     assert len(lam["lambdas"]) == len(lam["names"]) and all(0 <= x <= 1 for row in lam["lambdas"] for x in row)
     assert "| method |" in res["table_md"]
 
 
-def test_cli_rejects_unknown_arguments(cli):
+def test_text_suite_runs(tmp_path):
+    res = run(TINY_TEXT, tmp_path, progress=lambda s: None)
+    assert {r["task"] for r in res["rows"]} == {"topic", "digits"}
+    assert {r["method"] for r in res["rows"]} >= {"Fisher", "AdaMerging++ layer-wise (TIES)"}
+
+
+def test_cli_rejects_bad_arguments(cli):
     r = cli("bench", "merge", "--no-such-flag")
     assert r.returncode == 2 and "unknown arguments" in r.stderr
+    r = cli("bench", "merge", "--quick", "--set", "nonsense=3")
+    assert r.returncode == 2 and "not a digits-suite setting" in r.stderr
