@@ -305,3 +305,22 @@ def test_own_adapter_dir_opens_as_delta_tree(tmp_path):
     assert not is_delta(base)
     with pytest.raises(UserError, match="do not fit"):
         load_tree(d, base=Tree({"encoder.w": torch.zeros(3, 2)}))
+
+
+def test_file_rewritten_at_same_path_is_read_afresh(tmp_path):
+    p = tmp_path / "w.safetensors"
+    save_tree(Tree({"w": torch.zeros(4)}), p)
+    assert torch.equal(load_tree(p)["w"].dense(), torch.zeros(4))
+    # same path, new layout: read through the new header, never the old file's memory map
+    save_tree(Tree({"a": torch.full((3,), 2.0), "w": torch.ones(4)}), p)
+    assert torch.equal(load_tree(p)["w"].dense(), torch.ones(4))
+
+
+def test_atomic_output_dir_has_the_usual_permissions(tmp_path):
+    import os
+
+    with atomic_output_dir(tmp_path / "o") as tmp:
+        (tmp / "f").write_text("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o777 & ~mask

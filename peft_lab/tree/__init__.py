@@ -27,6 +27,7 @@ from peft_lab.tree.ops import (
     tree_map,
     zip_map,
 )
+from peft_lab.tree.quantized import Quantized, quantize
 
 __all__ = [
     "Tree",
@@ -38,6 +39,8 @@ __all__ = [
     "Kronecker",
     "Sparse",
     "LDU",
+    "Quantized",
+    "quantize",
     "tree_map",
     "zip_map",
     "select",

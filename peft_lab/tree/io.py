@@ -140,22 +140,29 @@ class _Handles:
 
     def __init__(self, capacity: int = 64):
         self.capacity = capacity
-        self._open: OrderedDict[str, Any] = OrderedDict()
+        self._open: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, path: str):
         from safetensors import safe_open
 
+        # keyed by the file's identity too: a file replaced at the same path (a re-run writing its output
+        # again) must not be read through the old file's memory map
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise UserError(f"{path}: cannot open ({e.strerror}).") from None
+        key = (path, st.st_ino, st.st_mtime_ns, st.st_size)
         with self._lock:
-            h = self._open.get(path)
+            h = self._open.get(key)
             if h is not None:
-                self._open.move_to_end(path)
+                self._open.move_to_end(key)
                 return h
             try:
                 h = safe_open(path, framework="pt")
             except Exception as e:  # safetensors raises its own error type for corrupt files
                 raise UserError(f"{path}: cannot open as safetensors ({e}).") from None
-            self._open[path] = h
+            self._open[key] = h
             while len(self._open) > self.capacity:
                 self._open.popitem(last=False)
             return h
@@ -165,7 +172,8 @@ class _Handles:
             if path is None:
                 self._open.clear()
             else:
-                self._open.pop(path, None)
+                for key in [k for k in self._open if k[0] == path]:
+                    del self._open[key]
 
 
 _HANDLES = _Handles()
@@ -625,6 +633,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
         raise UserError(f"{out} already exists and is not empty. Choose another output dir or pass overwrite=true.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the output gets the usual permissions
     prev_term = None
     if threading.current_thread() is threading.main_thread():
         def _on_term(signum, frame):
@@ -651,6 +660,12 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
     finally:
         if prev_term is not None:
             signal.signal(signal.SIGTERM, prev_term)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def copy_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, names: Iterable[str]) -> list[str]:
