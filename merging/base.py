@@ -14,9 +14,8 @@ loads the base and the models' tensors (or task vectors), calls `merge_tensor`, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 
@@ -25,7 +24,7 @@ from peft_lab.tree import Tree
 
 __all__ = ["METHODS", "MergeMethod", "MergeInputs", "ModelParams"]
 
-METHODS: Registry[type[MergeMethod]] = Registry("merge method", package="merging.methods")
+METHODS: Registry[type["MergeMethod"]] = Registry("merge method", package="merging.methods")
 
 
 @dataclass(frozen=True)

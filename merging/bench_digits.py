@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-__all__ = ["DigitsConfig", "DigitsSuite", "DIGIT_TASKS", "make_tasks"]
+__all__ = ["DigitsConfig", "DigitsSuite", "DIGIT_TASKS", "make_tasks", "probe_head"]
 
 Params = dict[str, torch.Tensor]
 DIGIT_TASKS = ("digits", "inv_noisy", "shapes", "count", "stripes", "parity180", "transposed", "texture")
+NUM_CLASSES = {"digits": 10, "inv_noisy": 10, "shapes": 5, "count": 5, "stripes": 4, "parity180": 2, "transposed": 2, "texture": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +41,15 @@ class DigitsConfig:
     tasks: tuple[str, ...] = DIGIT_TASKS
     width: int = 256
     blocks: int = 4
-    features: int = 16  # the encoder's output width: a narrow representation the tasks must share
+    features: int = 64  # the encoder's output width: a narrow representation the tasks must share
     pretrain_epochs: int = 5
     ft_epochs: int = 10
-    ft_lr: float = 1e-3
+    ft_lr: float = 3e-4
     ft_batch: int = 32
     probe_c: float = 1.0
+    n_train: int = 1077  # of the 1797 examples per task: 60 / 20 / 20 %
+    n_val: int = 360
+    n_test: int = 360
     seed: int = 0
 
 
@@ -148,15 +152,31 @@ class _Net(torch.nn.Module):
         return f if features_only else self.classifier(f)
 
 
+def probe_head(lr, num_classes: int) -> Params:
+    """A fitted sklearn LogisticRegression as a Linear head over all `num_classes` classes. A binary probe's one
+    row becomes two (same softmax probabilities); classes missing from the probe's training data get a very
+    low bias (never predicted)."""
+    coef, icpt = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
+    if coef.shape[0] == 1:
+        coef, icpt = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-icpt / 2, icpt / 2])
+    W = np.zeros((num_classes, coef.shape[1]), np.float32)
+    b = np.full(num_classes, -1e4, np.float32)
+    W[lr.classes_], b[lr.classes_] = coef, icpt
+    return {"classifier.weight": torch.from_numpy(W), "classifier.bias": torch.from_numpy(b)}
+
+
 class DigitsSuite:
     """Tasks, the pretrained encoder θ_0 (`names`: every encoder tensor), per-task frozen probe heads."""
 
-    def __init__(self, cfg: DigitsConfig, n_train: int = 1077, n_val: int = 360, n_test: int = 360):
+    def __init__(self, cfg: DigitsConfig):
         self.cfg = cfg
+        n_train, n_val, n_test = cfg.n_train, cfg.n_val, cfg.n_test
+        if n_train < 1 or n_val < 1 or n_test < 1 or n_train + n_val + n_test > 1797:
+            raise ValueError(f"digits suite: n_train + n_val + n_test must fit in 1797 examples, each >= 1 (got {n_train}/{n_val}/{n_test})")
         torch.manual_seed(cfg.seed)
         raw = make_tasks(cfg.seed)
         cuts = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n_train + n_val + n_test)}
-        self.tasks = [TaskData(t, int(raw[t][1].max()) + 1, {s: {"x": raw[t][0][a:b], "labels": raw[t][1][a:b]} for s, (a, b) in cuts.items()})
+        self.tasks = [TaskData(t, NUM_CLASSES[t], {s: {"x": raw[t][0][a:b], "labels": raw[t][1][a:b]} for s, (a, b) in cuts.items()})
                       for t in cfg.tasks]
         self.module = _Net(cfg).eval()
         self._pretrain()
@@ -217,10 +237,7 @@ class DigitsSuite:
         f = self.features(self.theta0, k, "train").numpy()
         y = self.tasks[k].splits["train"]["labels"].numpy()
         lr = LogisticRegression(C=self.cfg.probe_c, max_iter=3000).fit(f, y)
-        W, b = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
-        if W.shape[0] == 1:
-            W, b = np.concatenate([-W / 2, W / 2]), np.concatenate([-b / 2, b / 2])
-        return {"classifier.weight": torch.from_numpy(W), "classifier.bias": torch.from_numpy(b)}
+        return probe_head(lr, self.tasks[k].num_classes)
 
     def finetune(self, k: int, seed: int) -> Params:
         """The whole encoder fine-tuned on task k under its frozen head (Adam, constant lr, epochs over train)."""

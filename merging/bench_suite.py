@@ -14,11 +14,11 @@ import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from merging.bench_digits import probe_head
 from merging.bench_tasks import build_texts
 
 __all__ = ["SuiteConfig", "Suite", "TaskData"]
@@ -95,7 +95,7 @@ class Suite:
             cuts = {"train": (0, cfg.n_train), "val": (cfg.n_train, cfg.n_train + cfg.n_val), "test": (cfg.n_train + cfg.n_val, n_all)}
             splits = {s: {"input_ids": enc["input_ids"][a:b], "attention_mask": enc["attention_mask"][a:b], "labels": y[a:b]}
                       for s, (a, b) in cuts.items()}
-            self.tasks.append(TaskData(t, int(y.max()) + 1, splits))
+            self.tasks.append(TaskData(t, 10 if t == "digits" else (5 if t == "topic" else 2), splits))
         self.heads: list[Params] = [self._probe(k) for k in range(len(self.tasks))]
 
     # -- running ---------------------------------------------------------------------------------------
@@ -155,10 +155,7 @@ class Suite:
         f = self.features(self.theta0, k, "train").numpy()
         y = self.tasks[k].splits["train"]["labels"].numpy()
         lr = LogisticRegression(C=self.cfg.probe_c, max_iter=2000).fit(f, y)
-        W, b = lr.coef_.astype(np.float32), lr.intercept_.astype(np.float32)
-        if W.shape[0] == 1:  # binary: sklearn keeps one row; as two logits, softmax gives the same probabilities
-            W, b = np.concatenate([-W / 2, W / 2]), np.concatenate([-b / 2, b / 2])
-        return {"classifier.weight": torch.from_numpy(W), "classifier.bias": torch.from_numpy(b)}
+        return probe_head(lr, self.tasks[k].num_classes)
 
     def finetune(self, k: int, seed: int) -> Params:
         """Full fine-tuning of the encoder layers on task k under its frozen head (Adam, constant lr)."""

@@ -324,13 +324,21 @@ class AdaMerging(MergeMethod):
         """The vectors λ multiplies for one tensor: τ_k, or their TIES versions (AdaMerging++)."""
         if not self.params.ties:
             return [t.float() for t in taus]
-        return ties_tensor(taus, self.thresholds, self.majority)
+        thr = self.thresholds if self.thresholds is not None else [0.0] * len(taus)  # not prepared: no trim
+        return ties_tensor(taus, thr, self.majority)
+
+    def merge_chunk(self, job, start: int, base: torch.Tensor | None, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The executor's streaming form: every operation here is element-wise, so a flat slice merges alone."""
+        return self.merge_tensor(job.name, base, tensors, job.model_params)
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, tensors: Sequence[torch.Tensor], model_params: Sequence[Any]) -> torch.Tensor:
         if self.is_head(name):
             return base.float() + tensors[0].float()  # the first model's head, as Fisher merging does
-        lam = self.result.lambdas
-        row = lam[self.row[name]] if self.row else lam[0]
+        if self.result is None:  # not prepared (no data): the coefficients stay at their init, i.e. task arithmetic
+            row = torch.full((len(tensors),), float(self.params.init))
+        else:
+            lam = self.result.lambdas
+            row = lam[self.row[name]] if self.row else lam[0]
         out = base.float().clone()
         for c, t in zip(row.tolist(), self.task_vectors_for(name, tensors), strict=True):
             out += c * t
