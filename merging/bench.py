@@ -141,6 +141,7 @@ def run_seed(cfg: BenchConfig, seed: int, progress=print) -> tuple[list[dict], d
     def ta(lam: float, vecs=taus) -> dict:
         return {n: theta0[n] + lam * sum(v[n] for v in vecs) for n in names}
 
+    extras["entropy_vs_lambda"] = entropy_vs_lambda(suite, theta0, taus, names, cfg.ta_grid)
     score("pretrained", "-", lambda k: theta0, {})
     score("fine-tuned (individual)", "-", lambda k: fts[k], {})
     score("simple average", "-", lambda k, p=ta(1.0 / T): p, {"lambda": 1.0 / T})
@@ -218,6 +219,21 @@ def run_seed(cfg: BenchConfig, seed: int, progress=print) -> tuple[list[dict], d
     extras["timing"]["total_cpu_s"] = _cpu() - t0
     extras["tasks"] = [t.name for t in suite.tasks]
     return rows, extras
+
+
+@torch.no_grad()
+def entropy_vs_lambda(suite, theta0: dict, taus: list[dict], names: list[str], grid) -> list[dict]:
+    """Along task arithmetic's λ: mean test accuracy and mean prediction entropy over tasks. AdaMerging
+    minimises that entropy, so it can only help where lower entropy goes with higher accuracy."""
+    from merging.methods.adamerging import entropy
+
+    out = []
+    for lam in (0.0, *grid):
+        p = {n: theta0[n] + lam * sum(t[n] for t in taus) for n in names}
+        accs = [suite.accuracy(p, k, "test") for k in range(len(taus))]
+        ents = [float(entropy(suite.logits(p, k, suite.inputs(k, "test")))) for k in range(len(taus))]
+        out.append({"lambda": lam, "acc": float(np.mean(accs)), "entropy": float(np.mean(ents))})
+    return out
 
 
 def sign_conflicts(taus: list[dict], names: list[str], density: float) -> dict[str, float]:

@@ -14,7 +14,7 @@ TINY = BenchConfig(seeds=(0,), tasks=("digits", "shapes", "stripes"), fisher_exa
                    ada_batches_per_step=1, ta_grid=(0.3, 1.0), ties_grid=((0.2, 0.3), (0.2, 1.0)), fisher_grid=1,
                    suite_set=(("pretrain_epochs", 1), ("ft_epochs", 1), ("width", 64), ("blocks", 2), ("n_train", 200),
                               ("n_val", 60), ("n_test", 60)))
-TINY_TEXT = BenchConfig(suite="text", seeds=(0,), n_train=24, n_val=12, n_test=12, ft_steps=2, fisher_examples=4, ada_steps=2,
+TINY_TEXT = BenchConfig(suite="text", seeds=(0,), n_train=24, n_val=12, n_test=12, ft_steps=1, fisher_examples=4, ada_steps=1,
                         ada_batch=4, ada_batches_per_step=1, ta_grid=(0.3,), ties_grid=((0.2, 0.3),), fisher_grid=0,
                         tasks=("topic", "digits"))
 

@@ -180,16 +180,21 @@ def adamerge(
     module.eval()
     try:
         for step in range(params.steps):
+            opt.zero_grad(set_to_none=True)
             merged = merged_params(base, deltas, lam.clamp(params.clamp_min, params.clamp_max), names)
-            loss = lam.new_zeros(())
+            total = 0.0
             for k in range(T):
                 p = {**merged, **heads[k]}
                 for _ in range(params.batches_per_step):
-                    loss = loss + entropy(logits_of(functional_call(module, p, args=(), kwargs=dict(samplers[k]()))))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+                    loss = entropy(logits_of(functional_call(module, p, args=(), kwargs=dict(samplers[k]()))))
+                    # one backward per batch (gradients add up in λ.grad: the same step as one backward of the
+                    # summed loss), so only one batch's activations are alive at a time: memory does not grow
+                    # with the number of tasks beyond their task vectors. The cheap merge graph is kept.
+                    loss.backward(retain_graph=True)
+                    total += float(loss.detach())
+            del merged
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(total)
             if on_step is not None:
                 on_step(step, losses[-1], lam.detach())
     finally:
