@@ -370,7 +370,8 @@ def run(cfg: BenchConfig, out: Path, *, wandb: bool = False, progress=print, job
     wall = time.perf_counter() - w0
     cpu = (_cpu() - c0) + sum(e["timing"].get("process_cpu_s", 0.0) for e in extras)  # + the seed processes'
     meta = {"config": asdict(cfg), "wall_s": wall, "cpu_s": cpu, "threads": torch.get_num_threads(),
-            "load_avg": os.getloadavg()[0], "timing": [e["timing"] for e in extras]}
+            "load_avg": os.getloadavg()[0], "timing": [e["timing"] for e in extras],
+            "entropy_vs_lambda": [e.get("entropy_vs_lambda") for e in extras]}
     (out / "table.md").write_text(md + "\n")
     (out / "run.json").write_text(json.dumps(meta, indent=1))
     if wandb:

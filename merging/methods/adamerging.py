@@ -182,17 +182,22 @@ def adamerge(
         for step in range(params.steps):
             opt.zero_grad(set_to_none=True)
             merged = merged_params(base, deltas, lam.clamp(params.clamp_min, params.clamp_max), names)
+            # Backpropagate batch by batch into a detached copy of the merged tensors (its .grad adds up
+            # dL/dθ over tasks and batches), then once through the merge into λ: the same gradient as one
+            # backward of the summed loss, but only one batch's activations are alive at a time, so memory does
+            # not grow with the number of tasks beyond their task vectors (+ one model-sized gradient).
+            leaf = {n: t.detach().requires_grad_(True) for n, t in merged.items()}
             total = 0.0
             for k in range(T):
-                p = {**merged, **heads[k]}
+                p = {**leaf, **heads[k]}
                 for _ in range(params.batches_per_step):
                     loss = entropy(logits_of(functional_call(module, p, args=(), kwargs=dict(samplers[k]()))))
-                    # one backward per batch (gradients add up in λ.grad: the same step as one backward of the
-                    # summed loss), so only one batch's activations are alive at a time: memory does not grow
-                    # with the number of tasks beyond their task vectors. The cheap merge graph is kept.
-                    loss.backward(retain_graph=True)
+                    loss.backward()
                     total += float(loss.detach())
-            del merged
+            live = [n for n in names if merged[n].requires_grad and leaf[n].grad is not None]  # tensors some τ touches
+            if live:
+                torch.autograd.backward([merged[n] for n in live], [leaf[n].grad for n in live])
+            del merged, leaf
             opt.step()
             losses.append(total)
             if on_step is not None:
