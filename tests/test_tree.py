@@ -65,7 +65,7 @@ def _reference(leaf):
         return leaf.scale * out
     if isinstance(leaf, Sparse):
         out = torch.zeros(leaf.shape)
-        for i, v in zip(leaf.indices.tolist(), leaf.values.tolist()):
+        for i, v in zip(leaf.indices.tolist(), leaf.values.tolist(), strict=True):
             out[i // leaf.shape[1], i % leaf.shape[1]] = v
         return out
     if isinstance(leaf, LDU):

