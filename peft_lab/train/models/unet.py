@@ -24,6 +24,9 @@ class _UNetConfig(ModelConfig):
         layers_per_block: resnet layers per resolution.
         attention: attention (self- or cross-) at the lowest resolution.
         num_train_timesteps, beta_schedule: the DDPM noise schedule (`squaredcos_cap_v2` = cosine).
+        num_samples: images drawn at each evaluation (a grid PNG; 0 = none).
+        sample_steps: DDPM sampling steps (fewer than num_train_timesteps skips steps: faster, blurrier).
+        sample_seed: seeds the sampler, so grids of different runs are comparable.
     """
 
     task: str = "diffusion"
@@ -33,6 +36,9 @@ class _UNetConfig(ModelConfig):
     attention: bool = True
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    num_samples: int = 64
+    sample_steps: int = 100
+    sample_seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,6 +49,8 @@ class _UNetConfig(ModelConfig):
             raise UserError(f"model.block_out_channels={list(self.block_out_channels)}: give multiples of 32.")
         if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
             raise UserError(f"model.beta_schedule={self.beta_schedule!r}: one of linear, scaled_linear, squaredcos_cap_v2.")
+        if not 1 <= self.sample_steps <= self.num_train_timesteps:
+            raise UserError(f"model.sample_steps={self.sample_steps}: must be in 1..num_train_timesteps ({self.num_train_timesteps}).")
 
     def tasks(self) -> tuple[str, ...]:
         return ("diffusion",)
