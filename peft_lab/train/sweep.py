@@ -37,7 +37,7 @@ def summarize(sweep_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
                   key=lambda p: (int(p.name.split("_", 1)[0]) if p.name.split("_", 1)[0].isdigit() else 1 << 30, p.name))
     per_job = [[o.lstrip("+") for o in yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text()) or []] for j in jobs]
     common = [o for o in per_job[0] if all(o in p for p in per_job)] if per_job else []
-    for job, overrides in zip(jobs, per_job):
+    for job, overrides in zip(jobs, per_job, strict=True):
         m_path = job / "metrics.json"
         metrics = json.loads(m_path.read_text()) if m_path.exists() else {}
         varying = " ".join(o for o in overrides if o not in common) or "(no overrides)"

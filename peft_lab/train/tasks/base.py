@@ -53,6 +53,7 @@ class Task(abc.ABC):
 
     def check(self, dd) -> None:
         """Checks that need the built model (e.g. a conditional model needs labels); none by default."""
+        return None
 
     @abc.abstractmethod
     def prepare(self, ds):
