@@ -1,9 +1,9 @@
 """The adapter protocol: what every adapter (`peft_lab/adapters/<name>.py`) can do.
 
-An adapter is built from its config (a dataclass that is also its Hydra schema, `conf/adapter/<name>.yaml`),
-then `attach`ed to a transformers or diffusers model. After that it can list its trainable parameters,
-export its delta as a parameter tree keyed by the *original* model's `state_dict` names, merge into the base
-weights and unmerge, and save/load itself.
+An adapter is built from its config (a frozen dataclass, `conf/adapter/<name>.yaml` holds its values), then
+`attach`ed to a transformers or diffusers model. After that it can list its trainable parameters, export its
+delta as a parameter tree keyed by the *original* model's `state_dict` names, merge into the base weights and
+unmerge, and save/load itself.
 
 Contract (tested for every registry entry in tests/test_adapters_contract.py):
 - at init the attached model computes what the base model computes;
@@ -11,6 +11,12 @@ Contract (tested for every registry entry in tests/test_adapters_contract.py):
 - `merge()` then `unmerge()` restores the base weights (within float tolerance);
 - gradients reach exactly `trainable_parameters()`, and `num_trainable()` counts them;
 - `save(dir)` then `load_adapter(fresh_base_model, dir)` reproduces the outputs.
+
+On disk every adapter dir holds `peft_lab_adapter.json` (`{"adapter": name, **config}`). Adapters PEFT
+implements (lora, pissa, kronecker) add PEFT's own files (`adapter_config.json` + `adapter_model.safetensors`,
+loadable with `PeftModel.from_pretrained`); the others add `adapter.safetensors`, their delta tree written by
+`save_tree(..., metadata={TREE_KIND_KEY: "delta"})` (structured leaves kept). `peft_lab.tree.load_tree` opens
+both kinds of dir as delta trees, so `peft-lab merge` takes them as task vectors.
 """
 
 from __future__ import annotations
@@ -28,44 +34,90 @@ from peft_lab.registry import Registry
 from peft_lab.tree import Tree
 from peft_lab.tree.io import ADAPTER_CONFIG
 
-__all__ = ["ADAPTERS", "AdapterConfig", "Adapter", "build_adapter", "load_adapter", "ADAPTER_FILE", "count_parameters", "freeze"]
+__all__ = [
+    "ADAPTERS",
+    "AdapterConfig",
+    "Adapter",
+    "build_adapter",
+    "load_adapter",
+    "ADAPTER_FILE",
+    "count_parameters",
+    "freeze",
+    "read_adapter_config",
+]
 
-ADAPTERS: Registry[type["Adapter"]] = Registry("adapter", package="peft_lab.adapters")
-# our own on-disk format: this JSON ({"adapter": name, **config}) beside `adapter.safetensors`, the delta tree
-# saved with `save_tree(..., metadata={TREE_KIND_KEY: "delta"})` (structured leaves kept), which
-# `peft_lab.tree.load_tree` opens as a delta tree (so `peft-lab merge` takes these dirs as task vectors)
-ADAPTER_FILE = ADAPTER_CONFIG
+ADAPTERS: Registry[type[Adapter]] = Registry("adapter", package="peft_lab.adapters")
+ADAPTER_FILE = ADAPTER_CONFIG  # peft_lab_adapter.json
+_PEFT_TYPES = {"LORA": "lora", "LOKR": "kronecker"}
 
 
-@dataclasses.dataclass
+def _str_list(value: Any, field: str) -> list[str] | None:
+    """Normalise a pattern list (a str, list, tuple or OmegaConf ListConfig) to list[str]."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    try:
+        items = list(value)
+    except TypeError:
+        raise UserError(f"adapter.{field} must be a list of module-name patterns, got {value!r}.") from None
+    if not all(isinstance(v, str) and v for v in items):
+        raise UserError(f"adapter.{field} must be a list of non-empty strings, got {items!r}.")
+    return items
+
+
+@dataclasses.dataclass(frozen=True)
 class AdapterConfig:
-    """Fields every adapter shares. Subclasses add their own hyperparameters.
+    """Fields every adapter shares. Subclasses add their own hyperparameters (frozen, validated in
+    `__post_init__`, which subclasses extend by calling `super().__post_init__()`).
 
     Attributes:
         target_modules: name patterns of the modules to adapt (see `peft_lab.tree.matches`: a dotted suffix such
-            as `query`, a glob such as `*.attn1.to_q`, or `re:<regex>`); None = the adapter's default targets.
+            as `query`, a glob such as `*.attn1.to_q`, or `re:<regex>`). None = the model family's defaults
+            (`peft_lab.adapters._targets.default_targets`): PEFT's LoRA table for transformers models
+            (e.g. `query`, `value` for BERT), `to_q/to_k/to_v/to_out.0` for diffusers models, else every layer of a
+            type the adapter supports.
         exclude_modules: patterns removed from the targets.
         modules_to_save: modules trained in full beside the adapter (e.g. a new classification head); their
-            change is part of the delta tree as dense deltas.
+            change is part of the delta tree as dense deltas and is saved with the adapter. None = the task head of
+            a transformers task model (`classifier`, `score` or `qa_outputs` when present), else none.
     """
 
     target_modules: list[str] | None = None
     exclude_modules: list[str] = dataclasses.field(default_factory=list)
-    modules_to_save: list[str] = dataclasses.field(default_factory=list)
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target_modules", _str_list(self.target_modules, "target_modules"))
+        object.__setattr__(self, "exclude_modules", _str_list(self.exclude_modules, "exclude_modules") or [])
+        object.__setattr__(self, "modules_to_save", _str_list(self.modules_to_save, "modules_to_save"))
+        if self.target_modules is not None and not self.target_modules:
+            raise UserError("adapter.target_modules is an empty list; give patterns or null for the defaults.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
 class Adapter(abc.ABC):
-    """One parameter-efficient method. Subclasses set `name` (= module name = registry key) and `Config`."""
+    """One parameter-efficient method. Subclasses set `name` (= module name = registry key) and `Config`.
+
+    `attach(model)` changes `model` in place (like PEFT) and returns the module to train and run, also kept as
+    `self.model`; run that module, not the original object, after attaching.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[AdapterConfig]] = AdapterConfig
+    supported: ClassVar[tuple[type[nn.Module], ...]] = ()  # layer types it can adapt
 
     def __init__(self, config: AdapterConfig | None = None, **overrides: Any):
         cfg = config if config is not None else self.Config()
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)
+        if not isinstance(cfg, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(cfg).__name__}")
         self.config = cfg
         self.model: nn.Module | None = None
+        self.merged = False
 
     # --- lifecycle ---
     @abc.abstractmethod
@@ -74,65 +126,120 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """Name -> parameter, for exactly what the optimizer should update."""
+        """Name (in `self.model.named_parameters()`) -> parameter, for exactly what the optimizer should update."""
 
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.trainable_parameters().values())
 
     @abc.abstractmethod
     def delta_tree(self) -> Tree:
-        """The adapter's change to the base weights, keyed by the original model's state_dict names."""
+        """The adapter's change to the base weights, keyed by the original model's state_dict names
+        (a snapshot: later training does not change the returned tree)."""
 
     @abc.abstractmethod
     def merge(self) -> None:
-        """Fold the delta into the base weights; the model then runs without adapter overhead."""
+        """Fold the delta into the base weights; the model then runs without adapter overhead. A second
+        `merge()` is a no-op."""
 
     @abc.abstractmethod
     def unmerge(self) -> None:
-        """Undo `merge`."""
+        """Undo `merge` (a no-op when not merged)."""
 
     @abc.abstractmethod
-    def save(self, out_dir: str | Path) -> None:
-        """Write the adapter to `out_dir` (PEFT's format where PEFT implements the method, else ours)."""
+    def save(self, out_dir: str | Path, *, overwrite: bool = False) -> None:
+        """Write the adapter to `out_dir` (atomically: a failed save leaves nothing behind)."""
 
     @classmethod
     @abc.abstractmethod
-    def load(cls, model: nn.Module, adapter_dir: str | Path) -> "Adapter":
+    def load(cls, model: nn.Module, adapter_dir: str | Path) -> Adapter:
         """Attach a saved adapter to a fresh base `model` (the returned adapter's `.model` is the module to run)."""
 
     def on_optimizer_step(self, step: int, max_steps: int, optimizer) -> None:
         """Called by the training loop after every optimizer step (`step` = steps completed). Adapters that
         change their structure during training (sparse grow/drop) act here; the default does nothing."""
+        return None
 
     # --- helpers for subclasses ---
     def config_dict(self) -> dict[str, Any]:
-        return {"adapter": self.name, **dataclasses.asdict(self.config)}
+        return {"adapter": self.name, **self.config.to_dict()}
+
+    def write_config(self, out_dir: Path) -> None:
+        (Path(out_dir) / ADAPTER_FILE).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+
+    def _require_attached(self) -> nn.Module:
+        if self.model is None:
+            raise RuntimeError(f"{type(self).__name__}: call attach(model) first")
+        return self.model
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
+        return f"{type(self).__name__}({fields})"
+
+
+def _plain(params: dict[str, Any]) -> dict[str, Any]:
+    """OmegaConf containers (what Hydra hands over) -> plain python values."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return params
+    return {
+        k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+        for k, v in params.items()
+    }
 
 
 def build_adapter(name: str, **params: Any) -> Adapter:
-    """The registered adapter `name` with its config built from `params` (unknown keys are a `UserError`)."""
+    """The registered adapter `name` with its config built from `params` (unknown keys are a `UserError`).
+
+    A Hydra adapter node (`conf/adapter/<name>.yaml`) is `{"name": <name>, **params}`, so
+    `build_adapter(**cfg.adapter)` works (a `name` equal to the registry key is accepted in `params`).
+    """
     cls = ADAPTERS.get(name)
+    params = _plain(dict(params))
+    params.pop("adapter", None)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     unknown = sorted(set(params) - fields)
     if unknown:
         raise UserError(
             f"adapter {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {', '.join(sorted(fields))}."
         )
-    return cls(cls.Config(**params))
+    try:
+        return cls(cls.Config(**params))
+    except TypeError as e:  # wrong value types that __post_init__ did not catch
+        raise UserError(f"adapter {name!r}: {e}.") from None
+
+
+def read_adapter_config(adapter_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """(adapter name, config dict) of a saved adapter dir: ours (`peft_lab_adapter.json`) or a PEFT LoRA/LoKr dir."""
+    d = Path(adapter_dir)
+    if (d / ADAPTER_FILE).exists():
+        try:
+            raw = json.loads((d / ADAPTER_FILE).read_text())
+            name = raw.pop("adapter")
+        except (json.JSONDecodeError, KeyError) as e:
+            raise UserError(f"{d / ADAPTER_FILE}: not a valid peft-lab adapter config ({e}).") from None
+        return name, raw
+    if (d / "adapter_config.json").exists():
+        try:
+            peft_type = json.loads((d / "adapter_config.json").read_text()).get("peft_type")
+        except json.JSONDecodeError as e:
+            raise UserError(f"{d / 'adapter_config.json'}: invalid JSON ({e}).") from None
+        name = _PEFT_TYPES.get(peft_type)
+        if name is None:
+            raise UserError(
+                f"{d}: PEFT adapter type {peft_type!r} is not one of peft-lab's adapters "
+                f"(it loads {', '.join(sorted(_PEFT_TYPES))} dirs)."
+            )
+        return name, {}
+    raise UserError(f"{d}: not an adapter dir (no {ADAPTER_FILE} or adapter_config.json).")
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path) -> Adapter:
-    """Load any saved adapter (ours: `peft_lab_adapter.json`; PEFT's: `adapter_config.json`) onto `model`."""
+    """Load any saved adapter (ours, or a PEFT LoRA/LoKr dir saved by another tool) onto a fresh `model`."""
     d = Path(adapter_dir)
-    if (d / ADAPTER_FILE).exists():
-        name = json.loads((d / ADAPTER_FILE).read_text())["adapter"]
-    elif (d / "adapter_config.json").exists():
-        peft_type = json.loads((d / "adapter_config.json").read_text()).get("peft_type")
-        name = {"LORA": "lora", "LOKR": "kronecker"}.get(peft_type)
-        if name is None:
-            raise UserError(f"{d}: PEFT adapter type {peft_type!r} is not one of peft-lab's adapters.")
-    else:
-        raise UserError(f"{d}: not an adapter dir (no {ADAPTER_FILE} or adapter_config.json).")
+    if not d.is_dir():
+        raise UserError(f"{d}: no such adapter directory.")
+    name, _ = read_adapter_config(d)
     return ADAPTERS.get(name).load(model, d)
 
 

@@ -1,0 +1,240 @@
+"""Sparse fine-tuning: a trainable sparse delta S (k entries) per target weight.
+
+    y = x (W + S)^T + b,   S[rows[j], cols[j]] = values[j],   only `values` train (init 0)
+
+The forward and backward run through `peft_lab.kernels.sparse_linear`, which never builds a dense copy of W + S
+and computes the values' gradient at the k positions only (an SDDMM), unlike PEFT's SHiRA, which densifies W on
+every forward (ALGORITHMS.md A5.2, A5.5).
+
+Budget per layer: k = r·(out + in), the number of parameters of a rank-r LoRA (SHiRA's rule, so `adapter.r`
+sweeps compare like with like), or k = round(density·out·in) when `density` is given (SpIEL's density, spread
+over the targets in proportion to their size).
+Index selection:
+- random: k distinct uniform positions (SHiRA's random mask; SpIEL's init);
+- magnitude: the k smallest |W| (SaRA, https://arxiv.org/abs/2409.06633: "temporarily ineffective" weights; a
+  budget instead of SaRA's absolute threshold, and a zero-initialised delta instead of training θ[M] itself);
+- grow_drop: SpIEL-AG (https://arxiv.org/abs/2401.16405): random init, then periodic drop of the smallest |v|
+  and regrowth by accumulated gradient (schedule in `_grow_drop.py`), driven by `on_optimizer_step`.
+Saved as flat row-major indices (int32 when out·in < 2^31) + values, the `Sparse` leaf of peft_lab.tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from peft_lab.adapters._grow_drop import Candidates, regrow, reselection_rate, seed_optimizer_state
+from peft_lab.adapters._own import AdapterLayer, OwnAdapter
+from peft_lab.adapters.base import ADAPTERS, AdapterConfig
+from peft_lab.errors import UserError
+from peft_lab.kernels import sparse_linear
+from peft_lab.tree import Leaf, Sparse
+
+__all__ = ["SparseFT", "SparseConfig", "SparseLayer", "select_indices"]
+
+log = logging.getLogger("peft_lab.adapters")
+SELECTIONS = ("random", "magnitude", "grow_drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig(AdapterConfig):
+    """Attributes:
+    r: LoRA-equivalent budget: k = r·(out + in) entries per layer.
+    density: if set, k = round(density·out·in) per layer instead (0 < density <= 1).
+    selection: "random", "magnitude" or "grow_drop".
+    seed: seed of the random selection (null = torch's global generator).
+    reselection_steps: grow_drop: a selection phase starts every this many steps (SpIEL's SftConfig default 20;
+        its command-line default is 100).
+    selection_accumulation_steps: grow_drop: steps of gradient accumulated before each reselection.
+    reselection_rate: grow_drop: fraction of slots replaced at the second selection (p0), decaying after.
+    rate_policy: grow_drop: "linear" or "cosine" decay of the rate over training.
+    """
+
+    r: int = 8
+    density: float | None = None
+    selection: str = "random"
+    seed: int | None = None
+    reselection_steps: int = 20
+    selection_accumulation_steps: int = 5
+    reselection_rate: float = 0.2
+    rate_policy: str = "linear"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise UserError(f"adapter.r must be a positive integer, got {self.r!r}.")
+        if self.density is not None and not 0 < self.density <= 1:
+            raise UserError(f"adapter.density must be in (0, 1] (or null to use r), got {self.density!r}.")
+        if self.selection not in SELECTIONS:
+            raise UserError(f"adapter.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}.")
+        if not 1 <= self.selection_accumulation_steps < self.reselection_steps:
+            raise UserError(
+                "adapter.selection_accumulation_steps must be at least 1 and below reselection_steps, got "
+                f"{self.selection_accumulation_steps} and {self.reselection_steps}."
+            )
+        if not 0 < self.reselection_rate <= 1:
+            raise UserError(f"adapter.reselection_rate must be in (0, 1], got {self.reselection_rate!r}.")
+        if self.rate_policy not in ("linear", "cosine"):
+            raise UserError(f"adapter.rate_policy must be 'linear' or 'cosine', got {self.rate_policy!r}.")
+
+    def budget(self, out_features: int, in_features: int) -> int:
+        if self.density is not None:
+            return max(1, round(self.density * out_features * in_features))
+        return self.r * (out_features + in_features)
+
+
+def select_indices(
+    weight: torch.Tensor, k: int, selection: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """k distinct flat row-major indices into `weight`, sorted (int64)."""
+    n = weight.numel()
+    if selection == "magnitude":
+        idx = torch.topk(weight.detach().abs().reshape(-1).float(), k, largest=False).indices
+    else:  # random, and grow_drop's initial set
+        idx = torch.randperm(n, generator=generator, device="cpu")[:k].to(weight.device)
+    return torch.sort(idx).values
+
+
+class SparseLayer(AdapterLayer):
+    """An nn.Linear plus a sparse delta at fixed positions (`rows`, `cols`) with trainable `values`."""
+
+    def __init__(self, base_layer: nn.Linear, indices: torch.Tensor):
+        super().__init__(base_layer)
+        out_f, in_f = base_layer.weight.shape
+        # int32 halves the index memory; the kernel widens per call
+        itype = torch.int32 if out_f * in_f < 2**31 else torch.int64
+        self.register_buffer("rows", (indices // in_f).to(itype))
+        self.register_buffer("cols", (indices % in_f).to(itype))
+        self.values = nn.Parameter(torch.zeros(indices.numel(), dtype=torch.float32, device=indices.device))
+        self.candidates: Candidates | None = None  # set during a grow_drop selection phase
+
+    @property
+    def indices(self) -> torch.Tensor:
+        """(k,) flat row-major indices, in the index dtype (int32 when the weight allows)."""
+        return self.rows * self.base_layer.weight.shape[1] + self.cols
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base_layer
+        if self.merged:
+            return b(x)
+        y = sparse_linear(x, b.weight, self.rows, self.cols, self.values, b.bias)
+        if self.candidates is not None and y.requires_grad:
+            x_saved = x.detach()
+            y.register_hook(lambda dy: self._collect(dy, x_saved))
+        return y
+
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:  # forward is fused; kept for the protocol
+        raise NotImplementedError
+
+    def _collect(self, dy: torch.Tensor, x: torch.Tensor) -> None:
+        G = dy.reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()  # (out, in), transient
+        self.candidates.add(G, self.values.numel())
+
+    @torch.no_grad()
+    def delta(self) -> Leaf:
+        return Sparse(self.indices.clone(), self.values.detach().clone(), tuple(self.base_layer.weight.shape))
+
+    @torch.no_grad()
+    def load_delta(self, leaf: Leaf, state: dict[str, torch.Tensor]) -> None:
+        if not isinstance(leaf, Sparse) or tuple(leaf.shape) != tuple(self.base_layer.weight.shape):
+            raise UserError(
+                f"saved sparse delta {leaf!r} does not fit a weight of shape {tuple(self.base_layer.weight.shape)}."
+            )
+        idx = leaf.indices.long()
+        if idx.numel() != torch.unique(idx).numel():
+            raise UserError("saved sparse delta has duplicate indices.")
+        in_f = self.base_layer.weight.shape[1]
+        self.rows = (idx // in_f).to(self.rows.dtype)
+        self.cols = (idx % in_f).to(self.cols.dtype)
+        self.values.data = leaf.values.float().clone()
+
+    @torch.no_grad()
+    def replace(self, slots: torch.Tensor, new_idx: torch.Tensor) -> None:
+        in_f = self.base_layer.weight.shape[1]
+        self.rows[slots] = (new_idx // in_f).to(self.rows.dtype)
+        self.cols[slots] = (new_idx % in_f).to(self.cols.dtype)
+        self.values[slots] = 0
+
+
+@ADAPTERS.register("sparse")
+class SparseFT(OwnAdapter):
+    name = "sparse"
+    Config = SparseConfig
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._generator: torch.Generator | None = None
+        self._selections = 0  # grow_drop selections done
+        if self.config.seed is not None:
+            self._generator = torch.Generator().manual_seed(self.config.seed)
+
+    def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
+        out_f, in_f = module.weight.shape
+        k = self.config.budget(out_f, in_f)
+        if k > out_f * in_f:
+            raise UserError(
+                f"sparse: budget r={self.config.r} gives k = r·(out+in) = {k} entries, more than layer {name} "
+                f"{(out_f, in_f)} has ({out_f * in_f}); lower adapter.r (at most {out_f * in_f // (out_f + in_f)}), "
+                "set adapter.density, or exclude the layer."
+            )
+        idx = select_indices(module.weight, k, self.config.selection, self._generator)
+        return SparseLayer(module, idx)
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        out = super().attach(model)
+        if self.config.selection == "grow_drop":
+            self._start_phase()  # SpIEL: the first selection phase starts at step 0
+        return out
+
+    # --- grow_drop (SpIEL) ---
+    def _start_phase(self) -> None:
+        for layer in self.layers().values():
+            layer.candidates = Candidates()
+
+    @property
+    def collecting(self) -> bool:
+        return any(layer.candidates is not None for layer in self.layers().values())
+
+    def on_optimizer_step(self, step: int, max_steps: int, optimizer) -> None:
+        if self.config.selection != "grow_drop":
+            return
+        S, A = self.config.reselection_steps, self.config.selection_accumulation_steps
+        layers = self.layers()
+        if self.collecting:
+            for layer in layers.values():
+                if layer.candidates is not None:
+                    layer.candidates.end_step()
+            if step % S == A:
+                if step <= max_steps:
+                    self.reselect(step, max_steps, optimizer)
+                for layer in layers.values():
+                    layer.candidates = None
+        elif (step + 1) % S == 0 and step + 1 + A <= max_steps:
+            self._start_phase()
+
+    @torch.no_grad()
+    def reselect(self, step: int, max_steps: int, optimizer=None) -> int:
+        """Drop/grow in every layer with gradient statistics; returns the number of slots changed."""
+        p = reselection_rate(
+            step, max_steps, self._selections == 0, self.config.reselection_rate, self.config.rate_policy
+        )
+        changed = 0
+        for name, layer in self.layers().items():
+            cand = layer.candidates
+            if cand is None or not cand.ready:
+                continue
+            k = layer.values.numel()
+            slots, new_idx, cpos = regrow(layer.indices.long(), layer.values, cand, int(k * p))
+            seed_optimizer_state(optimizer, layer.values, slots, cand.mean_g()[cpos], cand.mean_g2()[cpos])
+            layer.replace(slots, new_idx)
+            changed += slots.numel()
+            if layer.indices.unique().numel() != k:  # invariant: indices stay distinct
+                raise RuntimeError(f"sparse grow/drop produced duplicate indices in {name}")
+        self._selections += 1
+        log.info("sparse: reselection at step %d (rate %.3f) changed %d slots", step, p, changed)
+        return changed
