@@ -16,6 +16,7 @@ import csv
 import dataclasses
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -167,7 +168,7 @@ class WandbLogger(Logger):
         mode = wandb_mode(self.mode)
         if mode == "online" and not _has_api_key():
             raise UserError("logger.mode=online but no W&B API key is configured: run `wandb login`, set WANDB_API_KEY, or use offline mode.")
-        run_id = (state or {}).get("wandb_id") or wandb.util.generate_id()
+        run_id = (state or {}).get("wandb_id") or secrets.token_hex(4)
         settings = wandb.Settings(silent=True, console="off", disable_git=True, save_code=False, x_disable_stats=True)
         run = wandb.init(
             project=self.project, entity=self.entity, group=self.group, tags=list(self.tags) or None,

@@ -197,8 +197,12 @@ def fit(*, accelerator, module, trainable: dict[str, torch.nn.Parameter], task, 
         bar.update(1)
         bar.set_postfix(loss=f"{step_loss:.4f}")
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-            session_obj.log({"train/loss": sum(window) / len(window), "train/lr": scheduler.get_last_lr()[0],
-                             "train/epoch": state.step * gas * cfg.batch_size * world / len(train_ds)}, state.step)
+            row = {"train/loss": sum(window) / len(window), "train/lr": scheduler.get_last_lr()[0],
+                   "train/epoch": state.step * gas * cfg.batch_size * world / len(train_ds)}
+            session_obj.log(row, state.step)
+            if bar.disable and accelerator.is_main_process:  # no bar (not a terminal): progress goes to the log
+                log.info("step %d/%d: loss %.4f, lr %.3g, %.2f s/step", state.step, cfg.max_steps, row["train/loss"],
+                         row["train/lr"], state.train_seconds / state.step)
             window.clear()
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
             run_eval()

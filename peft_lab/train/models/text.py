@@ -132,6 +132,7 @@ class _Tiny(_TextConfig):
 
     Attributes:
         hidden_size, num_layers, num_heads, intermediate_size: the architecture.
+        dropout: hidden and attention dropout (BERT's default 0.1).
     """
 
     max_length: int = 64
@@ -139,6 +140,7 @@ class _Tiny(_TextConfig):
     num_layers: int = 2
     num_heads: int = 2
     intermediate_size: int = 64
+    dropout: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -167,7 +169,8 @@ class TinyBert(_Tiny):
         cfg = transformers.BertConfig(
             vocab_size=len(tok), hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
-            max_position_embeddings=max(128, self.max_length), **_labels_kw(info),
+            max_position_embeddings=max(128, self.max_length), hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.dropout, **_labels_kw(info),
         )
         model = transformers.BertForSequenceClassification(cfg)
         return BuiltModel(model, tokenizer=tok, new_modules=["classifier"])
@@ -180,6 +183,7 @@ class TinyLlama(_Tiny):
     task: str = "causal_lm"
     num_heads: int = 4
     num_kv_heads: int = 2
+    dropout: float = 0.0  # Llama's default (attention dropout only)
 
     def build(self, info: DataInfo) -> BuiltModel:
         import transformers
@@ -190,7 +194,7 @@ class TinyLlama(_Tiny):
             vocab_size=len(tok), hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
             num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
             intermediate_size=self.intermediate_size, max_position_embeddings=max(128, self.max_length),
-            pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **kw,
+            pad_token_id=tok.pad_token_id, tie_word_embeddings=False, attention_dropout=self.dropout, **kw,
         )
         if self.task == "causal_lm":
             return BuiltModel(transformers.LlamaForCausalLM(cfg), tokenizer=tok)
