@@ -1,5 +1,5 @@
 """Custom kernels beside their PyTorch references."""
 
-from peft_lab.kernels.sparse.op import sparse_linear
+from peft_lab.kernels.sparse import SparsePattern, pattern_linear, scatter_add_, sparse_linear
 
-__all__ = ["sparse_linear"]
+__all__ = ["SparsePattern", "pattern_linear", "scatter_add_", "sparse_linear"]
