@@ -7,24 +7,44 @@ function computed in float32. Methods that need a view of the whole model first 
 Fisher information, AdaMerging's learned coefficients) implement `prepare`, whose result the per-tensor
 function reads from `self`.
 
+Two ways to write the per-tensor function:
+
+- `merge_tensor(name, base, tensors, model_params)`: whole tensors in, merged tensor out. The executor loads
+  each tensor whole (float32) for such methods. Simple; memory is a few copies of the largest tensor.
+- the streaming protocol (`streaming = True`): the executor hands flat float32 *chunks* of each tensor to
+  `merge_chunk`, after optional statistic passes (`next_pass` / `observe`) for methods whose per-tensor result
+  depends on the whole tensor (a magnitude threshold, a norm). Peak memory is then a few chunks whatever the
+  model, and `merge_tensor` comes for free (one chunk). Results must not depend on the chunking; the contract
+  tests check it for every registered method.
+
 The executor (`merging.run`) validates inputs, calls `prepare(inputs)` once, then streams: for each tensor it
-loads the base and the models' tensors (or task vectors), calls `merge_tensor`, casts, writes.
+reads the base and the models' tensors (or task vectors), calls the method, casts, writes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 
 from peft_lab.registry import Registry
 from peft_lab.tree import Tree
 
-__all__ = ["METHODS", "MergeMethod", "MergeInputs", "ModelParams"]
+__all__ = ["METHODS", "MergeMethod", "MergeInputs", "ModelParams", "TensorJob", "SAMPLE", "FULL", "param_key"]
 
-METHODS: Registry[type["MergeMethod"]] = Registry("merge method", package="merging.methods")
+METHODS: Registry[type[MergeMethod]] = Registry("merge method", package="merging.methods")
+
+# statistic pass kinds (see MergeMethod.next_pass)
+SAMPLE = "sample"  # a representative subset of each tensor's elements (blocks), enough to estimate quantiles
+FULL = "full"  # every element, in order
+
+
+def param_key(f: dataclasses.Field) -> str:
+    """The recipe key of a dataclass field: its name, or `metadata["key"]` (`lambda_` is written `lambda`)."""
+    return f.metadata.get("key", f.name)
 
 
 @dataclass(frozen=True)
@@ -32,6 +52,36 @@ class ModelParams:
     """Per-model parameters (mergekit `models[i].parameters`). Methods extend this with their own fields."""
 
     weight: float = 1.0
+
+
+@dataclass
+class TensorJob:
+    """What a streaming method knows about the tensor being merged.
+
+    Attributes:
+        name: the tensor's name (state-dict key).
+        shape: its shape; chunks are flat slices of the row-major tensor.
+        model_params: per-model parameters, one per model.
+        chunked: True when the tensor arrives in more than one chunk (statistic passes then re-read it).
+        sample_rate: in a `SAMPLE` pass, the fraction of the tensor's elements that is delivered.
+        state: the method's scratch space for this tensor (statistics between passes).
+        labels: a readable name per model (its path), for messages.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    model_params: Sequence[Any]
+    chunked: bool = False
+    sample_rate: float = 1.0
+    state: dict[str, Any] = field(default_factory=dict)
+    labels: Sequence[str] = ()
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
 
 
 @dataclass
@@ -45,6 +95,10 @@ class MergeInputs:
         model_params: per-model parameters, one per model, already validated.
         labels: a readable name per model (its path), for messages.
         extra: method-specific inputs from the recipe (e.g. the `data` config of data-driven methods).
+        scan: set by the executor: `scan(fn, kind=FULL)` streams every float tensor chunk by chunk and calls
+            `fn(job, start, base_chunk, chunks)` with float32 flat chunks (task vectors when the method
+            `uses_deltas`, else the models' tensors); `kind=SAMPLE` delivers a subset (`job.sample_rate`).
+            Whole-model statistics (a global threshold) use it without ever holding the model in memory.
     """
 
     base: Tree | None
@@ -53,6 +107,7 @@ class MergeInputs:
     model_params: list[Any]
     labels: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
+    scan: Callable[..., None] | None = None
 
 
 class MergeMethod:
@@ -64,8 +119,12 @@ class MergeMethod:
     needs_base: ClassVar[bool] = True
     # True: merge_tensor receives task vectors τ_t = θ_t − θ_0; False: the models' tensors θ_t themselves
     uses_deltas: ClassVar[bool] = True
+    # mergekit adds `base_model` to the inputs when a method that does not treat it specially (linear) gets one
+    base_is_input: ClassVar[bool] = False
     min_models: ClassVar[int] = 1
     max_models: ClassVar[int | None] = None
+    # the executor feeds chunks through next_pass/observe/merge_chunk instead of calling merge_tensor
+    streaming: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()
@@ -73,6 +132,12 @@ class MergeMethod:
     def prepare(self, inputs: MergeInputs) -> None:
         """Whole-model statistics before streaming (default: nothing)."""
 
+    def check_models(self, model_params: Sequence[Any], labels: Sequence[str]) -> None:
+        """Validate the per-model parameters together (e.g. weights that must not sum to 0); raise UserError."""
+
+    # ----------------------------------------------------------------------------------------------
+    # Whole-tensor form
+    # ----------------------------------------------------------------------------------------------
     def merge_tensor(
         self,
         name: str,
@@ -81,7 +146,52 @@ class MergeMethod:
         model_params: Sequence[Any],
     ) -> torch.Tensor:
         """Merge one tensor. All inputs are float32; returns the merged float32 tensor (the full parameter,
-        not a delta: methods working on task vectors add the base back themselves)."""
+        not a delta: methods working on task vectors add the base back themselves). Inputs are not modified.
+
+        Streaming methods get this for free: the whole tensor is one chunk."""
+        if not self.streaming:
+            raise NotImplementedError
+        ref = base if base is not None else tensors[0]
+        job = TensorJob(name, tuple(ref.shape), model_params)
+        b = None if base is None else base.reshape(-1)
+        flat = [t.reshape(-1) for t in tensors]
+        i = 0
+        while self.next_pass(job, i) is not None:
+            self.observe(job, i, 0, b, flat)
+            i += 1
+        out = self.merge_chunk(job, 0, None if b is None else b.clone(), [t.clone() for t in flat])
+        return out.reshape(ref.shape)
+
+    # ----------------------------------------------------------------------------------------------
+    # Streaming form
+    # ----------------------------------------------------------------------------------------------
+    def next_pass(self, job: TensorJob, index: int) -> str | None:
+        """Called before statistic pass `index` (0, 1, ...): its kind, `SAMPLE` or `FULL`, or None when the
+        method is ready to merge (default: no passes). Deciding one pass at a time lets a method ask for
+        another round when its statistics need it. When the tensor is a single chunk (`job.chunked` False)
+        the executor reads it once and every pass sees that whole chunk."""
+        return None
+
+    def observe(
+        self,
+        job: TensorJob,
+        pass_index: int,
+        start: int,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+    ) -> None:
+        """Accumulate statistics of one chunk (flat float32 slices starting at element `start`) into
+        `job.state`. Must not modify the chunks."""
+
+    def merge_chunk(
+        self,
+        job: TensorJob,
+        start: int,
+        base: torch.Tensor | None,
+        tensors: Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        """Merge the flat slice `[start, start + len)` of the tensor; returns float32 of the same length.
+        The chunks are the executor's scratch: the method may modify them in place."""
         raise NotImplementedError
 
     @classmethod

@@ -305,3 +305,27 @@ def test_own_adapter_dir_opens_as_delta_tree(tmp_path):
     assert not is_delta(base)
     with pytest.raises(UserError, match="do not fit"):
         load_tree(d, base=Tree({"encoder.w": torch.zeros(3, 2)}))
+
+
+def test_save_tree_streams_chunked_leaves(tmp_path):
+    """A leaf exposing `chunks(dtype)` is written slice by slice and reads back as the whole tensor."""
+    from peft_lab.tree import Thunk
+
+    full = torch.randn(5, 7)
+
+    class Chunked(Thunk):
+        def chunks(self, dtype):
+            flat = full.reshape(-1).to(dtype)
+            return (flat[i : i + 4] for i in range(0, flat.numel(), 4))
+
+    leaf = Chunked(lambda: full, [], full.shape, torch.float32, name="w")
+    save_tree(Tree({"w": leaf, "b": torch.ones(3)}), tmp_path / "m.safetensors", dtype=torch.bfloat16)
+    back = load_tree(tmp_path / "m.safetensors")
+    assert torch.equal(back["w"].dense(None), full.to(torch.bfloat16))
+
+    class Short(Thunk):
+        def chunks(self, dtype):
+            return iter([full.reshape(-1)[:10].to(dtype)])
+
+    with pytest.raises(RuntimeError, match="declared"):
+        save_tree(Tree({"w": Short(lambda: full, [], full.shape, torch.float32)}), tmp_path / "bad.safetensors")

@@ -487,7 +487,10 @@ def write_safetensors(
     on_tensor: Callable[[str, int], None] | None = None,
 ) -> None:
     """Stream tensors into one safetensors file: header first (from declared dtypes/shapes), then each
-    producer's bytes in order. Each produced tensor must match its declaration (checked)."""
+    producer's bytes in order. Each produced tensor must match its declaration (checked).
+
+    A producer returns either the tensor or an iterable of 1-D chunks of it (row-major order, declared
+    dtype), so a huge tensor never has to exist in memory whole."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -503,22 +506,38 @@ def write_safetensors(
         f.write(raw)
         for key, dtype, shape, produce in entries:
             t = produce()
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise RuntimeError(f"{key}: produced {t.dtype}{tuple(t.shape)}, declared {dtype}{tuple(shape)}")
-            t = t.detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            if isinstance(t, torch.Tensor):
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise RuntimeError(f"{key}: produced {t.dtype}{tuple(t.shape)}, declared {dtype}{tuple(shape)}")
+                written = _write_tensor(f, t)
+            else:
+                written = 0
+                for chunk in t:
+                    if chunk.dtype != dtype or chunk.dim() != 1:
+                        raise RuntimeError(f"{key}: produced a {chunk.dtype} chunk of shape {tuple(chunk.shape)}, declared {dtype}")
+                    written += _write_tensor(f, chunk)
+                if written != _nbytes(dtype, shape):
+                    raise RuntimeError(f"{key}: chunks hold {written} bytes, declared {_nbytes(dtype, shape)}")
             if on_tensor is not None:
-                on_tensor(key, t.numel() * t.element_size())
+                on_tensor(key, written)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _write_tensor(f, t: torch.Tensor) -> int:
+    t = t.detach().to("cpu").contiguous()
+    if t.numel():
+        f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return t.numel() * t.element_size()
 
 
 def _leaf_entries(name: str, leaf: Leaf, dtype: torch.dtype | None) -> tuple[list[Entry], dict[str, Any] | None]:
     """The file entries of one leaf (a structured leaf becomes its factors) and its metadata record."""
     if isinstance(leaf, (Dense, Lazy)) or leaf.kind == "thunk":
         out = dtype if (dtype is not None and leaf.dtype.is_floating_point) else leaf.dtype
-        return [(name, out, leaf.shape, lambda: leaf.dense(out))], None
+        # a leaf with `chunks(dtype)` (e.g. a merged tensor computed slice by slice) is written as it streams
+        chunks = getattr(leaf, "chunks", None)
+        return [(name, out, leaf.shape, (lambda: chunks(out)) if chunks else (lambda: leaf.dense(out)))], None
     entries = []
     for fname, t in leaf.factors().items():
         out = dtype if (dtype is not None and t.dtype.is_floating_point) else t.dtype

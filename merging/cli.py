@@ -1,0 +1,177 @@
+"""`peft-lab merge`: two forms, one function (`merging.run_merge`).
+
+    peft-lab merge --config RECIPE.yaml --out OUT_DIR [--overwrite] [--allow-pickle] [--allow-nonfinite]
+                   [--no-progress] [--max-shard-size 5GB] [--hash none] [KEY=VALUE ...]
+    peft-lab merge method=ties base=PATH 'models=[P1,P2]' out=OUT_DIR method.density=0.2     (Hydra)
+    peft-lab merge -m method=ties method.density=0.2,0.5 base=PATH 'models=[P1,P2]' out=SWEEP_DIR
+
+The first takes a mergekit-style YAML recipe; KEY=VALUE pairs after it set run options (overwrite=true, ...).
+The second composes `conf/merge.yaml` with the `method` group (`conf/method/<name>.yaml`). In a sweep (`-m`)
+each job writes `SWEEP_DIR/<its overrides>` (e.g. `SWEEP_DIR/method.density=0.2`), unless `out` interpolates
+something itself (e.g. `out='runs/d${method.density}'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peft_lab.errors import UserError
+
+__all__ = ["main"]
+
+# overrides that do not change what is merged, left out of a sweep job's output dir name
+_NOT_IN_DIRNAME = {"out", "base", "models", "overwrite", "progress", "hash", "max_shard_size", "chunk_size",
+                   "allow_pickle", "allow_nonfinite"}  # fmt: skip
+
+
+def _yaml_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _config_form(argv: list[str]) -> int:
+    from merging.run import run_merge
+
+    p = argparse.ArgumentParser(prog="peft-lab merge", description="Merge models as a mergekit-style YAML recipe says.")
+    p.add_argument("--config", required=True, help="mergekit-style recipe (merge_method, base_model, models, parameters, dtype)")
+    p.add_argument("--out", required=True, help="output dir (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace OUT once the new merge is complete")
+    p.add_argument("--allow-pickle", action="store_true", default=None, help="load .bin/.pt inputs (can run code from them)")
+    p.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge inputs holding NaN/inf")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: on a terminal)")
+    p.add_argument("--max-shard-size", default=None, help="output shard size, e.g. 5GB (default) or 500MB")
+    p.add_argument("--hash", default=None, choices=["sha256", "none"], help="input content hash recorded in the recipe")
+    p.add_argument("options", nargs="*", metavar="KEY=VALUE", help="run options as in the Hydra form, e.g. overwrite=true")
+    a = p.parse_args(argv)
+    opts: dict[str, Any] = {
+        "overwrite": a.overwrite, "allow_pickle": a.allow_pickle, "allow_nonfinite": a.allow_nonfinite,
+        "progress": a.progress, "max_shard_size": a.max_shard_size, "hash": a.hash,
+    }  # fmt: skip
+    for item in a.options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"peft-lab merge --config: unexpected argument {item!r}; options are KEY=VALUE (e.g. overwrite=true).")
+        opts[key.replace("-", "_")] = _yaml_value(value)
+    out = run_merge(a.config, a.out, **opts)
+    print(out)
+    return 0
+
+
+def _dirname(overrides: list[str]) -> str:
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in _NOT_IN_DIRNAME]
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(keep))
+
+
+class _Abort(BaseException):
+    """Carries a UserError out of a Hydra job: Hydra logs and wraps `Exception`s, not this."""
+
+    def __init__(self, error: UserError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _check_method_names(argv: list[str], conf: Path) -> None:
+    """`method=NAME[,NAME...]` must name configs in conf/method (Hydra's own message lists search paths)."""
+    from merging.base import METHODS
+
+    for a in argv:
+        if a.startswith("method="):
+            for name in a.split("=", 1)[1].split(","):
+                if name and not (conf / "method" / f"{name}.yaml").exists():
+                    METHODS.get(name)  # raises "Unknown merge method ... Available: ..."
+                    raise UserError(f"Method {name!r} has no config conf/method/{name}.yaml.")
+
+
+def _hydra_form(argv: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from merging.recipe import hydra_to_dict
+    from merging.run import run_merge
+    from peft_lab.config import conf_dir
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    outs: list[Path] = []
+
+    def task(cfg) -> None:
+        raw_out = OmegaConf.to_container(cfg, resolve=False).get("out")
+        if OmegaConf.is_missing(cfg, "out") or raw_out in (None, ""):
+            raise UserError("peft-lab merge: give the output dir, e.g. out=merged/ (or use --config RECIPE.yaml --out DIR).")
+        d = OmegaConf.to_container(cfg, resolve=True)
+        out = Path(str(d.pop("out")))
+        if multirun and "${" not in str(raw_out):
+            hc = HydraConfig.get()
+            out = out / (_dirname(list(hc.overrides.task)) or f"job{hc.job.num}")
+        try:
+            outs.append(run_merge(hydra_to_dict(d), out))
+        except UserError as e:
+            raise _Abort(e) from None
+
+    _check_method_names(argv, conf_dir())
+    if multirun and any(a.startswith("method=") and "," in a for a in argv):
+        # Hydra composes a sweep's base config with the default method, where method.X may not exist:
+        # a one-value sweep (choice) is applied per job instead, after the job's method is chosen
+        argv = [f"{k}=choice({v})" if k.startswith("method.") and not re.search(r"[,(\[{]", v) else a
+                for a in argv for k, _, v in [a.partition("=")]]  # fmt: skip
+    scratch = tempfile.mkdtemp(prefix="peft-lab-hydra-")
+    hydra_args = [
+        *argv,
+        f"hydra.run.dir={scratch}",
+        f"hydra.sweep.dir={scratch}",
+        "hydra.output_subdir=null",
+        "hydra/job_logging=disabled",
+        "hydra/hydra_logging=disabled",
+    ]
+    app = hydra.main(config_path=str(conf_dir()), config_name="merge", version_base="1.3")(task)
+    old_argv, old_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = ["peft-lab merge", *hydra_args]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach peft_lab.cli (UserError: one paragraph)
+    try:
+        app()
+    except _Abort as e:
+        raise e.error from None
+    except (HydraException, OmegaConfBaseException) as e:
+        msg = str(e).strip()
+        m = re.search(r"Could not override 'method\.([^']+)'", msg)
+        if m:
+            msg = (f"the method has no parameter {m.group(1)!r} (see conf/method/<name>.yaml for its parameters; "
+                   "per-model values go in models=[{model: PATH, parameters: {...}}]).")
+        raise UserError(f"peft-lab merge: {msg}") from None
+    finally:
+        sys.argv = old_argv
+        if old_env is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = old_env
+        with contextlib.suppress(OSError):
+            shutil.rmtree(scratch)
+    for o in outs:
+        print(o)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return _config_form(argv)
+    if not argv:
+        print(__doc__.split("\n\n")[1], file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help") and len(argv) == 1:
+        print(__doc__)
+        return 0
+    return _hydra_form(argv)

@@ -1,0 +1,34 @@
+"""Task arithmetic — Ilharco et al., "Editing Models with Task Arithmetic", https://arxiv.org/abs/2212.04089.
+
+    θ = θ_0 + λ · Σ_t w_t τ_t,   τ_t = θ_t − θ_0      (divided by Σ_t w_t when `normalize`)
+
+Negative weights subtract a task ("negation"). Same semantics and defaults as mergekit's `task_arithmetic`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from merging.base import METHODS
+from merging.gta import GTAMethod, WeightParams, check_bool, check_finite
+
+
+@dataclass(frozen=True)
+class TaskArithmeticParams:
+    """λ (recipe key `lambda`) scales the summed task vectors; `normalize` divides them by Σ_t w_t."""
+
+    lambda_: float = field(default=1.0, metadata={"key": "lambda"})
+    normalize: bool = False
+
+    def __post_init__(self):
+        check_finite("lambda", self.lambda_)
+        check_bool("normalize", self.normalize)
+
+
+@METHODS.register("task_arithmetic")
+class TaskArithmetic(GTAMethod):
+    name = "task_arithmetic"
+    Params = TaskArithmeticParams
+    ModelParams = WeightParams
+    sparsify = "none"
+    consensus = False
