@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,8 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
         output_dir: where outputs and checkpoints go (default: cfg's output_dir).
     """
     run = cfg if isinstance(cfg, RunConfig) else resolve(cfg)
+    # PEFT calls a transformers property deprecated in v5 on every attach; not ours to fix, noise in every run
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     out = Path(output_dir or run.output_dir or "outputs/train").absolute()
     tcfg = run.trainer
     if tcfg.num_threads:
@@ -149,15 +152,10 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
     log.info("%s on %s with adapter=%s: %d trainable of %d parameters (%.3f%%); base model %d",
              run.model_name, run.data_name, run.adapter_name, n_train, n_total, 100 * n_train / max(n_total, 1), total_before)
 
-    import datasets
+    from peft_lab.train.models.base import quiet_hf
 
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bar()
-    try:
+    with quiet_hf():
         splits = {k: task.prepare(v) for k, v in dd.items()}
-    finally:
-        if bars:
-            datasets.enable_progress_bar()
     if "validation" not in splits:
         raise UserError(f"data={run.data_name}: no validation split (set data.validation_fraction > 0).")
     config = run.to_dict()

@@ -109,7 +109,7 @@ def build_model(name: str, info: DataInfo, **params: Any) -> BuiltModel:
 
 @contextlib.contextmanager
 def quiet_hf() -> Iterator[None]:
-    """Silence transformers/diffusers load reports and progress bars (we log what matters ourselves)."""
+    """Silence transformers/diffusers load reports and transformers/datasets progress bars (we log what matters)."""
     import transformers
 
     tl = transformers.utils.logging
@@ -125,6 +125,10 @@ def quiet_hf() -> Iterator[None]:
         dl.set_verbosity_error()
     except ImportError:  # pragma: no cover
         dl = None
+    import datasets
+
+    ds_bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bar()
     try:
         yield
     finally:
@@ -133,6 +137,8 @@ def quiet_hf() -> Iterator[None]:
             tl.enable_progress_bar()
         if dl is not None:
             dl.set_verbosity(dlevel)
+        if ds_bars:
+            datasets.enable_progress_bar()
 
 
 def new_modules_from_keys(model: nn.Module, missing_keys: set[str] | list[str]) -> list[str]:
