@@ -147,3 +147,14 @@ def test_run_config_round_trips_and_fingerprint(hydra_cfg):
 
 def test_configs_ship_inside_the_package():
     assert (Path(CONF) / "train.yaml").exists() and (Path(CONF) / "hydra" / "launcher" / "slurm.yaml").exists()
+
+
+def test_diffusion_demo_configs_compose(tmp_path):
+    (pre,) = compose_jobs(["+experiment=diffusion_pretrain"], multirun=False)
+    assert (pre.model_name, pre.adapter_name, pre.data.classes) == ("tiny_unet", "none", [0, 1, 2, 3, 4])
+    assert pre.model.task == "diffusion" and pre.trainer.batch_size == 128
+    runs = compose_jobs(normalise_overrides(["+experiment=diffusion_adapt", "adapter=lora,kronecker,sparse",
+                                             f"model.path={tmp_path}"], True), multirun=True)
+    assert [r.adapter_name for r in runs] == ["lora", "kronecker", "sparse"]
+    assert all(r.data.classes == [5, 6, 7, 8, 9] and r.model.path == str(tmp_path) for r in runs)
+    assert all("to_q" in r.adapter.target_modules for r in runs)

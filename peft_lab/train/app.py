@@ -182,6 +182,7 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
         "trainable_params": n_train,
         "total_params": n_total,
         "train_seconds": round(state.train_seconds, 3),
+        "train_cpu_seconds": round(state.train_cpu_seconds, 3),
         "evaluation_seconds": round(state.eval_seconds, 3),
         "steps": state.step,
         "samples_per_second": round(samples / state.train_seconds, 3) if state.train_seconds else None,

@@ -35,6 +35,7 @@ class TrainState:
     step: int = 0
     loss_sum: float = 0.0  # sum over steps of the step's mean loss (train_loss = loss_sum / step)
     train_seconds: float = 0.0  # time in optimizer steps only (no evaluation, no checkpoints)
+    train_cpu_seconds: float = 0.0  # CPU time of this process (all threads) in those steps
     eval_seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
     logger: dict[str, Any] = field(default_factory=dict)
@@ -172,7 +173,7 @@ def fit(*, accelerator, module, trainable: dict[str, torch.nn.Parameter], task, 
     window: list[float] = []
     batches = iter(loader)
     while state.step < cfg.max_steps:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss_acc = torch.zeros((), device=accelerator.device)
         for micro in range(gas):
             batch = _to(next(batches), accelerator.device)
@@ -192,6 +193,7 @@ def fit(*, accelerator, module, trainable: dict[str, torch.nn.Parameter], task, 
             adapter.on_optimizer_step(state.step, cfg.max_steps, getattr(optimizer, "optimizer", optimizer))
         step_loss = float(accelerator.reduce(loss_acc, "mean")) if world > 1 else float(loss_acc)
         state.train_seconds += time.perf_counter() - t0
+        state.train_cpu_seconds += time.process_time() - c0
         state.loss_sum += step_loss
         window.append(step_loss)
         bar.update(1)
