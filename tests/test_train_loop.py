@@ -136,3 +136,38 @@ def test_diffusion(tmp_path, model, adapter):
     from PIL import Image
 
     assert Image.open(out / "samples.png").size == ((8 * 9 + 1) * 4, (1 * 9 + 1) * 4)  # 8 tiles of 8x8, 1px gaps, x4
+
+
+def _interrupt_after(step: int, monkeypatch):
+    """Make the loop die right after writing checkpoint `step` (as a kill would, minus the process)."""
+    import peft_lab.train.loop as loop
+
+    real = loop.save_checkpoint
+
+    def save_then_die(root, s, **kw):
+        out = real(root, s, **kw)
+        if s == step:
+            raise KeyboardInterrupt("simulated kill")
+        return out
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+
+
+RESUME_CASES = [["adapter=none"], ["adapter=lora"], ["adapter=pissa"], ["adapter=loldu"], ["adapter=kronecker"],
+                ["adapter=sparse"],
+                ["adapter=sparse", "adapter.selection=grow_drop", "adapter.reselection_steps=3",
+                 "adapter.selection_accumulation_steps=2"]]
+
+
+@pytest.mark.parametrize("case", RESUME_CASES, ids=lambda c: "-".join(x.split("=")[-1] for x in c))
+def test_resume_is_exact_for_every_adapter(tmp_path, monkeypatch, case):
+    args = [*TINY, *case, "trainer.max_steps=8", "trainer.save_every=2", "trainer.eval_every=0", "logger=jsonl"]
+    ref, ref_out = run_train(tmp_path, *args, name="ref")
+    with monkeypatch.context() as m:
+        _interrupt_after(4, m)
+        with pytest.raises(KeyboardInterrupt):
+            run_train(tmp_path, *args, name="resumed")
+    got, out = run_train(tmp_path, *args, name="resumed")
+    strip = lambda d: {k: v for k, v in d.items() if "seconds" not in k and k != "samples_per_second"}  # noqa: E731
+    assert strip(got) == strip(ref)
+    assert (out / "log.jsonl").read_text() == (ref_out / "log.jsonl").read_text()

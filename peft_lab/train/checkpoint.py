@@ -5,6 +5,8 @@ A checkpoint is a dir `DIR/checkpoints/step_<k>/` holding everything the next st
   same base and seed, so an adapter checkpoint stays adapter-sized);
 - `optimizer.pt`, `scheduler.pt`: their state dicts (plain tensors and numbers: loaded with `weights_only=True`);
 - `rng_<rank>.pt`: Python, NumPy and torch (CPU and CUDA) RNG states of each process;
+- `adapter_state.pt`: an adapter's training state outside its parameters, if it has any (its optional
+  `training_state()` / `load_training_state(state)`; e.g. the sparse adapter's open grow/drop phase);
 - `state.json`: step, running loss, timings, evaluation history, logger state, the run's fingerprint.
 The order of examples needs no state: it is a function of (seed, step) (see `sampler.py`).
 
@@ -71,8 +73,8 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: dict[str, Any], rank: int = 0, is_main: bool = True, keep: int = 1,
-                    barrier=lambda: None) -> Path:
+                    state: dict[str, Any], adapter_state: dict[str, Any] | None = None, rank: int = 0,
+                    is_main: bool = True, keep: int = 1, barrier=lambda: None) -> Path:
     """Write checkpoint `step` under `root` atomically and prune all but the newest `keep`.
 
     Every process calls this (each saves its RNG state); only `is_main` writes the shared files. `barrier`
@@ -89,6 +91,8 @@ def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, torch.Ten
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        if adapter_state is not None:
+            torch.save(adapter_state, tmp / "adapter_state.pt")
     barrier()
     if is_main:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
@@ -101,9 +105,10 @@ def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, torch.Ten
 
 
 def load_checkpoint(path: str | Path, *, module: torch.nn.Module, extra: dict[str, torch.Tensor], optimizer,
-                    scheduler, rank: int = 0, fingerprint: str | None = None) -> dict[str, Any]:
+                    scheduler, adapter=None, rank: int = 0, fingerprint: str | None = None) -> dict[str, Any]:
     """Restore a checkpoint into `module` (trained parameters + buffers, by state_dict name), `extra` (trained tensors
-    that are not module parameters), the optimizer, the scheduler and this process's RNGs; returns state.json."""
+    that are not module parameters), the optimizer, the scheduler, the adapter's training state and this
+    process's RNGs; returns state.json."""
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
     if fingerprint is not None and state.get("fingerprint") != fingerprint:
@@ -125,6 +130,9 @@ def load_checkpoint(path: str | Path, *, module: torch.nn.Module, extra: dict[st
                 target.copy_(v)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if adapter is not None and (path / "adapter_state.pt").exists() and hasattr(adapter, "load_training_state"):
+        device = next(module.parameters()).device
+        adapter.load_training_state(torch.load(path / "adapter_state.pt", weights_only=True, map_location=device))
     rng = path / f"rng_{rank}.pt"
     if rng.exists():
         set_rng_state(torch.load(rng, weights_only=True))

@@ -113,7 +113,7 @@ def fit(*, accelerator, module, trainable: dict[str, torch.nn.Parameter], task, 
     state = TrainState()
     ckpt = latest_checkpoint(ckpt_root) if cfg.resume else None
     if ckpt is not None:
-        saved = load_checkpoint(ckpt, module=raw, extra=extra, optimizer=optimizer, scheduler=scheduler,
+        saved = load_checkpoint(ckpt, module=raw, extra=extra, optimizer=optimizer, scheduler=scheduler, adapter=adapter,
                                 rank=accelerator.process_index, fingerprint=fingerprint)
         state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         log.info("resumed from %s (step %d of %d)", ckpt, state.step, cfg.max_steps)
@@ -126,8 +126,10 @@ def fit(*, accelerator, module, trainable: dict[str, torch.nn.Parameter], task, 
         buffers = {n for n, _ in raw.named_buffers()}
         tensors = {k: v for k, v in sd.items() if k in train_names or k in buffers}
         tensors.update({k: p.detach() for k, p in extra.items()})
+        adapter_state = adapter.training_state() if hasattr(adapter, "training_state") else None
         save_checkpoint(ckpt_root, state.step, tensors=tensors, optimizer=optimizer, scheduler=scheduler,
-                        state={**state.__dict__, "fingerprint": fingerprint}, rank=accelerator.process_index,
+                        state={**state.__dict__, "fingerprint": fingerprint}, adapter_state=adapter_state,
+                        rank=accelerator.process_index,
                         is_main=accelerator.is_main_process, keep=cfg.keep_checkpoints, barrier=accelerator.wait_for_everyone)
 
     def run_eval(final: bool = False) -> dict[str, float]:
