@@ -114,3 +114,20 @@ def test_user_errors(tmp_path, args, message):
     assert message in " ".join(r.stderr.split())
     assert "Traceback" not in r.stderr and r.stderr.count("peft-lab: error:") == 1
     assert not (out / "checkpoints").exists()
+
+
+def test_two_processes_match_one(tmp_path):
+    """`torchrun --nproc_per_node 2` with batch 2 per process = one process with batch 4 (DDP averages the
+    gradients of the two halves of the same global batch): the same metrics, the loop unchanged."""
+    args = [*TINY, "model.dropout=0.0", "adapter=lora", "trainer.max_steps=4", "trainer.eval_every=2"]
+    single = run_train(tmp_path / "one", [*args, "trainer.batch_size=4"])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peft_lab", "train",
+                        *args, "trainer.batch_size=2", f"output_dir={tmp_path / 'two'}"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (r.stdout + r.stderr).count("done: eval_accuracy") == 1  # one main process writes the outputs
+    for k in ("eval_loss", "val_loss", "train_loss"):
+        assert two[k] == pytest.approx(single[k], rel=1e-5), k
+    assert two["eval_accuracy"] == single["eval_accuracy"]

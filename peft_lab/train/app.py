@@ -124,7 +124,10 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
     from peft_lab.train.loop import fit
     from peft_lab.train.tasks import TASKS
 
-    accelerator = Accelerator(cpu=tcfg.cpu, mixed_precision=tcfg.mixed_precision)
+    # several processes without a GPU (torchrun / accelerate launch on CPUs): accelerate forms a gloo process
+    # group only when told it runs on CPU, else every process would train alone
+    cpu = tcfg.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, mixed_precision=tcfg.mixed_precision)
     main = accelerator.is_main_process
     set_seed(run.seed)
 
