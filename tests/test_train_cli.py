@@ -97,7 +97,9 @@ def test_wandb_offline_without_key_never_prompts(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "o" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    assert list(runs[0].glob("run-*.wandb")) and (runs[0] / "files").is_dir()
+    (records,) = runs[0].glob("run-*.wandb")
+    data = records.read_bytes()  # config (with the trainable-parameter count), metrics, summary
+    assert b"trainable_params" in data and b"eval_accuracy" in data and b"train/loss" in data
     assert "wandb login" not in proc.stdout + proc.stderr and "API key" not in proc.stdout + proc.stderr
 
 

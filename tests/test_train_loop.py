@@ -126,16 +126,23 @@ def test_max_steps_zero_evaluates_and_saves(tmp_path):
     assert m["steps"] == 0 and m["train_loss"] is None and 0 <= m["eval_accuracy"] <= 1
 
 
-@pytest.mark.parametrize("model,adapter", [("tiny_unet", "none"), ("tiny_unet_cond", "lora")])
-def test_diffusion(tmp_path, model, adapter):
+@pytest.mark.parametrize("model,adapter,logger", [("tiny_unet", "none", "wandb"), ("tiny_unet_cond", "lora", "jsonl")])
+def test_diffusion(tmp_path, monkeypatch, model, adapter, logger):
+    monkeypatch.setenv("WANDB_MODE", "offline")
     m, out = run_train(tmp_path, f"model={model}", "data=digits_0_4", f"adapter={adapter}", "trainer=tiny",
-                       "trainer.batch_size=16", "model.num_samples=8", "model.sample_steps=4", "logger=jsonl")
+                       "trainer.batch_size=16", "model.num_samples=8", "model.sample_steps=4", f"logger={logger}")
     assert m["task"] == "diffusion" and math.isfinite(m["eval_loss"]) and 0 <= m["eval_sample_score"] <= 1
     assert (out / "samples.png").exists() and len(list((out / "samples").glob("step_*.png"))) == 2
     assert (out / ("model" if adapter == "none" else "adapter")).is_dir()
     from PIL import Image
 
     assert Image.open(out / "samples.png").size == ((8 * 9 + 1) * 4, (1 * 9 + 1) * 4)  # 8 tiles of 8x8, 1px gaps, x4
+    if logger == "wandb":  # the sample grid is logged as an image, with the config and the trainable count
+        (run_dir,) = (out / "wandb").glob("offline-run-*")
+        assert len(list(run_dir.glob("files/media/images/samples_*.png"))) == 2
+        (records,) = run_dir.glob("run-*.wandb")  # offline: config, metrics and summary live in this record log
+        data = records.read_bytes()
+        assert b"trainable_params" in data and b"tiny_unet" in data and b"eval_loss" in data
 
 
 def _interrupt_after(step: int, monkeypatch):
