@@ -83,10 +83,10 @@ def attach_adapter(run: RunConfig, built) -> tuple[torch.nn.Module, dict[str, to
     from peft_lab.adapters.base import ADAPTERS
 
     cfg = run.adapter
-    if built.new_modules and not cfg.modules_to_save:
+    if built.head_modules and not cfg.modules_to_save:
         # a head initialised from scratch must be trained in full, or the adapter learns against a random head
-        cfg = dataclasses.replace(cfg, modules_to_save=list(built.new_modules))
-        log.info("training the new module(s) %s in full (adapter.modules_to_save)", ", ".join(built.new_modules))
+        cfg = dataclasses.replace(cfg, modules_to_save=list(built.head_modules))
+        log.info("training the head module(s) %s in full (adapter.modules_to_save)", ", ".join(built.head_modules))
     _check_targets(model, cfg.target_modules, "adapter.target_modules")
     _check_targets(model, cfg.modules_to_save, "adapter.modules_to_save")
     adapter = ADAPTERS.get(run.adapter_name)(cfg)

@@ -1,6 +1,6 @@
 """Model builders: a frozen dataclass per entry (the Hydra schema of `conf/model/<name>.yaml`) whose `build(info)`
-returns the model, its tokenizer (text) or noise scheduler (diffusion), and the names of the modules it had to
-initialise from scratch (a new classification head), which an adapter then trains in full (`modules_to_save`).
+returns the model, its tokenizer (text) or noise scheduler (diffusion), and the names of its head modules (e.g. a
+classification head initialised from scratch), which an adapter then trains in full (`modules_to_save`).
 """
 
 from __future__ import annotations
@@ -47,14 +47,15 @@ class BuiltModel:
         model: the full model (all parameters trainable; an adapter freezes what it does not train).
         tokenizer: for text models.
         noise_scheduler: a diffusers `DDPMScheduler` for diffusion models.
-        new_modules: names of modules initialised from scratch (e.g. `classifier`); adapters train them in full.
+        head_modules: the task head: modules initialised from scratch (e.g. `classifier`) or otherwise untrained for
+            this use; an adapter trains them in full (its `modules_to_save`, unless the config names its own).
         source: where the weights came from (a path, or "config" for a model built from a config).
     """
 
     model: nn.Module
     tokenizer: Any = None
     noise_scheduler: Any = None
-    new_modules: list[str] = dataclasses.field(default_factory=list)
+    head_modules: list[str] = dataclasses.field(default_factory=list)
     source: str = "config"
 
     def save_pretrained(self, out_dir: str | Path) -> None:
