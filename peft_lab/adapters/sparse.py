@@ -238,3 +238,26 @@ class SparseFT(OwnAdapter):
         self._selections += 1
         log.info("sparse: reselection at step %d (rate %.3f) changed %d slots", step, p, changed)
         return changed
+
+    # --- resumable training: `peft-lab train` checkpoints this beside the parameters and optimizer ---
+    def training_state(self) -> dict:
+        """grow_drop's state outside the parameters: the selection count and an open phase's gradient statistics."""
+        phases = {}
+        for name, layer in self.layers().items():
+            c = layer.candidates
+            if c is not None:
+                phases[name] = {"steps": c.steps}
+                if c.idx is not None:
+                    phases[name].update(idx=c.idx, step_sum=c.step_sum, g_sum=c.g_sum, g2_sum=c.g2_sum)
+        return {"selections": self._selections, "candidates": phases}
+
+    def load_training_state(self, state: dict) -> None:
+        self._selections = int(state["selections"])
+        for name, layer in self.layers().items():
+            saved = state["candidates"].get(name)
+            layer.candidates = None if saved is None else Candidates()
+            if saved is not None:
+                layer.candidates.steps = int(saved["steps"])
+                if "idx" in saved:
+                    c = layer.candidates
+                    c.idx, c.step_sum, c.g_sum, c.g2_sum = saved["idx"], saved["step_sum"], saved["g_sum"], saved["g2_sum"]

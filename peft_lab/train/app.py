@@ -1,0 +1,219 @@
+"""`train(cfg) -> metrics`: what `peft-lab train` does, callable without Hydra.
+
+Order (every check that can fail on user input runs before the first optimizer step): resolve the config against
+the registries -> build the dataset and check its columns -> build the model -> check the adapter's targets and
+attach it -> train (resuming from a checkpoint in output_dir if there is one) -> evaluate -> write
+`DIR/adapter/` (or `DIR/model/` for `adapter=none`), `DIR/metrics.json`, `DIR/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peft_lab.errors import UserError
+from peft_lab.train.config import FullFineTune, RunConfig, resolve
+
+__all__ = ["train", "attach_adapter", "data_info"]
+
+log = logging.getLogger("peft_lab.train")
+
+
+def data_info(dd):
+    """What the model builder needs from the data: class names, image shape."""
+    import numpy as np
+
+    from peft_lab.train.models import DataInfo
+
+    train = dd["train"]
+    labels = None
+    if "label" in train.column_names:
+        feat = train.features["label"]
+        labels = tuple(feat.names) if hasattr(feat, "names") else tuple(str(x) for x in sorted(set(train["label"])))
+    shape = None
+    if "image" in train.column_names:
+        img = np.asarray(train[0]["image"])
+        shape = (1, *img.shape) if img.ndim == 2 else tuple(img.shape)
+    return DataInfo(label_names=labels, image_shape=shape)
+
+
+def _check_targets(model: torch.nn.Module, patterns: list[str] | None, what: str) -> None:
+    """UserError naming each pattern that matches no module, with the model's adaptable layer names."""
+    if not patterns:
+        return
+    from peft_lab.tree import matches
+
+    names = [n for n, _ in model.named_modules() if n]
+    bad = [p for p in patterns if not any(matches(n, p) for n in names)]
+    if bad:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if n and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding))})
+        raise UserError(
+            f"{what}: {', '.join(map(repr, bad))} match(es) no module of {type(model).__name__}. Its layer names "
+            f"end in: {', '.join(leaves[:40])}{' ...' if len(leaves) > 40 else ''} (patterns match dotted suffixes, "
+            "globs, or re:<regex>)."
+        )
+
+
+def attach_adapter(run: RunConfig, built) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter], Any]:
+    """(module to train, its trainable parameters, the adapter or None for full fine-tuning)."""
+    model = built.model
+    if run.adapter_name == "none":
+        cfg: FullFineTune = run.adapter
+        _check_targets(model, cfg.freeze_modules, "adapter.freeze_modules")
+        from peft_lab.tree import matches
+
+        frozen = {n for n, _ in model.named_modules() if cfg.freeze_modules and matches(n, cfg.freeze_modules)}
+        trainable = {}
+        for n, p in model.named_parameters():
+            owner = n.rsplit(".", 1)[0]
+            keep = not any(owner == f or owner.startswith(f + ".") for f in frozen)
+            p.requires_grad_(keep)
+            if keep:
+                trainable[n] = p
+        return model, trainable, None
+    from peft_lab.adapters.base import ADAPTERS
+
+    cfg = run.adapter
+    if built.head_modules and not cfg.modules_to_save:
+        # a head initialised from scratch must be trained in full, or the adapter learns against a random head
+        cfg = dataclasses.replace(cfg, modules_to_save=list(built.head_modules))
+        log.info("training the head module(s) %s in full (adapter.modules_to_save)", ", ".join(built.head_modules))
+    _check_targets(model, cfg.target_modules, "adapter.target_modules")
+    _check_targets(model, cfg.modules_to_save, "adapter.modules_to_save")
+    adapter = ADAPTERS.get(run.adapter_name)(cfg)
+    module = adapter.attach(model)
+    trainable = dict(adapter.trainable_parameters())
+    if not trainable:
+        raise UserError(f"adapter={run.adapter_name} attached to no parameter of {type(model).__name__}; check adapter.target_modules.")
+    return module, trainable, adapter
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Fine-tune as configured and return the metrics written to `output_dir/metrics.json`.
+
+    Args:
+        cfg: a RunConfig, or a composed config (DictConfig/dict with model, data, adapter, trainer, logger, seed).
+        output_dir: where outputs and checkpoints go (default: cfg's output_dir).
+    """
+    run = cfg if isinstance(cfg, RunConfig) else resolve(cfg)
+    # PEFT calls a transformers property deprecated in v5 on every attach; not ours to fix, noise in every run
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    out = Path(output_dir or run.output_dir or "outputs/train").absolute()
+    tcfg = run.trainer
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from peft_lab.train.loggers import Session
+    from peft_lab.train.loop import fit
+    from peft_lab.train.tasks import TASKS
+
+    # several processes without a GPU (torchrun / accelerate launch on CPUs): accelerate forms a gloo process
+    # group only when told it runs on CPU, else every process would train alone
+    cpu = tcfg.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, mixed_precision=tcfg.mixed_precision)
+    main = accelerator.is_main_process
+    set_seed(run.seed)
+
+    dd = run.data.build()
+    task_cls = TASKS.get(run.model.task)
+    task_cls.check_columns(dd, f"data={run.data_name}")
+    info = data_info(dd)
+    torch.manual_seed(run.model.init_seed if run.model.init_seed is not None else run.seed)
+    built = run.model.build(info)
+    task = task_cls(built, run.model, run.data)
+    task.check(dd)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if tcfg.save_base_model and not (out / "base_model").exists():
+            from peft_lab.train.models.base import quiet_hf
+            from peft_lab.tree import atomic_output_dir
+
+            with atomic_output_dir(out / "base_model") as tmp, quiet_hf():
+                built.save_pretrained(tmp)
+    total_before = sum(p.numel() for p in built.model.parameters())
+    module, trainable, adapter = attach_adapter(run, built)
+    n_train = sum(p.numel() for p in trainable.values())
+    n_total = sum(p.numel() for p in module.parameters())
+    n_total += sum(p.numel() for p in trainable.values() if not any(p is q for q in module.parameters()))
+    log.info("%s on %s with adapter=%s: %d trainable of %d parameters (%.3f%%); base model %d",
+             run.model_name, run.data_name, run.adapter_name, n_train, n_total, 100 * n_train / max(n_total, 1), total_before)
+
+    from peft_lab.train.models.base import quiet_hf
+
+    with quiet_hf():
+        splits = {k: task.prepare(v) for k, v in dd.items()}
+    if "validation" not in splits:
+        raise UserError(f"data={run.data_name}: no validation split (set data.validation_fraction > 0).")
+    config = run.to_dict()
+    if main:
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def open_session(step: int, state: dict):
+        if not main:
+            return Session()
+        return run.logger.open(out, {**config, "trainable_params": n_train, "total_params": n_total}, step, state)
+
+    set_seed(run.seed)
+    res = fit(accelerator=accelerator, module=module, trainable=trainable, task=task, train_ds=splits["train"],
+              val_ds=splits["validation"], test_ds=splits.get("test"), cfg=tcfg, seed=run.seed, out_dir=out,
+              open_session=open_session, adapter=adapter, fingerprint=run.fingerprint())
+    accelerator.wait_for_everyone()
+    state = res.state
+    samples = state.step * tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes
+    metrics: dict[str, Any] = {
+        **res.metrics,
+        "train_loss": state.loss_sum / state.step if state.step else None,
+        "trainable_params": n_train,
+        "total_params": n_total,
+        "train_seconds": round(state.train_seconds, 3),
+        "train_cpu_seconds": round(state.train_cpu_seconds, 3),
+        "evaluation_seconds": round(state.eval_seconds, 3),
+        "steps": state.step,
+        "samples_per_second": round(samples / state.train_seconds, 3) if state.train_seconds else None,
+        "task": task.name,
+        "metric": task.metric,
+        "model": run.model_name,
+        "data": run.data_name,
+        "adapter": run.adapter_name,
+    }
+    if main:
+        from peft_lab.tree import atomic_output_dir
+
+        if adapter is not None:
+            with atomic_output_dir(out / "adapter", overwrite=True) as tmp:
+                adapter.save(tmp)
+        else:
+            from peft_lab.train.models.base import quiet_hf
+
+            built.model = accelerator.unwrap_model(res.module)
+            with atomic_output_dir(out / "model", overwrite=True) as tmp, quiet_hf():
+                built.save_pretrained(tmp)
+        _write_json(out / "metrics.json", metrics)
+        res.session.finish({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        log.info("done: %s -> %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                            if k.startswith("eval_") and isinstance(v, float)), out)
+    if accelerator.num_processes == 1:
+        # the next job of an in-process sweep may ask for another precision; accelerate keeps one global state
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+    return metrics

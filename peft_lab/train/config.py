@@ -1,0 +1,250 @@
+"""The run's configuration, validated against the registries' dataclasses before anything is built.
+
+Each Hydra group node (`model`, `data`, `adapter`, `logger`) names a registry entry in its `name` key (default:
+the option it was chosen by, e.g. `adapter=lora` -> `lora`); its other keys are checked against that entry's
+parameter dataclass, which is the schema: unknown keys, wrong types and out-of-range values become one
+`UserError` naming the option and listing what it takes. Fields a YAML does not set take the dataclass defaults.
+`trainer` is always `TrainerConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from peft_lab.errors import UserError
+
+__all__ = ["TrainerConfig", "FullFineTune", "RunConfig", "resolve", "instantiate", "GROUPS", "group_schema"]
+
+GROUPS = ("model", "data", "adapter", "trainer", "logger")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerConfig:
+    """The loop's settings (`conf/trainer/*.yaml`).
+
+    Attributes:
+        max_steps: optimizer steps (0 = evaluate and save the untrained model).
+        batch_size: examples per process per micro-step; an optimizer step sees batch_size x grad_accum x processes.
+        grad_accum: micro-steps accumulated per optimizer step.
+        eval_batch_size: examples per forward pass at evaluation (no gradients, so larger is fine).
+        lr, weight_decay, adam_betas, adam_eps: AdamW (weight decay only on weights with >= 2 dims).
+        scheduler: `constant`, `linear` (decay to 0 at max_steps) or `cosine`; after `warmup_steps` of linear warm-up.
+        max_grad_norm: clip the global gradient norm (null = no clipping).
+        mixed_precision: `no`, `fp16` or `bf16` (accelerate's autocast; fp16 adds a gradient scaler).
+        eval_every: evaluate on the validation split every N steps (0 = only at the end, then on validation + test).
+        log_every: log the mean training loss every N steps.
+        save_every: checkpoint every N steps and at the end (0 = never: a killed run starts over).
+        keep_checkpoints: how many recent checkpoints to keep.
+        resume: continue from the newest checkpoint in output_dir when there is one.
+        save_base_model: also write the model as it was before training (with its fresh head) to
+            DIR/base_model, the base `peft-lab merge` needs to merge the adapter back.
+        progress: show a progress bar (null = only on a terminal).
+        num_threads: torch CPU threads (null = torch's default).
+        num_workers: DataLoader worker processes.
+        cpu: run on CPU even if an accelerator is present.
+    """
+
+    max_steps: int = 150
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    adam_betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    scheduler: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "no"
+    eval_every: int = 0
+    log_every: int = 10
+    save_every: int = 50
+    keep_checkpoints: int = 1
+    resume: bool = True
+    save_base_model: bool = False
+    progress: bool | None = None
+    num_threads: int | None = None
+    num_workers: int = 0
+    cpu: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                problems.append(msg)
+
+        need(self.max_steps >= 0, f"trainer.max_steps={self.max_steps}: must be >= 0 (the number of optimizer steps)")
+        for f in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
+            need(getattr(self, f) >= 1, f"trainer.{f}={getattr(self, f)}: must be >= 1")
+        for f in ("eval_every", "save_every", "warmup_steps", "num_workers"):
+            need(getattr(self, f) >= 0, f"trainer.{f}={getattr(self, f)}: must be >= 0")
+        need(self.lr > 0, f"trainer.lr={self.lr}: must be > 0")
+        need(self.weight_decay >= 0, f"trainer.weight_decay={self.weight_decay}: must be >= 0")
+        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+             f"trainer.adam_betas={list(self.adam_betas)}: two numbers in [0, 1)")
+        need(self.scheduler in ("constant", "linear", "cosine"), f"trainer.scheduler={self.scheduler!r}: one of constant, linear, cosine")
+        need(self.mixed_precision in ("no", "fp16", "bf16"), f"trainer.mixed_precision={self.mixed_precision!r}: one of no, fp16, bf16")
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, f"trainer.max_grad_norm={self.max_grad_norm}: > 0 or null")
+        need(self.num_threads is None or self.num_threads >= 1, f"trainer.num_threads={self.num_threads}: >= 1 or null")
+        if problems:
+            raise UserError("; ".join(problems) + ".")
+
+
+@dataclasses.dataclass(frozen=True)
+class FullFineTune:
+    """`adapter=none`: train the model's own weights (full fine-tuning), saved as a model dir in DIR/model.
+
+    Attributes:
+        freeze_modules: name patterns of modules kept frozen (e.g. `embeddings`); empty = train everything.
+    """
+
+    freeze_modules: list[str] = dataclasses.field(default_factory=list)
+
+
+def group_schema(group: str, key: str) -> type:
+    """The parameter dataclass for option `key` of `group` (a UserError listing the options if unknown)."""
+    if group == "trainer":
+        return TrainerConfig
+    if group == "adapter":
+        if key == "none":
+            return FullFineTune
+        from peft_lab.adapters.base import ADAPTERS
+
+        return ADAPTERS.get(key).Config
+    if group == "model":
+        from peft_lab.train.models import MODELS
+
+        return MODELS.get(key)
+    if group == "data":
+        from peft_lab.data import DATASETS
+
+        return DATASETS.get(key)
+    if group == "logger":
+        from peft_lab.train.loggers import LOGGERS
+
+        return LOGGERS.get(key)
+    raise KeyError(group)
+
+
+def instantiate(cls: type, params: Mapping[str, Any], where: str) -> Any:
+    """`cls(**params)` with the dataclass as schema: unknown keys, wrong types and failed checks -> UserError."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(k for k in params if k not in fields)
+    if unknown:
+        raise UserError(f"{where} has no parameter(s) {', '.join(unknown)}; it takes: {', '.join(sorted(fields)) or 'none'}.")
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException, ValidationError
+
+    try:
+        schema = OmegaConf.structured(cls)
+    except OmegaConfBaseException:  # a type OmegaConf cannot express: construct without coercion
+        schema = None
+    try:
+        if schema is None:
+            return cls(**params)
+        OmegaConf.set_readonly(schema, False)
+        return OmegaConf.to_object(OmegaConf.merge(schema, dict(params)))
+    except ValidationError as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", "")
+        msg = str(e).splitlines()[0]
+        raise UserError(f"{where}: {key}: {msg}.") from None
+    except UserError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{where}: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """A validated run: one dataclass instance per group plus the top-level keys."""
+
+    model_name: str
+    model: Any
+    data_name: str
+    data: Any
+    adapter_name: str
+    adapter: Any
+    trainer: TrainerConfig
+    logger_name: str
+    logger: Any
+    seed: int = 0
+    output_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON-able: every group as {"name": key, **all its fields} (what config.yaml and W&B record)."""
+        def node(name, obj):
+            return {"name": name, **dataclasses.asdict(obj)} if name else dataclasses.asdict(obj)
+
+        return {
+            "model": node(self.model_name, self.model),
+            "data": node(self.data_name, self.data),
+            "adapter": node(self.adapter_name, self.adapter),
+            "trainer": node(None, self.trainer),
+            "logger": node(self.logger_name, self.logger),
+            "seed": self.seed,
+        }
+
+    def fingerprint(self) -> str:
+        """Hash of what determines the training trajectory (not logging, paths or evaluation cadence): a checkpoint
+        resumes only a run with the same fingerprint."""
+        d = self.to_dict()
+        d.pop("logger")
+        for k in ("resume", "progress", "log_every", "eval_every", "save_every", "keep_checkpoints", "num_workers",
+                  "num_threads", "eval_batch_size", "save_base_model"):
+            d["trainer"].pop(k, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _node_name(node: Mapping[str, Any], group: str, choices: Mapping[str, str] | None) -> str:
+    name = node.get("name") if isinstance(node, Mapping) else None
+    if name is None and choices:
+        name = choices.get(group)
+    if name is None:
+        raise UserError(f"the {group} config names no {group} (add `name: <registry key>` to it or choose one with {group}=...).")
+    return str(name)
+
+
+def resolve(cfg: Any, choices: Mapping[str, str] | None = None) -> RunConfig:
+    """A composed config (DictConfig or dict) -> RunConfig. `choices` are Hydra's group choices, used when a
+    node has no `name`."""
+    from omegaconf import DictConfig, OmegaConf, open_dict
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    if isinstance(cfg, DictConfig):
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.pop("hydra", None)
+            try:  # `${hydra:runtime.output_dir}` resolves only inside a Hydra job
+                cfg.output_dir = cfg.get("output_dir")
+            except OmegaConfBaseException:
+                cfg.output_dir = None
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except MissingMandatoryValue as e:
+            raise UserError(f"{e.full_key} must be set (e.g. {e.full_key}=...); its config leaves it open (???).") from None
+        except OmegaConfBaseException as e:
+            raise UserError(f"the config does not resolve: {str(e).splitlines()[0]}") from None
+    cfg = dict(cfg)
+    cfg.pop("hydra", None)
+    seed = cfg.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UserError(f"seed={seed!r}: must be an integer.")
+    out: dict[str, Any] = {}
+    for group in GROUPS:
+        node = dict(cfg.get(group) or {})
+        params = {k: v for k, v in node.items() if k != "name" and not (k.startswith("_") and k.endswith("_"))}
+        if group == "trainer":
+            out["trainer"] = instantiate(TrainerConfig, params, "trainer")
+            continue
+        name = _node_name(node, group, choices)
+        obj = instantiate(group_schema(group, name), params, f"{group}={name}")
+        out[group], out[f"{group}_name"] = obj, name
+    extra = sorted(set(cfg) - set(GROUPS) - {"seed", "output_dir"})
+    if extra:
+        raise UserError(f"unknown top-level key(s) {', '.join(extra)}; the config has: {', '.join(GROUPS)}, seed, output_dir.")
+    return RunConfig(seed=seed, output_dir=cfg.get("output_dir"), **out)
