@@ -145,7 +145,21 @@ def _keys(cls: type) -> dict[str, str]:
     return {param_key(f): f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
 
 
-def _scalar(method: str, key: str, value: Any, where: str) -> Any:
+def _list_keys(cls: type) -> set[str]:
+    """Recipe keys of fields that take a list (their annotation or default is a sequence), e.g. AdaMerging's heads."""
+    if not dataclasses.is_dataclass(cls):
+        return set()
+    out = set()
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(default, (list, tuple)) or any(t in str(f.type) for t in ("tuple", "list", "Sequence")):
+            out.add(param_key(f))
+    return out
+
+
+def _scalar(method: str, key: str, value: Any, where: str, lists: set[str] = frozenset()) -> Any:
+    if key in lists and isinstance(value, (list, tuple)):
+        return tuple(value)
     if isinstance(value, (list, tuple, Mapping)):
         raise UserError(
             f"{where}: parameter {key} of {method} is given as {type(value).__name__} ({value!r}); peft-lab merge "
@@ -231,7 +245,7 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
         )
     params = _build(
         cls.Params,
-        {shared_keys[k]: _scalar(name, k, v, where) for k, v in top.items() if k in shared_keys},
+        {shared_keys[k]: _scalar(name, k, v, where, _list_keys(cls.Params)) for k, v in top.items() if k in shared_keys},
         where,
         name,
     )
@@ -264,8 +278,9 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
                 f"{ewhere}: {name} has no per-model parameter {', '.join(map(str, bad))}"
                 + (f"; per-model parameters are: {', '.join(model_keys)}." if model_keys else " (it takes none).")
             )
-        values = {model_keys[k]: _scalar(name, k, v, where) for k, v in top.items() if k in model_keys}
-        values.update({model_keys[k]: _scalar(name, k, v, ewhere) for k, v in own.items()})
+        lists = _list_keys(cls.ModelParams)
+        values = {model_keys[k]: _scalar(name, k, v, where, lists) for k, v in top.items() if k in model_keys}
+        values.update({model_keys[k]: _scalar(name, k, v, ewhere, lists) for k, v in own.items()})
         models.append(InputModel(path, _build(cls.ModelParams, values, f"{ewhere} ({path})", name)))
     if cls.base_is_input and base is not None and not any(_same_path(m.path, base) for m in models):
         values = {model_keys[k]: v for k, v in top.items() if k in model_keys}

@@ -102,3 +102,36 @@ def test_bad_data_configs(dirs, tmp_path):
         Fisher().prepare(_inputs(dirs, {"path": str(empty)}))
     with pytest.raises(UserError, match="does not exist"):
         Fisher().prepare(_inputs(dirs, {"path": str(tmp_path / "missing.csv")}))
+
+
+@pytest.mark.parametrize("method", ["fisher", "adamerging"])
+def test_data_driven_merge_from_the_cli(dirs, tmp_path, cli, method):
+    """`peft-lab merge method=fisher|adamerging ... +data=...` (Hydra form) runs end to end: an HF-loadable dir,
+    the data mapping kept in merge_recipe.yaml, AdaMerging's coefficients written beside the model."""
+    import json
+
+    import yaml
+
+    paths, csv = dirs
+    extra = ["method.steps=2", "method.batch_size=4", "method.batches_per_step=1"] if method == "adamerging" else []
+    out = tmp_path / "out"
+    r = cli("merge", f"method={method}", f"base={paths[0]}", f"models=[{paths[1]},{paths[2]}]", f"out={out}",
+            f"+data.path={csv}", "+data.num_examples=6", "+data.batch_size=4", *extra)
+    assert r.returncode == 0, r.stderr
+    merged = transformers.BertForSequenceClassification.from_pretrained(out)
+    first = transformers.BertForSequenceClassification.from_pretrained(paths[1])
+    # the per-task head is not merged: the output keeps the first model's
+    torch.testing.assert_close(merged.classifier.weight, first.classifier.weight)
+    enc = "bert.encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(merged.state_dict()[enc], first.state_dict()[enc])
+    assert yaml.safe_load((out / "merge_recipe.yaml").read_text())["data"]["path"] == str(csv)
+    if method == "adamerging":
+        coef = json.loads((out / "adamerging_coefficients.json").read_text())
+        assert coef["granularity"] and len(coef["tasks"]) == 2
+
+
+def test_data_driven_merge_without_data_is_refused(dirs, tmp_path, cli):
+    paths, _ = dirs
+    r = cli("merge", "method=adamerging", f"base={paths[0]}", f"models=[{paths[1]},{paths[2]}]", f"out={tmp_path / 'o'}")
+    assert r.returncode == 2 and "needs a `data` config" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
