@@ -5,8 +5,8 @@
 Generates (once, seeded, sharded, bfloat16) a Llama-style base from a config and 3 variants (base + small
 noise), for two model sizes, then runs every merge as a subprocess (one thread: OMP_NUM_THREADS=1) and reports
 its wall time, CPU time (user + sys, from wait4) and peak RSS (its VmHWM), and the ratio to the floor.
-The floor reads the N+1 models tensor by tensor with safetensors, averages them in float32 and streams the
-result into one safetensors file: what any merge must at least do. Inputs are read once before timing so
+The floor reads the N+1 models tensor by tensor (plain preads of each tensor's bytes), averages them in float32
+and streams the result into one safetensors file: what any merge must at least do. Inputs are read once before timing so
 they sit in the page cache (printed: the machine's memory and load when the runs start).
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import struct
@@ -87,31 +86,27 @@ def make_models(root: Path, size: str) -> tuple[Path, list[Path]]:
 # the floor: read N+1 models tensor by tensor, average in float32, stream one file out
 # ---------------------------------------------------------------------------------------------------------
 def floor(base: str, models: list[str], out: str) -> None:
+    """Plain reads (pread, no mmap: RSS stays one tensor per model), float32 accumulate, one sequential write."""
     import torch
-    from safetensors import safe_open
 
     torch.set_num_threads(1)
 
-    def files(d):
-        index = json.loads((Path(d) / "model.safetensors.index.json").read_text())["weight_map"]
-        return {k: str(Path(d) / f) for k, f in index.items()}
+    def index(d):  # tensor -> (fd, absolute offset, nbytes, dtype, shape), from each shard's header
+        out = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            fd = os.open(f, os.O_RDONLY)
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            for k, v in json.loads(os.pread(fd, n, 8)).items():
+                if k != "__metadata__":
+                    b, e = v["data_offsets"]
+                    out[k] = (fd, 8 + n + b, e - b, v["dtype"], v["shape"])
+        return out
 
-    maps = [files(d) for d in (base, *models)]
-    handles: dict[str, object] = {}
-
-    def get(path, key):
-        if path not in handles:
-            handles[path] = safe_open(path, "pt")
-        return handles[path].get_tensor(key)
-
+    maps = [index(d) for d in (base, *models)]
     names = list(maps[0])
-    # header from the base's shapes, then each tensor's bytes as it is computed
     header, off = {}, 0
     for k in names:
-        with safe_open(maps[0][k], "pt") as f:
-            sl = f.get_slice(k)
-            shape, dt = sl.get_shape(), sl.get_dtype()
-        n = math.prod(shape) * 2
+        _, _, n, dt, shape = maps[0][k]
         header[k] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + n]}
         off += n
     raw = json.dumps(header).encode()
@@ -120,11 +115,12 @@ def floor(base: str, models: list[str], out: str) -> None:
     with open(Path(out) / "model.safetensors", "wb") as f:
         f.write(struct.pack("<Q", len(raw)) + raw)
         for k in names:
-            acc = get(maps[0][k], k).float()
-            for m in maps[1:]:
-                acc += get(m[k], k).float()
-            acc /= len(maps)
-            f.write(acc.to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+            acc = None
+            for m in maps:
+                fd, at, n, _, shape = m[k]
+                t = torch.frombuffer(bytearray(os.pread(fd, n, at)), dtype=torch.bfloat16)
+                acc = t.float() if acc is None else acc.add_(t)
+            f.write(acc.mul_(1.0 / len(maps)).to(torch.bfloat16).view(torch.uint8).numpy())
 
 
 # ---------------------------------------------------------------------------------------------------------

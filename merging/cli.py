@@ -134,8 +134,8 @@ def _hydra_form(argv: list[str]) -> int:
         f"hydra.run.dir={scratch}",
         f"hydra.sweep.dir={scratch}",
         "hydra.output_subdir=null",
-        "hydra/job_logging=disabled",
-        "hydra/hydra_logging=disabled",
+        "hydra/job_logging=none",  # leave the logging of the process as it is
+        "hydra/hydra_logging=none",
     ]
     app = hydra.main(config_path=str(conf_dir()), config_name="merge", version_base="1.3")(task)
     old_argv, old_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")

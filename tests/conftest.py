@@ -17,6 +17,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+# Without CUDA the Triton kernels are tested on the CPU through Triton's interpreter, which is chosen when Triton
+# is first imported; transformers imports Triton too, so this must happen here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -132,7 +132,9 @@ def test_model_order_does_not_matter(name):
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ALL)
+# AdaMerging learns one coefficient per task (and layer) with no normalisation: T identical task vectors give
+# θ0 + (Σλ)τ, not θ0 + τ (its tests cover what it does instead).
+@pytest.mark.parametrize("name", [n for n in ALL if n not in ("adamerging", "adamerging_ties")])
 def test_identical_models_merge_to_that_model(name):
     """Linear/soup of identical models, and every task-vector method with identical task vectors (weights 1,
     nothing dropped) give back that model; slerp between identical tensors returns them."""
