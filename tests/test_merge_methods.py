@@ -452,7 +452,7 @@ def test_thinned_sample_keeps_its_weight(monkeypatch):
     s = KthLargest(x.numel(), k, z=6.0)
     pieces = [x[i : i + n] for i, n in zip(range(0, 200_000, 1000), [1, 7, 64, 1000] * 50, strict=False)]
     covered = 0
-    for i, p in zip(range(0, 200_000, 1000), pieces, strict=True):
+    for p in pieces:
         s.add_sample(p, 1000 / p.numel())  # each piece stands for its 1000-value block
         covered += 1000
     assert s._sample_size <= 4 * 256 + 1000

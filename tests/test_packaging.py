@@ -1,9 +1,12 @@
 """The distribution ships every package and every config (so an installed wheel works like the checkout)."""
 
-import tomllib
 from pathlib import Path
 
+import pytest
+
 from peft_lab.config import conf_dir
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 REPO = Path(__file__).resolve().parent.parent
 

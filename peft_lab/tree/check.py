@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from peft_lab.errors import UserError
 from peft_lab.tree.core import Tree

@@ -55,7 +55,7 @@ class Tree(Mapping[str, Leaf]):
     def numel(self) -> int:
         return sum(leaf.numel for leaf in self._leaves.values())
 
-    def replace(self, leaves: Mapping[str, Any] | Iterable[tuple[str, Any]], **kw) -> "Tree":
+    def replace(self, leaves: Mapping[str, Any] | Iterable[tuple[str, Any]], **kw) -> Tree:
         """A new tree with other leaves and this tree's source/meta (overridable by keywords)."""
         return Tree(leaves, source=kw.get("source", self.source), meta=kw.get("meta", self.meta))
 
@@ -64,7 +64,7 @@ class Tree(Mapping[str, Leaf]):
         return {k: leaf.dense(dtype or leaf.dtype) for k, leaf in self._leaves.items()}
 
     @classmethod
-    def from_module(cls, module: torch.nn.Module, *, trainable_only: bool = False, buffers: bool = True) -> "Tree":
+    def from_module(cls, module: torch.nn.Module, *, trainable_only: bool = False, buffers: bool = True) -> Tree:
         """The module's `state_dict()` as a tree of `Dense` leaves (views, not copies)."""
         if trainable_only:
             items = [(n, p.detach()) for n, p in module.named_parameters() if p.requires_grad]

@@ -20,7 +20,8 @@ building a task-vector tree reads nothing, and a merge streams tensor by tensor.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
 
 import torch
 
@@ -80,7 +81,7 @@ class Leaf:
         return {"shape": list(self.shape)}
 
     @staticmethod
-    def from_factors(kind: str, factors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Leaf":
+    def from_factors(kind: str, factors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Leaf:
         try:
             cls = LEAF_KINDS[kind]
         except KeyError:
@@ -88,7 +89,7 @@ class Leaf:
         return cls._from_factors(factors, meta)
 
     @classmethod
-    def _from_factors(cls, factors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Leaf":
+    def _from_factors(cls, factors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Leaf:
         raise TypeError(f"{cls.__name__} cannot be built from factors")
 
     def __repr__(self) -> str:
