@@ -132,7 +132,24 @@ def _peak_child(T: int, bs: int, max_length: int) -> dict:
     peak = _status_kb("VmHWM")
     model_mb = sum(v.numel() * 4 for v in base.values()) / 2**20
     return {"tasks": T, "peak_rss_mb": peak / 1024, "rss_before_mb": rss0 / 1024, "merged_tensors_mb": model_mb,
-            "task_vectors_mb": T * model_mb}
+            "task_vectors_mb": T * model_mb, "peak_live_mb": _peak_live_bytes(
+                lambda: adamerge(model, base, deltas, heads, [lambda p=p: p for p in pools],
+                                 AdaMergingParams(steps=2, batches_per_step=1))) / 2**20}
+
+
+def _peak_live_bytes(fn) -> int:
+    """Peak of the bytes of live tensors allocated while `fn()` runs, above what was live before: the profiler's
+    allocator events (each op's own allocations minus frees) summed in order of the ops' start. Unlike RSS it
+    ignores what the allocator keeps after a free."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    cur = peak = 0
+    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        cur += e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
 
 
 def _status_kb(key: str) -> int:
@@ -193,15 +210,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  ratio (CPU time): {ad['ratio_cpu']:.2f}x")
     mem = memory_growth([int(x) for x in args.memory_tasks.split(",")], args.batch, args.tokens)
     print("\nAdaMerging peak memory during 2 steps (fresh process per row; RSS after setup includes the task vectors)")
-    print(f"  {'tasks':>5}{'RSS after setup MB':>20}{'peak MB':>9}{'task vectors MB':>17}{'peak - setup MB':>17}")
+    print(f"  {'tasks':>5}{'RSS after setup MB':>20}{'peak MB':>9}{'task vectors MB':>17}{'peak - setup MB':>17}"
+          f"{'peak live tensors MB':>22}")
     for m in mem:
         print(f"  {m['tasks']:>5}{m['rss_before_mb']:>20.0f}{m['peak_rss_mb']:>9.0f}{m['task_vectors_mb']:>17.0f}"
-              f"{m['peak_rss_mb'] - m['rss_before_mb']:>17.0f}")
+              f"{m['peak_rss_mb'] - m['rss_before_mb']:>17.0f}{m['peak_live_mb']:>22.0f}")
     if len(mem) > 1:
         per = (mem[-1]["peak_rss_mb"] - mem[0]["peak_rss_mb"]) / (mem[-1]["tasks"] - mem[0]["tasks"])
         extra = ((mem[-1]["peak_rss_mb"] - mem[-1]["rss_before_mb"]) - (mem[0]["peak_rss_mb"] - mem[0]["rss_before_mb"])) / (mem[-1]["tasks"] - mem[0]["tasks"])
         print(f"  peak growth per added task: {per:.0f} MB, of which beyond the setup (task vector + data): {extra:.0f} MB; "
               f"one model (the merged tensors): {mem[0]['merged_tensors_mb']:.0f} MB")
+        live = (mem[-1]["peak_live_mb"] - mem[0]["peak_live_mb"]) / (mem[-1]["tasks"] - mem[0]["tasks"])
+        print(f"  peak live tensor bytes per added task: {live:.1f} MB (RSS also counts what the allocator keeps after a free)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"fisher": fs, "adamerging_step": ad, "memory": mem}, f, indent=1)
