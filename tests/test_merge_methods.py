@@ -379,6 +379,18 @@ def test_soup_keeps_the_shared_mask_and_refuses_different_masks():
     loose.merge_tensor("w", None, [cands[0], cands[1], bad], lpm)
 
 
+@pytest.mark.parametrize("shape", [(20, 20), (3, 7)])  # masks compared as int64 words, and as bools (21 values)
+def test_soup_names_the_first_differing_entry(shape):
+    mask = torch.ones(shape, dtype=torch.bool)
+    mask.view(-1)[5] = False
+    a = rand(shape, 1) * mask
+    b = rand(shape, 2) * mask
+    b.view(-1)[5] = 0.5
+    m, pm = make("soup", None, None, 2)
+    with pytest.raises(UserError, match=r"\(1 entries differ in this chunk, the first at flat index 5\)"):
+        m.merge_tensor("w", None, [a, b], pm)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # cross-checks with peft.utils.merge_utils
 # ---------------------------------------------------------------------------------------------------------
