@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import re
 import shutil
 import sys
@@ -103,7 +102,7 @@ def _hydra_form(argv: list[str]) -> int:
 
     from merging.recipe import hydra_to_dict, parse_recipe
     from merging.run import run_merge
-    from peft_lab.config import conf_dir
+    from peft_lab.config import conf_dir, hydra_argv
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
     outs: list[Path] = []
@@ -138,11 +137,9 @@ def _hydra_form(argv: list[str]) -> int:
         "hydra/hydra_logging=none",
     ]
     app = hydra.main(config_path=str(conf_dir()), config_name="merge", version_base="1.3")(task)
-    old_argv, old_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = ["peft-lab merge", *hydra_args]
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach peft_lab.cli (UserError: one paragraph)
     try:
-        app()
+        with hydra_argv("peft-lab merge", hydra_args):  # exceptions reach peft_lab.cli (UserError: one paragraph)
+            app()
     except _Abort as e:
         raise e.error from None
     except (HydraException, OmegaConfBaseException) as e:
@@ -153,11 +150,6 @@ def _hydra_form(argv: list[str]) -> int:
                    "per-model values go in models=[{model: PATH, parameters: {...}}]).")
         raise UserError(f"peft-lab merge: {msg}") from None
     finally:
-        sys.argv = old_argv
-        if old_env is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = old_env
         with contextlib.suppress(OSError):
             shutil.rmtree(scratch)
     for o in outs:

@@ -12,9 +12,7 @@ Hydra's errors (unknown option, bad override syntax) become one-paragraph `UserE
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -149,7 +147,7 @@ def _job(cfg) -> dict | None:
 def main(argv: list[str]) -> int:
     import hydra
 
-    from peft_lab.config import conf_dir
+    from peft_lab.config import conf_dir, hydra_argv
 
     argv = list(argv)
     multirun = "-m" in argv or "--multirun" in argv
@@ -160,12 +158,10 @@ def main(argv: list[str]) -> int:
         compose_jobs(overrides, multirun)  # fail fast, before Hydra creates dirs or any job starts
 
     app = hydra.main(config_path=str(conf_dir()), config_name="train", version_base="1.3")(_job)
-    saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
-    sys.argv = ["peft-lab train", *flags, *overrides]
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # let exceptions reach us (Hydra would print and exit 1 itself)
     _failed.clear()
     try:
-        app()
+        with hydra_argv("peft-lab train", [*flags, *overrides]):
+            app()
         if _failed:
             raise _failed[0]
     except UserError:
@@ -179,10 +175,4 @@ def main(argv: list[str]) -> int:
         if isinstance(e, (HydraException, OmegaConfBaseException)):
             raise _hydra_error(e) from None
         raise
-    finally:
-        sys.argv = saved_argv
-        if saved_env is None:
-            os.environ.pop("HYDRA_FULL_ERROR", None)
-        else:
-            os.environ["HYDRA_FULL_ERROR"] = saved_env
     return 0
