@@ -84,6 +84,17 @@ def test_forward_and_value_gradient_match_dense_reference():
     assert layer.base_layer.weight.grad is None
 
 
+
+def test_adapter_forward_is_the_delta_output():
+    torch.manual_seed(0)
+    model = MLP()
+    a = build_adapter("sparse", r=2, target_modules=["fc1"], modules_to_save=[])
+    layer: SparseLayer = a.attach(model).fc1
+    perturb(a)
+    x = torch.randn(2, 5, 33)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.adapter_forward(x), layer(x) - layer.base_layer(x), rtol=1e-5, atol=1e-6)
+
 def test_reselection_rate_schedule():
     assert reselection_rate(5, 100, True, 0.2, "linear") == 1.0
     assert reselection_rate(50, 100, False, 0.2, "linear") == pytest.approx(0.1)

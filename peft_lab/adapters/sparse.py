@@ -127,8 +127,10 @@ class SparseLayer(AdapterLayer):
             y.register_hook(lambda dy: self._collect(dy, x_saved))
         return y
 
-    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:  # forward is fused; kept for the protocol
-        raise NotImplementedError
+    def adapter_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The delta's own output x·Sᵀ (`forward` fuses it with the base matmul through the sparse kernel)."""
+        out = x.new_zeros(*x.shape[:-1], self.base_layer.weight.shape[0], dtype=self.values.dtype)
+        return out.index_add_(-1, self.rows.long(), x[..., self.cols.long()].to(self.values.dtype) * self.values)
 
     def _collect(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         G = dy.reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()  # (out, in), transient
