@@ -22,7 +22,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peft_lab.adapters._targets import resolve_modules_to_save, resolve_targets
 from peft_lab.adapters.base import Adapter, freeze, read_adapter_config
 from peft_lab.errors import UserError
 from peft_lab.tree import Dense, Leaf, Tree, load_safetensors, save_tree
@@ -96,12 +95,7 @@ class OwnAdapter(Adapter):
 
     # --- protocol ---
     def attach(self, model: nn.Module) -> nn.Module:
-        if self.model is not None:
-            raise RuntimeError(f"{type(self).__name__} is already attached")
-        saved = resolve_modules_to_save(model, self.config.modules_to_save)
-        targets = resolve_targets(
-            model, self.config.target_modules, self.config.exclude_modules, self.supported, self.name, skip=saved
-        )
+        saved, targets = self._resolve(model)
         freeze(model)
         # build every layer before swapping any in: a UserError on one layer leaves the model untouched
         layers = {t: self.make_layer(t, model.get_submodule(t)) for t in targets}

@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peft_lab.adapters._targets import resolve_modules_to_save, resolve_targets
 from peft_lab.adapters.base import Adapter, read_adapter_config
 from peft_lab.errors import UserError
 from peft_lab.tree import Dense, Leaf, Tree
@@ -87,12 +86,7 @@ class PeftAdapter(Adapter):
     def attach(self, model: nn.Module) -> nn.Module:
         from peft import get_peft_model
 
-        if self.model is not None:
-            raise RuntimeError(f"{type(self).__name__} is already attached")
-        saved = resolve_modules_to_save(model, self.config.modules_to_save)
-        targets = resolve_targets(
-            model, self.config.target_modules, self.config.exclude_modules, self.supported, self.name, skip=saved
-        )
+        saved, targets = self._resolve(model)
         for t in targets:
             self.check_layer(t, model.get_submodule(t))
         self.model = get_peft_model(model, self.peft_config(model, targets, peft_targets(model, targets), saved))

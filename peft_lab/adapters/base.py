@@ -119,6 +119,18 @@ class Adapter(abc.ABC):
         self.model: nn.Module | None = None
         self.merged = False
 
+    def _resolve(self, model: nn.Module) -> tuple[list[str], list[str]]:
+        """(modules_to_save, target layers) of this config on `model`, checked (UserError) before anything changes."""
+        from peft_lab.adapters._targets import resolve_modules_to_save, resolve_targets
+
+        if self.model is not None:
+            raise RuntimeError(f"{type(self).__name__} is already attached")
+        saved = resolve_modules_to_save(model, self.config.modules_to_save)
+        targets = resolve_targets(
+            model, self.config.target_modules, self.config.exclude_modules, self.supported, self.name, skip=saved
+        )
+        return saved, targets
+
     # --- lifecycle ---
     @abc.abstractmethod
     def attach(self, model: nn.Module) -> nn.Module:
