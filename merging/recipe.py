@@ -257,6 +257,7 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
     if entries is None or isinstance(entries, (str, Mapping)) or not hasattr(entries, "__iter__"):
         raise UserError(f"{where}: `models` must be a list of {{model: PATH, parameters: {{...}}}} entries.")
     models: list[InputModel] = []
+    lists = _list_keys(cls.ModelParams)
     for i, entry in enumerate(entries):
         ewhere = f"{where}: models[{i}]"
         if isinstance(entry, (str, os.PathLike)):
@@ -278,7 +279,6 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
                 f"{ewhere}: {name} has no per-model parameter {', '.join(map(str, bad))}"
                 + (f"; per-model parameters are: {', '.join(model_keys)}." if model_keys else " (it takes none).")
             )
-        lists = _list_keys(cls.ModelParams)
         values = {model_keys[k]: _scalar(name, k, v, where, lists) for k, v in top.items() if k in model_keys}
         values.update({model_keys[k]: _scalar(name, k, v, ewhere, lists) for k, v in own.items()})
         models.append(InputModel(path, _build(cls.ModelParams, values, f"{ewhere} ({path})", name)))
