@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from merging import fused
 from merging.base import FULL, SAMPLE, MergeInputs, MergeMethod, ModelParams, TensorJob
 from merging.select import KthLargest, kth_largest
 from peft_lab.errors import UserError
@@ -258,7 +259,7 @@ class GTAMethod(MergeMethod):
 
         def count(job, start, base, chunks):
             for t, sel in todo.items():
-                sel.count(chunks[t].abs())
+                sel.count_abs(chunks[t])
 
         if sels:
             inputs.scan(sample, kind=SAMPLE)
@@ -301,20 +302,24 @@ class GTAMethod(MergeMethod):
             return self._observe_l1(job, start, tensors)
         sels: dict[int, KthLargest] = job.state["sel"]
         for t, sel in sels.items():
-            a = tensors[t].abs()
             if pass_index == 0:
-                sel.add_sample(a, 1.0 / job.sample_rate)
+                sel.add_sample(tensors[t].abs(), 1.0 / job.sample_rate)
             elif sel.threshold is None:
-                sel.count(a)
+                sel.count_abs(tensors[t])
 
     def _observe_l1(self, job: TensorJob, start: int, tensors) -> None:
         before = job.state.setdefault("l1_before", [0.0] * len(tensors))
         after = job.state.setdefault("l1_after", [0.0] * len(tensors))
         for t, (tau, p) in enumerate(zip(tensors, job.model_params, strict=True)):
             if p.density < 1:
-                keep = dare_keep(tau.numel(), p.density, self._generator(job, t, start))
-                before[t] += float(tau.abs().sum())
-                after[t] += float((tau * keep).abs_().sum())
+                g = self._generator(job, t, start)
+                if fused.available():
+                    b, a = fused.dare_drop(tau, g, p.density, apply=False)
+                else:
+                    keep = dare_keep(tau.numel(), p.density, g)
+                    b, a = float(tau.abs().sum(dtype=torch.float64)), float((tau * keep).abs_().sum(dtype=torch.float64))
+                before[t] += b
+                after[t] += a
 
     def _generator(self, job: TensorJob, t: int, start: int) -> np.random.SFC64:
         """Model t's mask stream for this tensor, positioned at `start`: chunks of a pass come in order, so
@@ -325,6 +330,17 @@ class GTAMethod(MergeMethod):
         return job.state[key]
 
     # -- merge -----------------------------------------------------------------------------------------
+    def _threshold(self, job: TensorJob, t: int, tau: torch.Tensor) -> float:
+        """TIES: keep |τ_t| >= this (0 keeps everything)."""
+        d = job.model_params[t].density
+        if self.sparsify != "magnitude" or d >= 1:
+            return 0.0
+        if self._global_thr is not None:
+            return self._global_thr[t]
+        if job.chunked:
+            return job.state["sel"][t].threshold
+        return kth_largest(tau, max(1, int(d * tau.numel())), absolute=True)
+
     def _sparsified(self, job: TensorJob, t: int, start: int, tau: torch.Tensor) -> torch.Tensor:
         if self.sparsify == "none":
             return tau
@@ -332,23 +348,20 @@ class GTAMethod(MergeMethod):
         if d >= 1:
             return tau
         if self.sparsify == "magnitude":
-            if self._global_thr is not None:
-                thr = self._global_thr[t]
-            elif job.chunked:
-                thr = job.state["sel"][t].threshold
-            else:
-                thr = kth_largest(tau.abs(), max(1, int(d * tau.numel())))
-            return hardshrink_at_least(tau, thr)
-        keep = dare_keep(tau.numel(), d, self._generator(job, t, start))
+            return hardshrink_at_least(tau, self._threshold(job, t, tau))
+        g = self._generator(job, t, start)
         rescale = self.params.rescale
+        if fused.available():  # the same drop and rescale in one pass (merging/fused.py)
+            return self._dare_fused(job, t, tau, g, d)
+        keep = dare_keep(tau.numel(), d, g)
         if rescale == "l1":
             if job.chunked:
                 before, after = job.state["l1_before"][t], job.state["l1_after"][t]
                 x = tau.mul_(keep)
             else:
-                before = float(tau.abs().sum())
+                before = float(tau.abs().sum(dtype=torch.float64))
                 x = tau.mul_(keep)
-                after = float(x.abs().sum())
+                after = float(x.abs().sum(dtype=torch.float64))
             if before >= _L1_EPS and after >= _L1_EPS:  # mergekit leaves near-zero tensors unscaled
                 x.mul_(before / after)
             return x
@@ -359,8 +372,34 @@ class GTAMethod(MergeMethod):
             x.div_(self.params.q)
         return x
 
+    def _dare_fused(self, job: TensorJob, t: int, tau: torch.Tensor, g: np.random.SFC64, d: float) -> torch.Tensor:
+        rescale = self.params.rescale
+        op, factor = 0, 1.0
+        if rescale == "l1":
+            if not job.chunked:  # drop, then scale by the norms just measured
+                before, after = fused.dare_drop(tau, g, d, apply=True)
+                if before >= _L1_EPS and after >= _L1_EPS:
+                    tau.mul_(before / after)
+                return tau
+            before, after = job.state["l1_before"][t], job.state["l1_after"][t]
+            if before >= _L1_EPS and after >= _L1_EPS:
+                op, factor = 1, before / after
+        elif rescale in ("keep_rate", "q"):
+            op, factor = 2, d if rescale == "keep_rate" else self.params.q
+        fused.dare_drop(tau, g, d, apply=True, sums=False, op=op, factor=factor)
+        return tau
+
     def merge_chunk(self, job, start, base, tensors) -> torch.Tensor:
         weights = [p.weight for p in job.model_params]
+        if fused.available():  # the same arithmetic in one pass per element (merging/fused.py)
+            if self.sparsify == "magnitude":
+                thr = [self._threshold(job, t, tau) for t, tau in enumerate(tensors)]
+                xs = tensors
+            else:
+                thr = [0.0] * len(tensors)
+                xs = [self._sparsified(job, t, start, tau) for t, tau in enumerate(tensors)]
+            return fused.gta_combine(base, xs, thr, weights, consensus=self.consensus,
+                                     normalize=self.params.normalize, lam=self.params.lambda_)  # fmt: skip
         xs = []
         for t, tau in enumerate(tensors):
             x = self._sparsified(job, t, start, tau)
