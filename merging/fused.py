@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; the torch path stays correct without it
     numba = None
 
-__all__ = ["ENABLED", "available", "band", "dare_drop", "gta_combine"]
+__all__ = ["ENABLED", "available", "band", "dare_drop", "first_mask_mismatch", "gta_combine"]
 
 ENABLED = os.environ.get("PEFT_LAB_FUSED", "1") != "0"
 
@@ -260,3 +260,27 @@ def dare_drop(x: torch.Tensor, g: np.random.SFC64, density: float, *, apply: boo
                                np.float32(factor))  # fmt: skip
     g.state = {**st, "state": {"state": state}}
     return float(before), float(after)
+
+
+@_njit
+def _first_mask_mismatch(xs):
+    n = xs[0].size
+    for b0 in range(0, n, _BLOCK):
+        x0 = xs[0][b0 : b0 + _BLOCK]
+        for t in range(1, len(xs)):
+            xt = xs[t][b0 : b0 + _BLOCK]
+            bad = False
+            for i in range(x0.size):  # branch-free OR over the block (vectorises); located only on a mismatch
+                bad |= (x0[i] == 0) != (xt[i] == 0)
+            if bad:
+                for i in range(x0.size):
+                    if (x0[i] == 0) != (xt[i] == 0):
+                        return t, b0 + i
+    return -1, -1
+
+
+def first_mask_mismatch(xs: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """The first (model, flat index) whose zero pattern differs from model 0's (`x == 0`, so -0 is a zero and
+    NaN is not), or (-1, -1) when all share it: one pass, without materialising the masks."""
+    t, i = _first_mask_mismatch(tuple(x.reshape(-1).contiguous().numpy() for x in xs))
+    return int(t), int(i)

@@ -171,3 +171,20 @@ def test_dare_drop_draws_the_reference_mask_and_leaves_the_stream_where_it_does(
     assert g.random_raw() == g_ref.random_raw()  # both streams continue from the same word
     assert before == pytest.approx(float(x.abs().double().sum()), rel=1e-12)
     assert after == pytest.approx(float(want.abs().double().sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 5000])
+def test_first_mask_mismatch_finds_the_first_differing_zero(n):
+    xs = [rand(n, t) for t in range(3)]
+    for x in xs:
+        x[::3] = 0.0
+    xs[2][::6] = -0.0  # -0 is a zero like +0
+    assert fused.first_mask_mismatch(xs) == (-1, -1)
+    if n > 1:
+        xs[2][4000] = 0.0
+        xs[1][4500] = 0.0
+        assert fused.first_mask_mismatch(xs) == (2, 4000)
+        xs[1][10] = float("nan")
+        assert fused.first_mask_mismatch(xs) == (2, 4000)  # NaN is not a zero (and 10 is not a zero in model 0)
+        xs[1][9] = float("nan")  # 9 is a zero in model 0
+        assert fused.first_mask_mismatch(xs) == (1, 9)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from merging import fused
 from merging.base import METHODS, MergeMethod
 from merging.gta import check_bool
 from merging.methods.linear import NonNegativeWeight, weighted_average
@@ -50,6 +51,8 @@ class Soup(MergeMethod):
 
     def merge_chunk(self, job, start, base, tensors):
         if self.params.check_masks and len(tensors) > 1:
+            if fused.available() and fused.first_mask_mismatch(tensors)[0] < 0:  # one pass when the masks agree
+                return weighted_average(tensors, [p.weight for p in job.model_params], True)
             zero = _words(tensors[0] == 0)
             for i, x in enumerate(tensors[1:], 1):
                 z = _words(x == 0)
