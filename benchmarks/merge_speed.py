@@ -199,6 +199,10 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     runs = [r.strip() for r in a.runs.split(",") if r.strip()]
+    # numba compiles the fused merge loops on their first use on a machine and caches them on disk: do it
+    # before timing anything (a one-off of a few seconds, not a per-merge cost)
+    subprocess.run([sys.executable, "-c", "from merging import fused; fused.warm()"], check=True,
+                   cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
     results = []
     for size in a.sizes.split(","):
         print(f"== {size}: inputs", flush=True)

@@ -1,9 +1,19 @@
-"""Fused CPU loops for the TIES/DARE merge step and TIES's threshold count, compiled with numba.
+"""Fused CPU loops for the TIES/DARE merges and the soup's mask check, compiled with numba.
 
-The torch code in `merging/gta.py` and `merging/select.py` is the reference: a chain of whole-chunk ops
-(trim, weight, sum, elect, agree, divide) that reads and writes every element ~15 times per model. The loops
-here do the same float32 arithmetic in the same order in one pass per element, so their results are
-bit-identical to the reference (tests/test_fused.py checks it on random inputs, signed zeros included).
+The torch code in `merging/gta.py`, `merging/select.py` and `merging/methods/soup.py` is the reference: chains
+of whole-chunk ops (trim, weight, sum, elect, agree, divide; abs, compare, count; draw, mask, rescale) that
+read and write every element ~15 times per model. The loops here do the same float32 arithmetic in the same
+order, one block of elements at a time:
+
+- `gta_combine`: TIES's trim + weights + sign election + disjoint mean (or plain sum) + λ + base;
+- `band`: one pass of TIES's threshold search (count above the bracket, collect the values inside it);
+- `dare_drop`: DARE's random drop, drawing numpy's SFC64 stream inside the loop, and its rescale;
+- `first_mask_mismatch`: the soup's shared-zero-mask check.
+
+Their float32 results are bit-identical to the reference (tests/test_fused.py, on random inputs with signed
+zeros and ties). One caveat: DARE's L1 rescale sums |τ| in float64 in both paths but in a different order
+(vectorised here), so its float32 factor could differ in the last bit if the two sums straddle a rounding
+boundary (they differ by ~1e-16 relative).
 
 They are used when numba imports (a dependency of the project); `PEFT_LAB_FUSED=0` in the environment, or
 `merging.fused.ENABLED = False`, selects the torch reference instead. Compiled code is cached on disk by
@@ -284,3 +294,14 @@ def first_mask_mismatch(xs: Sequence[torch.Tensor]) -> tuple[int, int]:
     NaN is not), or (-1, -1) when all share it: one pass, without materialising the masks."""
     t, i = _first_mask_mismatch(tuple(x.reshape(-1).contiguous().numpy() for x in xs))
     return int(t), int(i)
+
+
+def warm() -> None:
+    """Compile (or load from numba's cache) every loop for 1-4 models, e.g. before timing a merge."""
+    x = torch.linspace(-1, 1, 64)
+    for T in range(1, 5):
+        for consensus in (False, True):
+            gta_combine(x, [x] * T, [0.5] * T, [1.0] * T, consensus=consensus, normalize=True, lam=1.0)
+        first_mask_mismatch([x] * T)
+    band(x, 0.25, 0.5)
+    dare_drop(x.clone(), np.random.SFC64(0), 0.5, apply=True)

@@ -391,7 +391,8 @@ class GTAMethod(MergeMethod):
 
     def merge_chunk(self, job, start, base, tensors) -> torch.Tensor:
         weights = [p.weight for p in job.model_params]
-        if fused.available():  # the same arithmetic in one pass per element (merging/fused.py)
+        if fused.available() and (self.consensus or self.sparsify != "none"):  # one pass (merging/fused.py); a
+            # plain weighted sum (task arithmetic) is as fast in torch's vectorised ops
             if self.sparsify == "magnitude":
                 thr = [self._threshold(job, t, tau) for t, tau in enumerate(tensors)]
                 xs = tensors
