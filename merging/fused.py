@@ -23,6 +23,7 @@ numba (`cache=True`), so only the first run on a machine pays the compile (~1-2 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,8 +49,22 @@ def available() -> bool:
     return ENABLED and numba is not None
 
 
-def _njit(fn):
-    return numba.njit(cache=True, nogil=True, error_model="numpy")(fn) if numba is not None else fn
+def _jit(**options):
+    """numba.njit with an on-disk cache, or without one where numba finds no writable place for it (a read-only
+    install without a writable home: it then compiles once per process)."""
+
+    def wrap(fn):
+        if numba is None:
+            return fn
+        try:
+            return numba.njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True, **options)(fn)
+
+    return wrap
+
+
+_njit = _jit(error_model="numpy")
 
 
 _BLOCK = 2048  # elements per block: the loops below run over one block at a time, so their scratch stays in L1
@@ -72,19 +87,19 @@ def _band(keys, klo, khi, buf):
     return above, m
 
 
-_scratch = np.empty(0, dtype=np.int32)
+_local = threading.local()  # a per-thread scratch buffer for `band`, grown to the largest chunk seen
 
 
 def band(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
     """One pass over `x` for TIES's threshold search: (#{|x| > hi}, the values of |x| in [lo, hi])."""
-    global _scratch
     keys = x.reshape(-1).contiguous().view(torch.int32).numpy()
-    if _scratch.size < keys.size + 1:
-        _scratch = np.empty(keys.size + 1, dtype=np.int32)
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.size < keys.size + 1:
+        scratch = _local.scratch = np.empty(keys.size + 1, dtype=np.int32)
     klo = int(torch.tensor(lo, dtype=torch.float32).view(torch.int32))
     khi = int(torch.tensor(hi, dtype=torch.float32).view(torch.int32))
-    above, m = _band(keys, np.int32(klo), np.int32(khi), _scratch)
-    return int(above), torch.from_numpy(_scratch[:m].copy()).view(torch.float32)
+    above, m = _band(keys, np.int32(klo), np.int32(khi), scratch)
+    return int(above), torch.from_numpy(scratch[:m].copy()).view(torch.float32)
 
 
 @_njit
@@ -214,7 +229,7 @@ def _sfc64_words(state, words, nw):
     state[0], state[1], state[2], state[3] = a, b, c, w
 
 
-@(numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"}) if numba is not None else (lambda f: f))
+@_jit(fastmath={"reassoc", "nsz"})
 def _abs_sums(v, kept_if, cut):
     # (sum |v|, sum |v * keep|) in float64. Reassociation lets LLVM vectorise the sums (the order of the
     # additions then depends on the vector width: a float64 sum of float32 values changes by ~1e-16 relative)
