@@ -4,6 +4,7 @@ results, signed zeros, ties at the threshold and the weight/normalize/λ variant
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +189,26 @@ def test_first_mask_mismatch_finds_the_first_differing_zero(n):
         assert fused.first_mask_mismatch(xs) == (2, 4000)  # NaN is not a zero (and 10 is not a zero in model 0)
         xs[1][9] = float("nan")  # 9 is a zero in model 0
         assert fused.first_mask_mismatch(xs) == (1, 9)
+
+
+def test_merges_without_fused_loops_do_not_import_numba(tmp_path):
+    """numba (~0.25 s, ~60 MB) is imported by the first fused loop, not by `import merging`."""
+    import subprocess
+    import sys
+
+    from tests.merge_util import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=2)
+    code = (
+        "import sys\nfrom merging.run import run_merge\n"
+        f"run_merge({{'merge_method': 'task_arithmetic', 'base_model': {str(base)!r}, "
+        f"'models': [{{'model': {str(fts[0])!r}}}, {{'model': {str(fts[1])!r}}}]}}, {str(tmp_path / 'o1')!r})\n"
+        "assert 'numba' not in sys.modules\n"
+        f"run_merge({{'merge_method': 'ties', 'base_model': {str(base)!r}, "
+        f"'models': [{{'model': {str(fts[0])!r}, 'parameters': {{'density': 0.5}}}}]}}, {str(tmp_path / 'o2')!r})\n"
+        "assert 'numba' in sys.modules\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(__file__).parent.parent)
+    )
+    assert r.returncode == 0, r.stderr[-2000:]

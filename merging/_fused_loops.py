@@ -1,0 +1,200 @@
+"""The numba loops behind `merging.fused` (imported on their first use, so that merges which do not need them
+do not pay for importing numba). Every scalar is float32 where the torch reference computes in float32."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_ABS = np.int32(0x7FFFFFFF)
+_INF = np.int32(0x7F800000)
+_SIGN = np.int32(-0x80000000)
+_ONE_BITS = np.int32(0x3F800000)  # 1.0f
+
+
+def _jit(**options):
+    """numba.njit with an on-disk cache, or without one where numba finds no writable place for it (a read-only
+    install without a writable home: it then compiles once per process)."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True, **options)(fn)
+
+    return wrap
+
+
+_njit = _jit(error_model="numpy")
+
+
+_BLOCK = 2048  # elements per block: the loops below run over one block at a time, so their scratch stays in L1
+
+
+@_njit
+def _band(keys, klo, khi, buf):
+    above = 0
+    m = 0
+    width = np.uint32(khi - klo)
+    for b0 in range(0, keys.size, _BLOCK):
+        blk = keys[b0 : b0 + _BLOCK]  # a slice, not keys[b0 + i]: a non-negative index lets LLVM vectorise
+        for i in range(blk.size):  # |x| > hi; NaN excluded, as `x > hi` excludes it
+            k = blk[i] & _ABS  # bit pattern of |x|: monotone in |x| for non-negative floats
+            above += (k > khi) & (k <= _INF)
+        for i in range(blk.size):  # lo <= |x| <= hi, compacted into buf without a branch
+            k = blk[i] & _ABS
+            buf[m] = k
+            m += np.uint32(k - klo) <= width
+    return above, m
+
+
+@_njit
+def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode, div_value, lam, scale):
+    # Mirrors merging.gta.combine op by op (see its docstring): every value is float32, the additions run in
+    # the reference's order (model 0, 1, ...), and each step is a loop over one block of elements, written
+    # with selects instead of branches so that LLVM vectorises it.
+    T = len(xs)
+    n = out.size
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    x = np.empty((T, _BLOCK), dtype=np.float32)
+    sg = np.empty(_BLOCK, dtype=np.float32)
+    sgi = sg.view(np.int32)
+    mx = np.empty(_BLOCK, dtype=np.float32)
+    dv = np.empty(_BLOCK, dtype=np.float32)
+    for b0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - b0)
+        for t in range(T):  # trim (hardshrink keeps |v| >= thr, and NaN; a trimmed entry is +0), then weight
+            src = xs[t][b0 : b0 + m]  # slices, not xs[t][b0 + i]: a non-negative index lets LLVM vectorise
+            xt = x[t]
+            th = thr[t]
+            wt = w[t]
+            for i in range(m):
+                v = src[i]
+                xt[i] = (zero if abs(v) < th else v) * wt
+        if consensus:
+            x0 = x[0]
+            for i in range(m):
+                sg[i] = x0[i]
+            for t in range(1, T):
+                xt = x[t]
+                for i in range(m):
+                    sg[i] = sg[i] + xt[i]
+            for i in range(m):  # the elected sign, copysign(1, sum): +1 where the sum is >= +0 (as bits: vectorises)
+                sgi[i] = (sgi[i] & _SIGN) | _ONE_BITS
+            for t in range(T):
+                xt = x[t]
+                wt = w[t]
+                for i in range(m):
+                    a = xt[i] * sg[i]
+                    a = zero if a < zero else a  # relu keeps -0 and NaN as they are
+                    mx[i] = a if t == 0 else mx[i] + a
+                    ind = one if a > zero else (a if a != a else zero)  # sign(a), a >= 0 or NaN
+                    dv[i] = ind * wt if t == 0 else dv[i] + ind * wt
+            for i in range(m):
+                mx[i] = mx[i] * sg[i]
+            if normalize:
+                if div_mode == 0:  # all weights positive: a floor below the smallest weight
+                    for i in range(m):
+                        d = dv[i]
+                        mx[i] = mx[i] / (div_value if d < div_value else d)
+                else:  # signed weights: mergekit's 0 -> 1
+                    for i in range(m):
+                        d = dv[i]
+                        mx[i] = mx[i] / (one if d == zero else d)
+        else:
+            x0 = x[0]
+            for i in range(m):
+                mx[i] = x0[i]
+            for t in range(1, T):
+                xt = x[t]
+                for i in range(m):
+                    mx[i] = mx[i] + xt[i]
+            if normalize and div_mode == 1:
+                for i in range(m):
+                    mx[i] = mx[i] / div_value
+        if scale:
+            for i in range(m):
+                mx[i] = mx[i] * lam
+        ob = out[b0 : b0 + m]
+        if has_base:
+            bb = base[b0 : b0 + m]
+            for i in range(m):
+                ob[i] = mx[i] + bb[i]
+        else:
+            for i in range(m):
+                ob[i] = mx[i]
+
+
+@_njit
+def _sfc64_words(state, words, nw):
+    # numpy's SFC64 step (state = a, b, c, counter): nw raw 64-bit outputs into `words`
+    a, b, c, w = state[0], state[1], state[2], state[3]
+    one = np.uint64(1)
+    for j in range(nw):
+        r = a + b + w
+        w += one
+        a = b ^ (b >> np.uint64(11))
+        b = c + (c << np.uint64(3))
+        c = ((c << np.uint64(24)) | (c >> np.uint64(40))) + r
+        words[j] = r
+    state[0], state[1], state[2], state[3] = a, b, c, w
+
+
+@_jit(fastmath={"reassoc", "nsz"})
+def _abs_sums(v, kept_if, cut):
+    # (sum |v|, sum |v * keep|) in float64. Reassociation lets LLVM vectorise the sums (the order of the
+    # additions then depends on the vector width: a float64 sum of float32 values changes by ~1e-16 relative)
+    before = 0.0
+    after = 0.0
+    for i in range(v.size):
+        x = abs(np.float64(v[i]))
+        before += x
+        after += x * np.float64(kept_if[i] < cut)
+    return before, after
+
+
+@_njit
+def _dare_drop(x, state, cut, sums, apply, op, factor):
+    # one 64-bit word per two elements, read as two signed 32-bit uniforms in memory order (the low half
+    # first on a little-endian machine), exactly as `merging.gta.dare_keep` views numpy's words
+    words = np.empty(_BLOCK // 2, dtype=np.uint64)
+    u = words.view(np.int32)
+    zero = np.float32(0.0)
+    onef = np.float32(1.0)
+    before = 0.0
+    after = 0.0
+    for b0 in range(0, x.size, _BLOCK):
+        blk = x[b0 : b0 + _BLOCK]
+        m = blk.size
+        _sfc64_words(state, words, (m + 1) // 2)
+        if sums:
+            b, a = _abs_sums(blk, u, cut)
+            before += b
+            after += a
+        if apply:
+            for i in range(m):
+                kept = blk[i] * (onef if u[i] < cut else zero)  # tau * keep, as the reference multiplies by the mask
+                if op == 1:
+                    kept = kept * factor
+                elif op == 2:
+                    kept = kept / factor
+                blk[i] = kept
+    return before, after
+
+
+@_njit
+def _first_mask_mismatch(xs):
+    n = xs[0].size
+    for b0 in range(0, n, _BLOCK):
+        x0 = xs[0][b0 : b0 + _BLOCK]
+        for t in range(1, len(xs)):
+            xt = xs[t][b0 : b0 + _BLOCK]
+            bad = False
+            for i in range(x0.size):  # branch-free OR over the block (vectorises); located only on a mismatch
+                bad |= (x0[i] == 0) != (xt[i] == 0)
+            if bad:
+                for i in range(x0.size):
+                    if (x0[i] == 0) != (xt[i] == 0):
+                        return t, b0 + i
+    return -1, -1
