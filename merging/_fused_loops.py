@@ -61,6 +61,7 @@ def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode
     sg = np.empty(_BLOCK, dtype=np.float32)
     sgi = sg.view(np.int32)
     mx = np.empty(_BLOCK, dtype=np.float32)
+    mxi = mx.view(np.int32)
     dv = np.empty(_BLOCK, dtype=np.float32)
     for b0 in range(0, n, _BLOCK):
         m = min(_BLOCK, n - b0)
@@ -72,20 +73,20 @@ def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode
             for i in range(m):
                 v = src[i]
                 xt[i] = (zero if abs(v) < th else v) * wt
-        if consensus:
-            x0 = x[0]
+        x0 = x[0]  # the sum over models, in model order (the merge without consensus; the election's input)
+        for i in range(m):
+            mx[i] = x0[i]
+        for t in range(1, T):
+            xt = x[t]
             for i in range(m):
-                sg[i] = x0[i]
-            for t in range(1, T):
-                xt = x[t]
-                for i in range(m):
-                    sg[i] = sg[i] + xt[i]
+                mx[i] = mx[i] + xt[i]
+        if consensus:
             for i in range(m):  # the elected sign, copysign(1, sum): +1 where the sum is >= +0 (as bits: vectorises)
-                sgi[i] = (sgi[i] & _SIGN) | _ONE_BITS
+                sgi[i] = (mxi[i] & _SIGN) | _ONE_BITS
             for t in range(T):
                 xt = x[t]
                 wt = w[t]
-                for i in range(m):
+                for i in range(m):  # mx is overwritten at t = 0: the sum is no longer needed
                     a = xt[i] * sg[i]
                     a = zero if a < zero else a  # relu keeps -0 and NaN as they are
                     mx[i] = a if t == 0 else mx[i] + a
@@ -103,13 +104,6 @@ def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode
                         d = dv[i]
                         mx[i] = mx[i] / (one if d == zero else d)
         else:
-            x0 = x[0]
-            for i in range(m):
-                mx[i] = x0[i]
-            for t in range(1, T):
-                xt = x[t]
-                for i in range(m):
-                    mx[i] = mx[i] + xt[i]
             if normalize and div_mode == 1:
                 for i in range(m):
                     mx[i] = mx[i] / div_value

@@ -40,6 +40,7 @@ __all__ = [
     "check_choice",
     "combine",
     "dare_keep",
+    "dare_drop",
     "dare_generator",
     "tensor_seed",
     "RESCALES",
@@ -225,6 +226,24 @@ def dare_keep(n: int, density: float, g: np.random.SFC64) -> torch.Tensor:
     return u < cut
 
 
+def dare_drop(tau: torch.Tensor, g: np.random.SFC64, density: float, *, apply: bool, sums: bool = True, op: int = 0,
+              factor: float = 1.0) -> tuple[float, float]:  # fmt: skip
+    """DARE's drop of a flat float32 chunk with the mask stream `g`: the L1 norms of `tau` before and after it
+    (float64; 0 unless `sums`), and with `apply`, `tau *= keep` in place, then `*= factor` (`op=1`) or
+    `/= factor` (`op=2`). One fused pass when numba is available (`merging.fused.dare_drop`), else these ops."""
+    if fused.available():
+        return fused.dare_drop(tau, g, density, apply=apply, sums=sums, op=op, factor=factor)
+    keep = dare_keep(tau.numel(), density, g)
+    before = float(tau.abs().sum(dtype=torch.float64)) if sums else 0.0
+    x = tau.mul_(keep) if apply else tau * keep
+    after = float(x.abs().sum(dtype=torch.float64)) if sums else 0.0
+    if apply and op == 1:
+        x.mul_(factor)
+    elif apply and op == 2:
+        x.div_(factor)
+    return before, after
+
+
 class GTAMethod(MergeMethod):
     """Task vectors → optional sparsification → optional sign consensus → weighted (normalized) sum.
 
@@ -312,12 +331,7 @@ class GTAMethod(MergeMethod):
         after = job.state.setdefault("l1_after", [0.0] * len(tensors))
         for t, (tau, p) in enumerate(zip(tensors, job.model_params, strict=True)):
             if p.density < 1:
-                g = self._generator(job, t, start)
-                if fused.available():
-                    b, a = fused.dare_drop(tau, g, p.density, apply=False)
-                else:
-                    keep = dare_keep(tau.numel(), p.density, g)
-                    b, a = float(tau.abs().sum(dtype=torch.float64)), float((tau * keep).abs_().sum(dtype=torch.float64))
+                b, a = dare_drop(tau, self._generator(job, t, start), p.density, apply=False)
                 before[t] += b
                 after[t] += a
 
@@ -351,42 +365,19 @@ class GTAMethod(MergeMethod):
             return hardshrink_at_least(tau, self._threshold(job, t, tau))
         g = self._generator(job, t, start)
         rescale = self.params.rescale
-        if fused.available():  # the same drop and rescale in one pass (merging/fused.py)
-            return self._dare_fused(job, t, tau, g, d)
-        keep = dare_keep(tau.numel(), d, g)
-        if rescale == "l1":
-            if job.chunked:
-                before, after = job.state["l1_before"][t], job.state["l1_after"][t]
-                x = tau.mul_(keep)
-            else:
-                before = float(tau.abs().sum(dtype=torch.float64))
-                x = tau.mul_(keep)
-                after = float(x.abs().sum(dtype=torch.float64))
+        if rescale == "l1" and not job.chunked:  # drop, then scale by the norms just measured
+            before, after = dare_drop(tau, g, d, apply=True)
             if before >= _L1_EPS and after >= _L1_EPS:  # mergekit leaves near-zero tensors unscaled
-                x.mul_(before / after)
-            return x
-        x = tau.mul_(keep)
-        if rescale == "keep_rate":
-            x.div_(d)
-        elif rescale == "q":
-            x.div_(self.params.q)
-        return x
-
-    def _dare_fused(self, job: TensorJob, t: int, tau: torch.Tensor, g: np.random.SFC64, d: float) -> torch.Tensor:
-        rescale = self.params.rescale
+                tau.mul_(before / after)
+            return tau
         op, factor = 0, 1.0
-        if rescale == "l1":
-            if not job.chunked:  # drop, then scale by the norms just measured
-                before, after = fused.dare_drop(tau, g, d, apply=True)
-                if before >= _L1_EPS and after >= _L1_EPS:
-                    tau.mul_(before / after)
-                return tau
+        if rescale == "l1":  # whole-tensor norms from the statistics pass
             before, after = job.state["l1_before"][t], job.state["l1_after"][t]
             if before >= _L1_EPS and after >= _L1_EPS:
                 op, factor = 1, before / after
         elif rescale in ("keep_rate", "q"):
             op, factor = 2, d if rescale == "keep_rate" else self.params.q
-        fused.dare_drop(tau, g, d, apply=True, sums=False, op=op, factor=factor)
+        dare_drop(tau, g, d, apply=True, sums=False, op=op, factor=factor)
         return tau
 
     def merge_chunk(self, job, start, base, tensors) -> torch.Tensor:

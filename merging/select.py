@@ -149,10 +149,14 @@ class KthLargest:
                 if self.collect and fused.available():  # collect the values; a histogram only past the cap
                     self._hist_later = True
                 else:
-                    self._hist = torch.zeros(khi - self._klo + 1, dtype=torch.int64)
+                    self._hist = self._new_hist()
         self._cands: list[torch.Tensor] = []
         self._kept = 0
         self._thin = 1
+
+    def _new_hist(self) -> torch.Tensor:
+        """Zero counts, one per float32 bit pattern from lo to hi."""
+        return torch.zeros(_key(self.hi) - self._klo + 1, dtype=torch.int64)
 
     def count(self, values: torch.Tensor) -> None:
         """Count one chunk of the stream (every value exactly once per counting round)."""
@@ -180,7 +184,7 @@ class KthLargest:
         if not c.numel():
             return
         if self._hist_later and self._kept + c.numel() > _CANDIDATE_CAP:  # too many to keep: histogram them
-            self._hist = torch.zeros(_key(self.hi) - self._klo + 1, dtype=torch.int64)
+            self._hist = self._new_hist()
             self._hist_later = False
             for t in self._cands:
                 self._hist += torch.bincount(t.view(torch.int32) - self._klo, minlength=self._hist.numel())
