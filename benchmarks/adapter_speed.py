@@ -4,10 +4,11 @@ PEFT's own LoRA and SHiRA at equal trainable parameters.
     nice -n 10 python benchmarks/adapter_speed.py              # batch 16, length 128, query/value, r = 8
     python benchmarks/adapter_speed.py --steps 3 --seq-len 64   # quicker
 
-Each method runs in two fresh processes (one thread each): one times the steps, one measures memory as peak
-RSS under a fixed glibc mmap threshold (every tensor of 64 KiB or more is its own mapping, returned to the OS when
-freed, so RSS follows live memory; glibc's default raises the threshold as it goes and keeps freed blocks, which
-made peak RSS depend on allocation history; the fixed threshold costs page faults, hence the separate timing run).
+Each method runs in fresh processes (one thread each): one times the steps, others (three by default; the
+median is shown) measure memory as peak RSS under a fixed glibc mmap threshold (every tensor of 64 KiB or more
+is its own mapping, returned to the OS when freed, so RSS follows live memory; glibc's default raises the
+threshold as it goes and keeps freed blocks, which made peak RSS depend on allocation history; the fixed
+threshold costs page faults, hence the separate timing run).
 - step: median CPU-seconds (user+sys of the process) per training step (forward, backward, AdamW step) after
   warm-up steps, and the median wall time beside it (wall is inflated when the machine is shared);
 - extra MiB: peak RSS during training − RSS with the model loaded (everything training adds: activations,
@@ -16,6 +17,7 @@ made peak RSS depend on allocation history; the fixed threshold costs page fault
   base weight frozen and only the input embeddings' output requiring grad (activations a backward pass through
   the encoder keeps anyway), so what remains is what the method itself costs: its parameters, gradients and
   optimizer state, the inputs its own backward keeps, and copies such as SHiRA's dense W + S per layer.
+`sparse_bf16` is the sparse adapter with `saved_input_dtype: bfloat16` (layer inputs kept in 16 bits).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-METHODS = ["frozen", "full", "peft_lora", "peft_shira", "lora", "pissa", "kronecker", "loldu", "sparse"]
+METHODS = ["frozen", "full", "peft_lora", "peft_shira", "lora", "pissa", "kronecker", "loldu", "sparse", "sparse_bf16"]
+# benchmark names that are an adapter with options: name -> (adapter, options)
+VARIANTS = {"sparse_bf16": ("sparse", {"saved_input_dtype": "bfloat16"})}
 
 
 def _rss_mib() -> float:
@@ -92,7 +96,8 @@ def worker(method: str, args) -> dict:
     else:
         from peft_lab.adapters import build_adapter
 
-        adapter = build_adapter(method, r=args.r, target_modules=targets)
+        name, options = VARIANTS.get(method, (method, {}))
+        adapter = build_adapter(name, r=args.r, target_modules=targets, **options)
         run = adapter.attach(model)
         params = list(adapter.trainable_parameters().values())
     run.train()
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default="query,value")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--memory-repeats", type=int, default=3, help="memory runs per method (the median is shown)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -153,17 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows = {}
     for m in args.methods.split(","):
-        out = {}
-        for mode, e, extra in (("speed", env, []), ("memory", mem_env, ["--steps=1", "--warmup=1"])):
+        out = {"memory": []}
+        runs = [("speed", env, [])] + [("memory", mem_env, ["--steps=1", "--warmup=1"])] * args.memory_repeats
+        for mode, e, extra in runs:
             cmd = [sys.executable, __file__, f"--worker={m}", *passthrough, *extra]
             p = subprocess.run(cmd, env=e, capture_output=True, text=True)
             if p.returncode != 0:
                 print(f"{m} ({mode}): failed\n{p.stderr[-2000:]}", file=sys.stderr)
                 break
-            out[mode] = json.loads(p.stdout.strip().splitlines()[-1])
+            res = json.loads(p.stdout.strip().splitlines()[-1])
+            if mode == "memory":
+                out["memory"].append(res["extra_mib"])
+            else:
+                out[mode] = res
         else:
-            rows[m] = {**out["speed"], "extra_mib": out["memory"]["extra_mib"]}
-            print(f"  ran {m}", flush=True)
+            rows[m] = {**out["speed"], "extra_mib": statistics.median(out["memory"])}
+            mem = ", ".join(f"{v:.1f}" for v in out["memory"])
+            print(f"  ran {m}: extra MiB per memory run {mem}", flush=True)
     frozen = rows["frozen"]["extra_mib"] if "frozen" in rows else None  # method MiB needs the frozen run
     ref = rows.get("lora") or rows.get("peft_lora") or next(iter(rows.values()), None)
     shira = rows.get("peft_shira")

@@ -228,3 +228,39 @@ def test_grown_slots_get_seeded_adam_moments():
         zero = layer.values.detach() == 0  # grown slots (kept ones carry trained values and their own moments)
         torch.testing.assert_close(st["exp_avg"][zero], (mg[j] * (1 - b1**t))[zero])
         torch.testing.assert_close(st["exp_avg_sq"][zero], (mg2[j] * (1 - b2**t))[zero])
+
+
+def test_saved_input_dtype_halves_what_a_bert_layer_keeps_and_changes_gradients_by_bf16_precision():
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48)
+    ids = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(0))
+
+    def run(dtype):
+        torch.manual_seed(0)
+        model = BertModel(cfg).eval()
+        a = build_adapter("sparse", r=2, seed=0, target_modules=["query", "value"], saved_input_dtype=dtype)
+        a.attach(model)
+        perturb(a)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=ids).last_hidden_state
+        out.square().sum().backward()
+        grads = {n: layer.values.grad.clone() for n, layer in a.layers().items()}
+        return out.detach(), grads, sum(storages.values())
+
+    y32, g32, bytes32 = run(None)
+    y16, g16, bytes16 = run("bfloat16")
+    assert torch.equal(y16, y32)
+    # per layer, query and value read one input (4·8 tokens × 32 features): kept once, now in 2 bytes, not 4
+    assert bytes32 - bytes16 == cfg.num_hidden_layers * 4 * 8 * 32 * 2
+    for n in g32:
+        assert not torch.equal(g16[n], g32[n])
+        torch.testing.assert_close(g16[n], g32[n], rtol=0.05, atol=0.05 * float(g32[n].abs().max()))
+    with pytest.raises(UserError, match="saved_input_dtype"):
+        build_adapter("sparse", saved_input_dtype="int8")

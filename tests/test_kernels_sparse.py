@@ -468,3 +468,60 @@ def test_gpu_triton_matches_reference(density, dtype, monkeypatch):
     assert_close("y", ref[0], got[0], dtype)
     assert_close("dx", ref[1], got[1], dtype)
     torch.testing.assert_close(got[2], ref[2], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["reference", "csr"])
+@pytest.mark.parametrize("widen", [1 << 18, 25])  # the value gradient widens x in blocks: one, or 2 rows at a time
+def test_saved_input_dtype_keeps_a_bfloat16_input_and_changes_only_the_weight_side_gradients(backend, widen, monkeypatch):
+    monkeypatch.setenv(op.BACKEND_ENV, backend)
+    monkeypatch.setattr(op, "_WIDEN_ELEMENTS", widen)
+    x, w, b, rows, cols, v, dy = make_case(12, 9, 11, 0.3)
+    x3 = x.reshape(3, 4, 11)  # leading dims are flattened: the narrowed copy is shared per original tensor
+    dy3 = dy.reshape(3, 4, 9)
+
+    def grads(dtype, need_w):
+        xx, vv = x3.clone().requires_grad_(), v.clone().requires_grad_()
+        ww = w.clone().requires_grad_(need_w)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = sparse_linear(xx, ww, rows, cols, vv, b, saved_input_dtype=dtype)
+        wrt = (xx, vv) + ((ww,) if need_w else ())
+        return (y.detach(), *torch.autograd.grad(y, wrt, dy3)), saved
+
+    (y0, dx0, dv0, dw0), _ = grads(None, True)
+    (y1, dx1, dv1, dw1), saved = grads(torch.bfloat16, True)
+    assert torch.equal(y1, y0) and torch.equal(dx1, dx0)  # the forward and dx never see the narrowed copy
+    kept = [t for t in saved if t.shape == (12, 11)]
+    assert len(kept) == 1 and kept[0].dtype == torch.bfloat16
+    xr = x3.to(torch.bfloat16).float()  # what the value and weight gradients now see
+    xx, vv, ww = xr.clone().requires_grad_(), v.clone().requires_grad_(), w.clone().requires_grad_()
+    dv_ref, dw_ref = torch.autograd.grad(sparse_linear(xx, ww, rows, cols, vv, b), (vv, ww), dy3)
+    torch.testing.assert_close(dv1, dv_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw1, dw_ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(dv1, dv0)  # the option does change them (bf16 rounding of x) ...
+    torch.testing.assert_close(dv1, dv0, rtol=2e-2, atol=2e-2)  # ... by about bf16's precision
+
+
+def test_saved_input_dtype_shares_one_copy_per_input_and_saves_no_input_without_trainable_weight_side(monkeypatch):
+    monkeypatch.setenv(op.BACKEND_ENV, "reference")
+    x, w, b, rows, cols, v, _ = make_case(6, 9, 11, 0.3)
+    x = x.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        q = sparse_linear(x, w, rows, cols, v.clone().requires_grad_(), saved_input_dtype=torch.bfloat16)
+        k = sparse_linear(x, w.clone(), rows, cols, v.clone().requires_grad_(), saved_input_dtype=torch.bfloat16)
+    narrowed = [t for t in saved if t.dtype == torch.bfloat16]
+    assert len(narrowed) == 2 and narrowed[0] is narrowed[1]  # query and key keep one bf16 copy of x
+    (q + k).sum().backward()
+    x2 = x.detach().clone()
+    first = op._narrowed(x2, x2, torch.bfloat16)
+    assert op._narrowed(x2, x2, torch.bfloat16) is first
+    x2.add_(1.0)  # an in-place change bumps x's version: a fresh copy, not the stale one
+    assert op._narrowed(x2, x2, torch.bfloat16) is not first
+    x2.requires_grad_()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sparse_linear(x2, w, rows, cols, v, saved_input_dtype=torch.bfloat16)  # values frozen, W frozen
+    assert not [t for t in saved if t is not None and t.shape == x2.shape]  # dx needs only W and the values
+    with pytest.raises(UserError, match="saved_input_dtype"):
+        sparse_linear(x, w, rows, cols, v, saved_input_dtype=torch.int8)

@@ -38,6 +38,7 @@ __all__ = ["SparseFT", "SparseConfig", "SparseLayer", "select_indices"]
 
 log = logging.getLogger("peft_lab.adapters")
 SELECTIONS = ("random", "magnitude", "grow_drop")
+SAVED_INPUT_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +53,9 @@ class SparseConfig(AdapterConfig):
     selection_accumulation_steps: grow_drop: steps of gradient accumulated before each reselection.
     reselection_rate: grow_drop: fraction of slots replaced at the second selection (p0), decaying after.
     rate_policy: grow_drop: "linear" or "cosine" decay of the rate over training.
+    saved_input_dtype: null, or "bfloat16" / "float16": keep each layer's input for the backward in that dtype
+        (half of float32). The forward and the input gradient are unchanged; the value gradients (SDDMM) see
+        the input rounded to that dtype. Layers that read the same input share one copy.
     """
 
     r: int = 8
@@ -62,6 +66,7 @@ class SparseConfig(AdapterConfig):
     selection_accumulation_steps: int = 5
     reselection_rate: float = 0.2
     rate_policy: str = "linear"
+    saved_input_dtype: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -80,6 +85,11 @@ class SparseConfig(AdapterConfig):
             raise UserError(f"adapter.reselection_rate must be in (0, 1], got {self.reselection_rate!r}.")
         if self.rate_policy not in ("linear", "cosine"):
             raise UserError(f"adapter.rate_policy must be 'linear' or 'cosine', got {self.rate_policy!r}.")
+        if self.saved_input_dtype not in SAVED_INPUT_DTYPES:
+            raise UserError(
+                "adapter.saved_input_dtype must be null, 'bfloat16' or 'float16', got "
+                f"{self.saved_input_dtype!r}."
+            )
 
     def budget(self, out_features: int, in_features: int) -> int:
         if self.density is not None:
@@ -102,8 +112,9 @@ def select_indices(
 class SparseLayer(AdapterLayer):
     """An nn.Linear plus a sparse delta at fixed positions (`rows`, `cols`) with trainable `values`."""
 
-    def __init__(self, base_layer: nn.Linear, indices: torch.Tensor):
+    def __init__(self, base_layer: nn.Linear, indices: torch.Tensor, saved_input_dtype: torch.dtype | None = None):
         super().__init__(base_layer)
+        self.saved_input_dtype = saved_input_dtype
         out_f, in_f = base_layer.weight.shape
         # int32 halves the index memory; the kernel widens per call
         itype = torch.int32 if out_f * in_f < 2**31 else torch.int64
@@ -121,7 +132,7 @@ class SparseLayer(AdapterLayer):
         b = self.base_layer
         if self.merged:
             return b(x)
-        y = sparse_linear(x, b.weight, self.rows, self.cols, self.values, b.bias)
+        y = sparse_linear(x, b.weight, self.rows, self.cols, self.values, b.bias, self.saved_input_dtype)
         if self.candidates is not None and y.requires_grad:
             x_saved = x.detach()
             y.register_hook(lambda dy: self._collect(dy, x_saved))
@@ -185,7 +196,7 @@ class SparseFT(OwnAdapter):
                 "set adapter.density, or exclude the layer."
             )
         idx = select_indices(module.weight, k, self.config.selection, self._generator)
-        return SparseLayer(module, idx)
+        return SparseLayer(module, idx, SAVED_INPUT_DTYPES[self.config.saved_input_dtype])
 
     def attach(self, model: nn.Module) -> nn.Module:
         out = super().attach(model)

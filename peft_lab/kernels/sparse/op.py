@@ -76,16 +76,21 @@ def _impl(name: str) -> ModuleType:
     return reference if name == "reference" else _triton_module()
 
 
+_WIDEN_ELEMENTS = 1 << 18  # a narrowed input is widened for the value gradient in blocks of about this many
+
+
 class _SparseLinear(torch.autograd.Function):
     """Inputs 2-D and validated by `pattern_linear`; values in the pattern's row-major order."""
 
     @staticmethod
-    def forward(ctx, x, weight, values, bias, pattern: SparsePattern, impl: ModuleType):
+    def forward(ctx, x, weight, values, bias, pattern: SparsePattern, impl: ModuleType, x_saved):
         y = F.linear(x, weight, bias)  # (B, out) dense part
         xt = x.t().contiguous() if impl.FEATURE_MAJOR else x.t()  # (in, B)
         impl.linear_add_(y, xt, pattern, values)
-        ctx.save_for_backward(x, weight, values)
-        ctx.pattern, ctx.impl = pattern, impl
+        need_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]  # only the W and value gradients read x
+        keep = (x if x_saved is None else x_saved) if need_x else None
+        ctx.save_for_backward(keep, weight, values)
+        ctx.pattern, ctx.impl, ctx.x_dtype = pattern, impl, x.dtype
         return y
 
     @staticmethod
@@ -93,6 +98,7 @@ class _SparseLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, values = ctx.saved_tensors
         pattern, impl = ctx.pattern, ctx.impl
+        narrowed = x is not None and x.dtype != ctx.x_dtype  # kept in 16 bits (`saved_input_dtype`)
         need_x, need_w, need_v, need_b = ctx.needs_input_grad[:4]
         dx = dw = dv = db = None
         if need_x or need_v:
@@ -100,14 +106,23 @@ class _SparseLinear(torch.autograd.Function):
         if need_x:
             dx = dy @ weight  # (B, in)
             impl.linear_t_add_(dx, dyt, pattern, values)
-        if need_v:
+        if need_v and narrowed:  # widened a block of rows at a time, so no full-size copy of x comes back
+            step = max(1, _WIDEN_ELEMENTS // max(1, x.shape[1]))
+            for s in range(0, x.shape[0], step):
+                xb = x[s : s + step].to(ctx.x_dtype)
+                xt = xb.t().contiguous() if impl.FEATURE_MAJOR else xb.t()
+                dyb = dy[s : s + step].t()
+                part = impl.sddmm(dyb.contiguous() if impl.FEATURE_MAJOR else dyb, xt, pattern)
+                dv = part if dv is None else dv.add_(part)
+            dv = dv.to(values.dtype) if dv is not None else torch.zeros_like(values)
+        elif need_v:
             xt = x.t().contiguous() if impl.FEATURE_MAJOR else x.t()  # re-made here: saving x costs no memory
             dv = impl.sddmm(dyt, xt, pattern).to(values.dtype)  # when the caller keeps x alive anyway
         if need_w:
-            dw = dy.t() @ x
+            dw = dy.t() @ (x.to(ctx.x_dtype) if narrowed else x)
         if need_b:
             db = dy.sum(0)
-        return dx, dw, dv, db, None, None
+        return dx, dw, dv, db, None, None, None
 
 
 def pattern_linear(
@@ -116,6 +131,7 @@ def pattern_linear(
     pattern: SparsePattern,
     values: torch.Tensor,
     bias: torch.Tensor | None = None,
+    saved_input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y = x·(W + S)^T + b for a pattern built once (the fast path for repeated calls, e.g. every training step).
 
@@ -126,22 +142,56 @@ def pattern_linear(
         values: (nnz,) in the order the pattern was built from; any float dtype (float32 values with
             bfloat16 x keep float32 master values; their gradient comes back in float32).
         bias: optional (out,).
+        saved_input_dtype: keep x for the backward in this narrower float dtype (e.g. torch.bfloat16 halves
+            what a float32 layer keeps). The forward and dx are unchanged; the value (and weight) gradients
+            then see x rounded to that dtype. Calls on the same x tensor (e.g. query and value projections of
+            one attention input) share one narrowed copy. None keeps x as it is.
     Returns:
         (..., out) in x's dtype (the autocast dtype under autocast).
     """
     _check_inputs(x, weight, pattern, values, bias)
+    _check_saved_dtype(saved_input_dtype, pattern.where)
     if torch.is_autocast_enabled(x.device.type):
         # autocast would otherwise cast inside F.linear only; cast the dense operands once, then run unautocast
         dt = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dt), weight.to(dt)
         bias = bias.to(dt) if bias is not None else None
         with torch.autocast(x.device.type, enabled=False):
-            return pattern_linear(x, weight, pattern, values, bias)
+            return pattern_linear(x, weight, pattern, values, bias, saved_input_dtype)
     impl = _impl(backend_for(x, weight, values))
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    y = _SparseLinear.apply(x2, weight, pattern.sort_values(values), bias, pattern, impl)
+    x_saved = None
+    if (
+        saved_input_dtype is not None
+        and saved_input_dtype != x.dtype
+        and torch.is_grad_enabled()
+        and (values.requires_grad or weight.requires_grad)
+    ):
+        x_saved = _narrowed(x, x2, saved_input_dtype)
+    y = _SparseLinear.apply(x2, weight, pattern.sort_values(values), bias, pattern, impl, x_saved)
     return y.reshape(*lead, weight.shape[0])
+
+
+# x -> (x's version, dtype, narrowed 2-D copy), keyed weakly by tensor identity: the projections that read one
+# input (query, key, value) keep one narrowed copy between them; the entry goes when x does.
+_NARROWED = WeakTensorKeyDictionary()
+
+
+def _narrowed(x: torch.Tensor, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if x.is_inference():  # no version counter: no sharing
+        return x2.detach().to(dtype)
+    hit = _NARROWED.get(x)
+    if hit is not None and hit[0] == x._version and hit[1] == dtype and hit[2].shape == x2.shape:
+        return hit[2]
+    copy = x2.detach().to(dtype)
+    _NARROWED[x] = (x._version, dtype, copy)
+    return copy
+
+
+def _check_saved_dtype(dtype, where: str) -> None:
+    if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+        raise UserError(f"{where}: saved_input_dtype must be torch.bfloat16, torch.float16 or None, got {dtype!r}.")
 
 
 def sparse_linear(
@@ -151,6 +201,7 @@ def sparse_linear(
     cols: torch.Tensor,
     values: torch.Tensor,
     bias: torch.Tensor | None = None,
+    saved_input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y = x·(W + S)^T + b where S is zero except S[rows[k], cols[k]] = values[k].
 
@@ -162,13 +213,14 @@ def sparse_linear(
 
     Args:
         x: (..., in); weight: (out, in); rows, cols: (nnz,) int32/int64 in any order, no duplicate
-        positions; values: (nnz,) float; bias: optional (out,).
+        positions; values: (nnz,) float; bias: optional (out,); saved_input_dtype: see `pattern_linear`.
     Returns:
         (..., out).
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise UserError(f"sparse_linear: weight must be a 2-D (out, in) tensor, got {_describe(weight)}.")
-    return pattern_linear(x, weight, _pattern_for(rows, cols, tuple(weight.shape)), values, bias)
+    pattern = _pattern_for(rows, cols, tuple(weight.shape))
+    return pattern_linear(x, weight, pattern, values, bias, saved_input_dtype)
 
 
 # rows tensor -> (cols tensor, rows version, cols version, shape, pattern). Keyed weakly by tensor identity: an
