@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import intrinsic
 
 _ABS = np.int32(0x7FFFFFFF)
 _INF = np.int32(0x7F800000)
@@ -192,3 +194,168 @@ def _first_mask_mismatch(xs):
                     if (x0[i] == 0) != (xt[i] == 0):
                         return t, b0 + i
     return -1, -1
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once (llvm.fma.f32): what torch's vectorised `add_(x, alpha=w)` computes."""
+    from llvmlite import ir
+
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+_BF16_EXP = np.uint16(0x7F80)
+_F32_EXP = np.uint32(0x7F800000)
+
+
+@_njit
+def _raw_merge(out16, out32, to_bf16, xs, base, has_base, mode, w, div_value, divide, lam, scale, check):
+    # Linear (mode 0) or task arithmetic (mode 1) straight from bfloat16 bits (xs: (T, n) uint16, one row per
+    # model; base: (n,) uint16), mirroring the torch path op by op in float32:
+    #   mode 0 (merging.methods.linear.weighted_average): m = x_0·w_0 (x_0 when w_0 == 1); m = fma(w_t, x_t, m);
+    #     m /= div (normalize);
+    #   mode 1 (merging.gta.combine, no consensus): m = Σ_t (x_t − b)·w_t in model order; m /= div; m *= λ; m + b.
+    # Returns 0, or 1 when an input (`check`) or the result holds NaN/inf: the caller then reruns the chunk on
+    # the torch path, which names the tensor and element in its error.
+    T, n = xs.shape
+    one = np.float32(1.0)
+    u = np.empty(_BLOCK, dtype=np.uint32)
+    x = u.view(np.float32)
+    bu = np.empty(_BLOCK, dtype=np.uint32)
+    b = bu.view(np.float32)
+    mx = np.empty(_BLOCK, dtype=np.float32)
+    mxu = mx.view(np.uint32)
+    for b0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - b0)
+        bad = False
+        if has_base and (mode == 1 or check):  # linear reads the base only to check it, as the torch path does
+            src = base[b0 : b0 + m]
+            for i in range(m):
+                bu[i] = np.uint32(src[i]) << np.uint32(16)
+                bad |= (src[i] & _BF16_EXP) == _BF16_EXP
+        for t in range(T):
+            src = xs[t, b0 : b0 + m]
+            wt = w[t]
+            for i in range(m):
+                u[i] = np.uint32(src[i]) << np.uint32(16)
+            if check:
+                for i in range(m):
+                    bad |= (src[i] & _BF16_EXP) == _BF16_EXP
+            if mode == 0:
+                if t == 0:
+                    if wt == one:
+                        for i in range(m):
+                            mx[i] = x[i]
+                    else:
+                        for i in range(m):
+                            mx[i] = x[i] * wt
+                else:
+                    for i in range(m):
+                        mx[i] = _fma(wt, x[i], mx[i])
+            else:
+                for i in range(m):
+                    d = (x[i] - b[i]) * wt
+                    mx[i] = d if t == 0 else mx[i] + d
+        if check and bad:
+            return 1
+        if divide:
+            for i in range(m):
+                mx[i] = mx[i] / div_value
+        if scale:
+            for i in range(m):
+                mx[i] = mx[i] * lam
+        if mode == 1:
+            for i in range(m):
+                mx[i] = mx[i] + b[i]
+        if check:
+            for i in range(m):
+                bad |= (mxu[i] & _F32_EXP) == _F32_EXP
+            if bad:
+                return 1
+        if to_bf16:  # round to nearest even, as torch's float -> bfloat16 (NaN -> 0x7FC0)
+            ob = out16[b0 : b0 + m]
+            for i in range(m):
+                v = mxu[i]
+                r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                ob[i] = np.uint16(0x7FC0) if mx[i] != mx[i] else np.uint16(r)
+        else:
+            ob32 = out32[b0 : b0 + m]
+            for i in range(m):
+                ob32[i] = mx[i]
+    return 0
+
+
+@_jit(fastmath={"reassoc", "nsz"})
+def _raw_dot3(x0, x1, check):
+    # (<x0, x1>, |x0|², |x1|², any NaN/inf) of two bfloat16 bit arrays, summed in float64 (reassociation lets
+    # LLVM vectorise the sums; their order then depends on the vector width)
+    u0 = np.empty(_BLOCK, dtype=np.uint32)
+    u1 = np.empty(_BLOCK, dtype=np.uint32)
+    f0 = u0.view(np.float32)
+    f1 = u1.view(np.float32)
+    dot = 0.0
+    n0 = 0.0
+    n1 = 0.0
+    bad = False
+    for b0 in range(0, x0.size, _BLOCK):
+        a = x0[b0 : b0 + _BLOCK]
+        b = x1[b0 : b0 + _BLOCK]
+        m = a.size
+        for i in range(m):
+            u0[i] = np.uint32(a[i]) << np.uint32(16)
+            u1[i] = np.uint32(b[i]) << np.uint32(16)
+        if check:
+            for i in range(m):
+                bad |= ((a[i] & _BF16_EXP) == _BF16_EXP) | ((b[i] & _BF16_EXP) == _BF16_EXP)
+        for i in range(m):
+            p = np.float64(f0[i])
+            q = np.float64(f1[i])
+            dot += p * q
+            n0 += p * p
+            n1 += q * q
+    return dot, n0, n1, bad
+
+
+@_njit
+def _raw_lerp(out16, out32, to_bf16, x0, x1, c0, c1, check):
+    # out = fma(c1, x1, x0·c0) in float32 (the torch path's `base.mul_(c0).add_(v1, alpha=c1)`), from bfloat16
+    # bits, rounded to bfloat16 (or kept float32) in the same loop; 1 when the result holds NaN/inf (`check`)
+    u0 = np.empty(_BLOCK, dtype=np.uint32)
+    u1 = np.empty(_BLOCK, dtype=np.uint32)
+    f0 = u0.view(np.float32)
+    f1 = u1.view(np.float32)
+    mx = np.empty(_BLOCK, dtype=np.float32)
+    mxu = mx.view(np.uint32)
+    for b0 in range(0, x0.size, _BLOCK):
+        a = x0[b0 : b0 + _BLOCK]
+        b = x1[b0 : b0 + _BLOCK]
+        m = a.size
+        for i in range(m):
+            u0[i] = np.uint32(a[i]) << np.uint32(16)
+            u1[i] = np.uint32(b[i]) << np.uint32(16)
+        for i in range(m):
+            mx[i] = _fma(c1, f1[i], f0[i] * c0)
+        if check:
+            bad = False
+            for i in range(m):
+                bad |= (mxu[i] & _F32_EXP) == _F32_EXP
+            if bad:
+                return 1
+        if to_bf16:
+            ob = out16[b0 : b0 + m]
+            for i in range(m):
+                v = mxu[i]
+                r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                ob[i] = np.uint16(0x7FC0) if mx[i] != mx[i] else np.uint16(r)
+        else:
+            ob32 = out32[b0 : b0 + m]
+            for i in range(m):
+                ob32[i] = mx[i]
+    return 0

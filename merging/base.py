@@ -195,6 +195,14 @@ class MergeMethod:
         The chunks are the executor's scratch: the method may modify them in place."""
         raise NotImplementedError
 
+    def raw_spec(self, job: TensorJob) -> dict | None:
+        """For methods with a fused pass over raw bfloat16 bits (`merging.fused`): its arguments for this tensor,
+        {"mode": "linear" | "task_arithmetic", "weights", "normalize", "lam"} (`raw_merge`, bit-identical to
+        `merge_chunk`) or {"mode": "slerp", "t"} (`raw_dot3` + `raw_lerp`: norms summed in float64, so equal to
+        `merge_chunk` up to float32 rounding). The executor then merges bfloat16 files without float32 copies
+        of the inputs. None (the default): `merge_chunk`."""
+        return None
+
     @classmethod
     def param_fields(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls.Params)] if dataclasses.is_dataclass(cls.Params) else []

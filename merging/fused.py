@@ -8,7 +8,11 @@ order, one block of elements at a time:
 - `gta_combine`: TIES's trim + weights + sign election + disjoint mean (or plain sum) + λ + base;
 - `band`: one pass of TIES's threshold search (count above the bracket, collect the values inside it);
 - `dare_drop`: DARE's random drop, drawing numpy's SFC64 stream inside the loop, and its rescale;
-- `first_mask_mismatch`: the soup's shared-zero-mask check.
+- `first_mask_mismatch`: the soup's shared-zero-mask check;
+- `raw_merge`: linear and task arithmetic straight from bfloat16 inputs (the executor's fast path for them):
+  one pass that decodes, checks, combines and rounds to the output dtype; `raw_dot3` and `raw_lerp` do the
+  same for slerp (its norms and dot product are summed in float64 here, in float32 chunks on the torch path,
+  so slerp's two paths agree to float32 rounding, not bit for bit).
 
 Their float32 results are bit-identical to the reference (tests/test_fused.py, on random inputs with signed
 zeros and ties). One caveat: DARE's L1 rescale sums |τ| in float64 in both paths but in a different order
@@ -31,7 +35,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["ENABLED", "available", "band", "dare_drop", "first_mask_mismatch", "gta_combine"]
+__all__ = ["ENABLED", "available", "band", "dare_drop", "first_mask_mismatch", "gta_combine", "raw_dot3", "raw_lerp",
+           "raw_merge"]
 
 ENABLED = os.environ.get("PEFT_LAB_FUSED", "1") != "0"
 
@@ -121,6 +126,76 @@ def first_mask_mismatch(xs: Sequence[torch.Tensor]) -> tuple[int, int]:
     return int(t), int(i)
 
 
+RAW_MODES = {"linear": 0, "task_arithmetic": 1}
+
+
+def raw_merge(
+    xs: np.ndarray,
+    base: np.ndarray | None,
+    mode: str,
+    weights: Sequence[float],
+    *,
+    normalize: bool,
+    lam: float = 1.0,
+    out_dtype: torch.dtype = torch.bfloat16,
+    check: bool = True,
+) -> torch.Tensor | None:
+    """Linear or task arithmetic in one pass straight from bfloat16 bits, with the same float32 results as the
+    torch path (`merging.methods.linear.weighted_average`, `merging.gta.combine` on x_t − base): no float32
+    copies of the inputs, no delta pass, and the rounding to the output dtype in the same loop.
+
+    Args:
+        xs: (T, n) uint16, the models' bfloat16 bits, one row per model (for task arithmetic: the fine-tuned
+            models; the base comes separately).
+        base: (n,) uint16 bfloat16 bits, or None (linear only: there it is only checked, as the torch path does).
+        mode: "linear" or "task_arithmetic".
+        weights: the T per-model weights.
+        normalize, lam: the method's parameters (`lam` only for task arithmetic).
+        out_dtype: torch.bfloat16 or torch.float32.
+        check: refuse NaN/inf: return None when an input or the result holds one (the caller reruns the chunk
+            on the torch path, whose error names the tensor and element).
+    Returns:
+        A new (n,) tensor of `out_dtype`, or None (see `check`).
+    """
+    T, n = xs.shape
+    code = RAW_MODES[mode]
+    divide, div_value = False, np.float32(1.0)
+    if normalize:
+        d = float(sum(weights))
+        if code == 0 or abs(d) >= 1e-8:  # task arithmetic: mergekit leaves the sum undivided when weights cancel
+            divide, div_value = True, np.float32(d)
+    to_bf16 = out_dtype == torch.bfloat16
+    out16 = np.empty(n if to_bf16 else 0, dtype=np.uint16)
+    out32 = np.empty(0 if to_bf16 else n, dtype=np.float32)
+    b = base if base is not None else out16[:0]
+    status = _loops()._raw_merge(out16, out32, to_bf16, xs, b, base is not None, code,
+                                 np.asarray(weights, dtype=np.float32), div_value, divide, np.float32(lam), lam != 1,
+                                 check)  # fmt: skip
+    if status:
+        return None
+    return torch.from_numpy(out16).view(torch.bfloat16) if to_bf16 else torch.from_numpy(out32)
+
+
+def raw_dot3(x0: np.ndarray, x1: np.ndarray, *, check: bool = True) -> tuple[float, float, float] | None:
+    """(<x0, x1>, |x0|², |x1|²) of two bfloat16 bit arrays (uint16), summed in float64; None when `check` and
+    either holds NaN/inf. (The torch path sums in float32 per chunk, so the two differ in the last bits.)"""
+    dot, n0, n1, bad = _loops()._raw_dot3(x0, x1, check)
+    return None if bad else (float(dot), float(n0), float(n1))
+
+
+def raw_lerp(x0: np.ndarray, x1: np.ndarray, c0: float, c1: float, *, out_dtype: torch.dtype = torch.bfloat16,
+             check: bool = True) -> torch.Tensor | None:  # fmt: skip
+    """c0·x0 + c1·x1 from bfloat16 bits, computed as the torch path's `x0.mul_(c0).add_(x1, alpha=c1)` (float32,
+    one fused multiply-add), as a new tensor of `out_dtype` (bfloat16 or float32); None when `check` and the
+    result holds NaN/inf."""
+    to_bf16 = out_dtype == torch.bfloat16
+    out16 = np.empty(x0.size if to_bf16 else 0, dtype=np.uint16)
+    out32 = np.empty(0 if to_bf16 else x0.size, dtype=np.float32)
+    if _loops()._raw_lerp(out16, out32, to_bf16, x0, x1, np.float32(c0), np.float32(c1), check):
+        return None
+    return torch.from_numpy(out16).view(torch.bfloat16) if to_bf16 else torch.from_numpy(out32)
+
+
 def warm() -> None:
     """Compile (or load from numba's cache) every loop for 1-4 models, e.g. before timing a merge."""
     x = torch.linspace(-1, 1, 64)
@@ -130,3 +205,10 @@ def warm() -> None:
         first_mask_mismatch([x] * T)
     band(x, 0.25, 0.5)
     dare_drop(x.clone(), np.random.SFC64(0), 0.5, apply=True)
+    bits = x.to(torch.bfloat16).view(torch.uint16).numpy()
+    for mode in RAW_MODES:
+        for out_dtype in (torch.bfloat16, torch.float32):
+            raw_merge(np.stack([bits, bits]), bits, mode, [0.5, 0.5], normalize=True, lam=0.5, out_dtype=out_dtype)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        raw_lerp(bits, bits, 0.5, 0.5, out_dtype=out_dtype)
+    raw_dot3(bits, bits)

@@ -37,6 +37,7 @@ from merging.recipe import DTYPE_NAMES, Recipe, load_recipe
 from merging.stream import FileTable, TensorSource, check_finite_chunk, chunk_ranges, sample_ranges, tuned_malloc
 from peft_lab.errors import UserError
 from peft_lab.tree import (
+    Lazy,
     Thunk,
     Tree,
     apply,
@@ -104,7 +105,7 @@ def input_files(path: str | os.PathLike) -> list[Path]:
 class _Hasher(threading.Thread):
     """sha256 of every input file, in a background thread (hashlib releases the GIL on large buffers)."""
 
-    CHUNK = 8 << 20
+    CHUNK = 1 << 20  # read into one reused buffer that stays in cache (a fresh 8 MB bytes object per read cost page faults)
 
     def __init__(self, files: list[Path], kind: str):
         super().__init__(daemon=True, name="peft-lab-hash")
@@ -114,11 +115,13 @@ class _Hasher(threading.Thread):
 
     def run(self) -> None:
         try:
+            buf = bytearray(self.CHUNK)
+            view = memoryview(buf)
             for f in self.files:
                 h = hashlib.sha256()
-                with open(f, "rb") as fh:
-                    while block := fh.read(self.CHUNK):
-                        h.update(block)
+                with open(f, "rb", buffering=0) as fh:
+                    while n := fh.readinto(buf):
+                        h.update(view[:n])
                 self.digests[f] = f"sha256:{h.hexdigest()}"
         except BaseException as e:  # reported by the main thread
             self.error = e
@@ -267,6 +270,10 @@ class _Merge:
             yield self.checked(out.reshape(-1), name, 0).to(dtype)
             return
         job = self.job(name)
+        raw = self.raw_plan(job, base_src, srcs, dtype)
+        if raw is not None:
+            yield from self.raw_chunks(job, base_src, srcs, dtype, raw)
+            return
         cached = None
         i = 0
         while (kind := m.next_pass(job, i)) is not None:
@@ -283,6 +290,94 @@ class _Merge:
             cached = None
             out = m.merge_chunk(job, s, base, ts)
             yield self.checked(out, name, s).to(dtype)
+
+    # linear / task arithmetic / slerp on bfloat16 files: fused passes over the raw bits (merging/fused.py)
+    RAW_MIN_NUMEL = 1 << 16  # smaller tensors take the torch path (and do not import numba for it)
+
+    def raw_plan(self, job: TensorJob, base_src, srcs, dtype: torch.dtype) -> dict | None:
+        """The method's `raw_spec` when the fused pass applies to this tensor (bfloat16 files, no adapters, a
+        float32 or bfloat16 output, numba available), else None."""
+        spec = self.method.raw_spec(job)
+        if spec is None or job.numel < self.RAW_MIN_NUMEL or dtype not in (torch.bfloat16, torch.float32):
+            return None
+        srcs_ok = all(isinstance(s.leaf, Lazy) and s.leaf.dtype == torch.bfloat16 for s in srcs)
+        base_ok = base_src is None or (isinstance(base_src.leaf, Lazy) and base_src.leaf.dtype == torch.bfloat16)
+        if not srcs_ok or not base_ok or any(i.is_delta for i in self.inputs) or len(srcs) == 0:
+            return None
+        if spec["mode"] in ("task_arithmetic", "slerp") and base_src is None:
+            return None
+        if spec["mode"] != "slerp" and self.method.next_pass(job, 0) is not None:
+            return None
+        from merging import fused  # numba is imported by its first loop only
+
+        return spec if fused.available() else None
+
+    def raw_chunks(self, job: TensorJob, base_src, srcs, dtype: torch.dtype, spec: dict) -> Iterator[torch.Tensor]:
+        import numpy as np
+
+        from merging import fused
+
+        if spec["mode"] == "slerp":
+            yield from self.raw_slerp_chunks(job, base_src, srcs[0], dtype, spec["t"])
+            return
+        check = not self.opts.allow_nonfinite
+        chunk = min(job.numel, self.opts.chunk_size)
+        xs = np.empty((len(srcs), chunk), dtype=np.uint16)
+        bb = np.empty(chunk if base_src is not None else 0, dtype=np.uint16)
+        for s, e in chunk_ranges(job.numel, self.opts.chunk_size):
+            n = e - s
+            if base_src is not None:
+                self.files.read_into(base_src.leaf, s, e, bb[:n])
+            for t, src in enumerate(srcs):
+                self.files.read_into(src.leaf, s, e, xs[t, :n])
+            out = fused.raw_merge(xs[:, :n], bb[:n] if base_src is not None else None, spec["mode"],
+                                  spec["weights"], normalize=spec["normalize"], lam=spec.get("lam", 1.0),
+                                  out_dtype=dtype, check=check)  # fmt: skip
+            if out is None:  # NaN/inf in an input or the result: the torch path raises the error that names it
+                base, ts = self.read(job.name, base_src, srcs, s, e)
+                out = self.checked(self.method.merge_chunk(job, s, base, ts), job.name, s).to(dtype)
+            yield out
+
+    RAW_WHOLE_NUMEL = 1 << 25  # slerp reads a tensor up to this size once (2 x 64 MB of bfloat16), larger twice
+
+    def raw_slerp_chunks(self, job: TensorJob, base_src, src, dtype: torch.dtype, t: float) -> Iterator[torch.Tensor]:
+        import numpy as np
+
+        from merging import fused
+        from merging.methods.slerp import slerp_coefficients
+
+        check = not self.opts.allow_nonfinite
+        n, chunk = job.numel, self.opts.chunk_size
+        whole = n <= max(chunk, self.RAW_WHOLE_NUMEL)
+        size = n if whole else chunk
+        x0, x1 = np.empty(size, dtype=np.uint16), np.empty(size, dtype=np.uint16)
+
+        def load(s: int, e: int, again: bool):
+            if whole:
+                if not again:
+                    self.files.read_into(base_src.leaf, s, e, x0[s:e])
+                    self.files.read_into(src.leaf, s, e, x1[s:e])
+                return x0[s:e], x1[s:e]
+            self.files.read_into(base_src.leaf, s, e, x0[: e - s])
+            self.files.read_into(src.leaf, s, e, x1[: e - s])
+            return x0[: e - s], x1[: e - s]
+
+        dot = n0 = n1 = 0.0
+        for s, e in chunk_ranges(n, chunk):
+            stats = fused.raw_dot3(*load(s, e, False), check=check)
+            if stats is None:  # NaN/inf in an input: the torch path's reader names it
+                self.read(job.name, base_src, [src], s, e)
+                raise RuntimeError(f"{job.name}: non-finite input not reported by the reader")
+            dot, n0, n1 = dot + stats[0], n0 + stats[1], n1 + stats[2]
+        c0, c1 = slerp_coefficients(t, dot, n0, n1)
+        for s, e in chunk_ranges(n, chunk):
+            a, b = load(s, e, True)
+            out = fused.raw_lerp(a, b, c0, c1, out_dtype=dtype, check=check)
+            if out is None:  # NaN/inf in the result: the same values in float32 for the error message
+                f0, f1 = (torch.from_numpy(v.copy()).view(torch.bfloat16).float() for v in (a, b))
+                self.checked(f0.mul_(c0).add_(f1, alpha=c1), job.name, s)
+                raise RuntimeError(f"{job.name}: non-finite result not reported by the check")
+            yield out
 
     def checked(self, out: torch.Tensor, name: str, start: int) -> torch.Tensor:
         if not self.opts.allow_nonfinite:

@@ -52,20 +52,24 @@ class FileTable:
 
     def read(self, leaf: Lazy, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of the flattened tensor, as float32 (a fresh tensor the caller owns)."""
+        n = stop - start
+        raw = torch.empty(n * leaf.dtype.itemsize, dtype=torch.uint8) if leaf.dtype != torch.float32 else torch.empty(n)
+        self.read_into(leaf, start, stop, raw.numpy())
+        if leaf.dtype == torch.float32:
+            return raw
+        return raw.view(leaf.dtype).float()
+
+    def read_into(self, leaf: Lazy, start: int, stop: int, out) -> None:
+        """The raw bytes of elements [start, stop) into `out` (a contiguous numpy array of exactly that size)."""
         fd, offset = self.locate(leaf)
         es = leaf.dtype.itemsize
-        n = stop - start
-        raw = torch.empty(n * es, dtype=torch.uint8) if leaf.dtype != torch.float32 else torch.empty(n)
-        view = memoryview(raw.numpy()).cast("B")
+        view = memoryview(out).cast("B")
         got, pos = 0, offset + start * es
         while got < len(view):
             k = os.preadv(fd, [view[got:]], pos + got)
             if k <= 0:
                 raise UserError(f"{leaf.path}: the file ended while reading tensor {leaf.key} (was it truncated?).")
             got += k
-        if leaf.dtype == torch.float32:
-            return raw
-        return raw.view(leaf.dtype).float()
 
     def close(self) -> None:
         for fd, _, _ in self._files.values():

@@ -212,3 +212,141 @@ def test_merges_without_fused_loops_do_not_import_numba(tmp_path):
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(__file__).parent.parent)
     )
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+RAW_RECIPES = [
+    {"merge_method": "linear", "weights": [0.3, 0.7], "parameters": {}},
+    {"merge_method": "linear", "weights": [2.0, 1.0], "parameters": {"normalize": False}, "base_weight": 0.5},
+    {"merge_method": "task_arithmetic", "weights": [1.0, 1.0], "parameters": {}},
+    {"merge_method": "task_arithmetic", "weights": [0.6, -0.3], "parameters": {"lambda": 0.7, "normalize": True}},
+]
+
+
+def _raw_recipe(base, fts, spec, dtype):
+    spec = dict(spec)
+    rec = {"merge_method": spec["merge_method"], "parameters": spec["parameters"], "dtype": dtype,
+           "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(fts, spec["weights"], strict=True)]}  # fmt: skip
+    if spec["merge_method"] == "task_arithmetic" or "base_weight" in spec:
+        rec["base_model"] = str(base)
+    if "base_weight" in spec:  # linear averages an unlisted base_model in, with the top-level weight
+        rec["parameters"] = {**rec["parameters"], "weight": spec["base_weight"]}
+    return rec
+
+
+@pytest.mark.parametrize("spec", RAW_RECIPES, ids=lambda s: f"{s['merge_method']}-{s['weights']}")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("chunk", [1 << 20, 100])
+def test_raw_bf16_pass_writes_the_bytes_of_the_torch_path(tmp_path, monkeypatch, spec, dtype, chunk):
+    from merging.run import _Merge, run_merge
+    from tests.merge_util import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=2)  # bfloat16 files
+    rec = _raw_recipe(base, fts, spec, dtype)
+    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
+    calls = []
+    real = fused.raw_merge
+    monkeypatch.setattr(fused, "raw_merge", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        out = run_merge(rec, tmp_path / f"out{enabled}", chunk_size=chunk, progress=False, hash="none")
+        outs.append((out / "model.safetensors").read_bytes())
+        if enabled:
+            assert calls, "the raw pass was not used"
+            n_fast = len(calls)
+    assert len(calls) == n_fast  # ... and not with the fused loops off
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("where", ["input", "result"])
+def test_raw_pass_refuses_nonfinite_values_with_the_torch_paths_message(tmp_path, monkeypatch, where):
+    from safetensors.torch import load_file, save_file
+
+    from merging.run import _Merge, run_merge
+    from peft_lab.errors import UserError
+    from tests.merge_util import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=2)
+    f = fts[1] / "model.safetensors"
+    sd = load_file(f)
+    name = "model.layers.0.mlp.up_proj.weight"
+    if where == "input":
+        sd[name].view(-1)[37] = float("nan")
+    else:  # finite inputs whose weighted sum overflows float32
+        sd[name].view(-1)[37] = 3e38
+    save_file(sd, f, metadata={"format": "pt"})
+    rec = {"merge_method": "linear", "parameters": {"normalize": False}, "dtype": "float32",
+           "models": [{"model": str(p), "parameters": {"weight": 2.0}} for p in fts]}  # fmt: skip
+    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
+    msgs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        with pytest.raises(UserError) as e:
+            run_merge(rec, tmp_path / f"out{enabled}", chunk_size=1000, progress=False, hash="none")
+        msgs.append(str(e.value))
+        assert not (tmp_path / f"out{enabled}").exists()
+    assert msgs[0] == msgs[1] and name in msgs[0] and "flat index 37" in msgs[0]
+    assert ("NaN" if where == "input" else "inf") in msgs[0]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("chunk,whole", [(1 << 20, 1 << 25), (100, 1 << 25), (100, 0)])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_raw_slerp_agrees_with_the_torch_path_to_float32_rounding(tmp_path, monkeypatch, dtype, chunk, whole, t):
+    from safetensors.torch import load_file
+
+    from merging.run import _Merge, run_merge
+    from tests.merge_util import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=1)
+    rec = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
+           "parameters": {"t": t}, "dtype": dtype}  # fmt: skip
+    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
+    monkeypatch.setattr(_Merge, "RAW_WHOLE_NUMEL", whole)  # 0: tensors over one chunk are read twice
+    calls = []
+    real = fused.raw_lerp
+    monkeypatch.setattr(fused, "raw_lerp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        out = run_merge(rec, tmp_path / f"out{enabled}", chunk_size=chunk, progress=False, hash="none")
+        outs.append(load_file(out / "model.safetensors"))
+        if enabled:
+            assert calls, "the raw pass was not used"
+            n_fast = len(calls)
+    assert len(calls) == n_fast  # ... and not with the fused loops off
+    b, m = load_file(base / "model.safetensors"), load_file(fts[0] / "model.safetensors")
+    for k, fast in outs[0].items():
+        slow = outs[1][k]
+        if t in (0.0, 1.0):  # the endpoints come out exactly
+            assert torch.equal(fast, (b if t == 0 else m)[k].to(fast.dtype)), k
+        elif dtype == "float32":
+            torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
+        else:  # a coefficient off in its last float32 bits moves a bfloat16 rounding now and then, by one ulp
+            diff = (fast.float() - slow.float()).abs()
+            assert (diff <= slow.float().abs() * 2**-7).all(), k
+            assert (diff > 0).float().mean() < 0.01, k
+
+
+def test_raw_slerp_refuses_a_nan_input_with_the_torch_paths_message(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from merging.run import _Merge, run_merge
+    from peft_lab.errors import UserError
+    from tests.merge_util import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=1)
+    f = fts[0] / "model.safetensors"
+    sd = load_file(f)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    sd[name].view(-1)[-1] = float("inf")
+    save_file(sd, f, metadata={"format": "pt"})
+    rec = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}]}
+    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
+    msgs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        with pytest.raises(UserError) as e:
+            run_merge(rec, tmp_path / f"out{enabled}", chunk_size=100, progress=False, hash="none")
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1] and name in msgs[0] and "inf" in msgs[0]

@@ -66,6 +66,9 @@ class Slerp(MergeMethod):
     min_models = max_models = 1
     streaming = True
 
+    def raw_spec(self, job):
+        return {"mode": "slerp", "t": self.params.t}
+
     def next_pass(self, job, index):
         return FULL if index == 0 and job.chunked else None
 

@@ -32,3 +32,11 @@ class TaskArithmetic(GTAMethod):
     ModelParams = WeightParams
     sparsify = "none"
     consensus = False
+
+    def raw_spec(self, job):
+        return {
+            "mode": "task_arithmetic",
+            "weights": [p.weight for p in job.model_params],
+            "normalize": self.params.normalize,
+            "lam": self.params.lambda_,
+        }
