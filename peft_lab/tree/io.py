@@ -21,6 +21,7 @@ import errno
 import json
 import math
 import os
+import queue
 import re
 import shutil
 import signal
@@ -513,24 +514,65 @@ def write_safetensors(
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for key, dtype, shape, produce in entries:
-            t = produce()
-            if isinstance(t, torch.Tensor):
-                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                    raise RuntimeError(f"{key}: produced {t.dtype}{tuple(t.shape)}, declared {dtype}{tuple(shape)}")
-                written = _write_tensor(f, t)
-            else:
-                written = 0
-                for chunk in t:
-                    if chunk.dtype != dtype or chunk.dim() != 1:
-                        raise RuntimeError(f"{key}: produced a {chunk.dtype} chunk of shape {tuple(chunk.shape)}, declared {dtype}")
-                    written += _write_tensor(f, chunk)
-                if written != _nbytes(dtype, shape):
-                    raise RuntimeError(f"{key}: chunks hold {written} bytes, declared {_nbytes(dtype, shape)}")
-            if on_tensor is not None:
-                on_tensor(key, written)
+        w = _Writer(f)
+        try:
+            for key, dtype, shape, produce in entries:
+                t = produce()
+                if isinstance(t, torch.Tensor):
+                    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                        raise RuntimeError(f"{key}: produced {t.dtype}{tuple(t.shape)}, declared {dtype}{tuple(shape)}")
+                    written = w.put(t)
+                else:
+                    written = 0
+                    for chunk in t:
+                        if chunk.dtype != dtype or chunk.dim() != 1:
+                            raise RuntimeError(f"{key}: produced a {chunk.dtype} chunk of shape {tuple(chunk.shape)}, declared {dtype}")
+                        written += w.put(chunk)
+                    if written != _nbytes(dtype, shape):
+                        raise RuntimeError(f"{key}: chunks hold {written} bytes, declared {_nbytes(dtype, shape)}")
+                if on_tensor is not None:
+                    on_tensor(key, written)
+        except BaseException:
+            w.close(check=False)
+            raise
+        w.close()
         f.flush()
         os.fsync(f.fileno())
+
+
+class _Writer:
+    """Writes the tensors' bytes on a second thread, in order, while the caller produces the next ones (a merge
+    computing its next chunk overlaps the copy into the page cache; `write` releases the GIL). At most `depth`
+    tensors wait; they are the producer's own (fresh) tensors, kept alive until written. An error while
+    writing (e.g. a full disk) is raised in the caller's thread at its next `put` or at `close`."""
+
+    def __init__(self, f, depth: int = 2):
+        self.f = f
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="peft-lab-write")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (t := self.q.get()) is not None:
+            if self.error is None:
+                try:
+                    _write_tensor(self.f, t)
+                except BaseException as e:  # reported to the producer
+                    self.error = e
+
+    def put(self, t: torch.Tensor) -> int:
+        if self.error is not None:
+            raise self.error
+        if t.numel():
+            self.q.put(t)
+        return t.numel() * t.element_size()
+
+    def close(self, check: bool = True) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if check and self.error is not None:
+            raise self.error
 
 
 def _write_tensor(f, t: torch.Tensor) -> int:
