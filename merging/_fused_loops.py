@@ -216,6 +216,47 @@ _F32_EXP = np.uint32(0x7F800000)
 
 
 @_njit
+def _decode(src, u):
+    # bfloat16 bits -> float32 bits in u[:src.size] (a float32 is a bfloat16 with 16 more mantissa bits)
+    for i in range(src.size):
+        u[i] = np.uint32(src[i]) << np.uint32(16)
+
+
+@_njit
+def _nonfinite16(src):
+    # any NaN/inf among bfloat16 bits (exponent all ones), as a branch-free OR that vectorises
+    bad = False
+    for i in range(src.size):
+        bad |= (src[i] & _BF16_EXP) == _BF16_EXP
+    return bad
+
+
+@_njit
+def _store(mx, out16, out32, to_bf16, b0, check):
+    # one float32 block into the output at b0: rounded to nearest even bfloat16, as torch's float -> bfloat16
+    # (NaN -> 0x7FC0), or copied as float32. Returns True (and writes nothing) when `check` finds NaN/inf.
+    m = mx.size
+    mxu = mx.view(np.uint32)
+    if check:
+        bad = False
+        for i in range(m):
+            bad |= (mxu[i] & _F32_EXP) == _F32_EXP
+        if bad:
+            return True
+    if to_bf16:
+        ob = out16[b0 : b0 + m]
+        for i in range(m):
+            v = mxu[i]
+            r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            ob[i] = np.uint16(0x7FC0) if mx[i] != mx[i] else np.uint16(r)
+    else:
+        ob32 = out32[b0 : b0 + m]
+        for i in range(m):
+            ob32[i] = mx[i]
+    return False
+
+
+@_njit
 def _raw_merge(out16, out32, to_bf16, xs, base, has_base, mode, w, div_value, divide, lam, scale, check):
     # Linear (mode 0) or task arithmetic (mode 1) straight from bfloat16 bits (xs: (T, n) uint16, one row per
     # model; base: (n,) uint16), mirroring the torch path op by op in float32:
@@ -231,23 +272,18 @@ def _raw_merge(out16, out32, to_bf16, xs, base, has_base, mode, w, div_value, di
     bu = np.empty(_BLOCK, dtype=np.uint32)
     b = bu.view(np.float32)
     mx = np.empty(_BLOCK, dtype=np.float32)
-    mxu = mx.view(np.uint32)
     for b0 in range(0, n, _BLOCK):
         m = min(_BLOCK, n - b0)
         bad = False
         if has_base and (mode == 1 or check):  # linear reads the base only to check it, as the torch path does
             src = base[b0 : b0 + m]
-            for i in range(m):
-                bu[i] = np.uint32(src[i]) << np.uint32(16)
-                bad |= (src[i] & _BF16_EXP) == _BF16_EXP
+            _decode(src, bu)
+            bad |= check and _nonfinite16(src)
         for t in range(T):
             src = xs[t, b0 : b0 + m]
             wt = w[t]
-            for i in range(m):
-                u[i] = np.uint32(src[i]) << np.uint32(16)
-            if check:
-                for i in range(m):
-                    bad |= (src[i] & _BF16_EXP) == _BF16_EXP
+            _decode(src, u)
+            bad |= check and _nonfinite16(src)
             if mode == 0:
                 if t == 0:
                     if wt == one:
@@ -263,7 +299,7 @@ def _raw_merge(out16, out32, to_bf16, xs, base, has_base, mode, w, div_value, di
                 for i in range(m):
                     d = (x[i] - b[i]) * wt
                     mx[i] = d if t == 0 else mx[i] + d
-        if check and bad:
+        if bad:
             return 1
         if divide:
             for i in range(m):
@@ -274,21 +310,8 @@ def _raw_merge(out16, out32, to_bf16, xs, base, has_base, mode, w, div_value, di
         if mode == 1:
             for i in range(m):
                 mx[i] = mx[i] + b[i]
-        if check:
-            for i in range(m):
-                bad |= (mxu[i] & _F32_EXP) == _F32_EXP
-            if bad:
-                return 1
-        if to_bf16:  # round to nearest even, as torch's float -> bfloat16 (NaN -> 0x7FC0)
-            ob = out16[b0 : b0 + m]
-            for i in range(m):
-                v = mxu[i]
-                r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-                ob[i] = np.uint16(0x7FC0) if mx[i] != mx[i] else np.uint16(r)
-        else:
-            ob32 = out32[b0 : b0 + m]
-            for i in range(m):
-                ob32[i] = mx[i]
+        if _store(mx[:m], out16, out32, to_bf16, b0, check):
+            return 1
     return 0
 
 
@@ -307,14 +330,10 @@ def _raw_dot3(x0, x1, check):
     for b0 in range(0, x0.size, _BLOCK):
         a = x0[b0 : b0 + _BLOCK]
         b = x1[b0 : b0 + _BLOCK]
-        m = a.size
-        for i in range(m):
-            u0[i] = np.uint32(a[i]) << np.uint32(16)
-            u1[i] = np.uint32(b[i]) << np.uint32(16)
-        if check:
-            for i in range(m):
-                bad |= ((a[i] & _BF16_EXP) == _BF16_EXP) | ((b[i] & _BF16_EXP) == _BF16_EXP)
-        for i in range(m):
+        _decode(a, u0)
+        _decode(b, u1)
+        bad |= check and (_nonfinite16(a) or _nonfinite16(b))
+        for i in range(a.size):
             p = np.float64(f0[i])
             q = np.float64(f1[i])
             dot += p * q
@@ -332,30 +351,14 @@ def _raw_lerp(out16, out32, to_bf16, x0, x1, c0, c1, check):
     f0 = u0.view(np.float32)
     f1 = u1.view(np.float32)
     mx = np.empty(_BLOCK, dtype=np.float32)
-    mxu = mx.view(np.uint32)
     for b0 in range(0, x0.size, _BLOCK):
         a = x0[b0 : b0 + _BLOCK]
         b = x1[b0 : b0 + _BLOCK]
         m = a.size
-        for i in range(m):
-            u0[i] = np.uint32(a[i]) << np.uint32(16)
-            u1[i] = np.uint32(b[i]) << np.uint32(16)
+        _decode(a, u0)
+        _decode(b, u1)
         for i in range(m):
             mx[i] = _fma(c1, f1[i], f0[i] * c0)
-        if check:
-            bad = False
-            for i in range(m):
-                bad |= (mxu[i] & _F32_EXP) == _F32_EXP
-            if bad:
-                return 1
-        if to_bf16:
-            ob = out16[b0 : b0 + m]
-            for i in range(m):
-                v = mxu[i]
-                r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-                ob[i] = np.uint16(0x7FC0) if mx[i] != mx[i] else np.uint16(r)
-        else:
-            ob32 = out32[b0 : b0 + m]
-            for i in range(m):
-                ob32[i] = mx[i]
+        if _store(mx[:m], out16, out32, to_bf16, b0, check):
+            return 1
     return 0

@@ -164,15 +164,21 @@ def raw_merge(
         d = float(sum(weights))
         if code == 0 or abs(d) >= 1e-8:  # task arithmetic: mergekit leaves the sum undivided when weights cancel
             divide, div_value = True, np.float32(d)
-    to_bf16 = out_dtype == torch.bfloat16
-    out16 = np.empty(n if to_bf16 else 0, dtype=np.uint16)
-    out32 = np.empty(0 if to_bf16 else n, dtype=np.float32)
+    to_bf16, out16, out32 = _raw_out(n, out_dtype)
     b = base if base is not None else out16[:0]
     status = _loops()._raw_merge(out16, out32, to_bf16, xs, b, base is not None, code,
                                  np.asarray(weights, dtype=np.float32), div_value, divide, np.float32(lam), lam != 1,
                                  check)  # fmt: skip
-    if status:
-        return None
+    return None if status else _raw_tensor(out16, out32, to_bf16)
+
+
+def _raw_out(n: int, out_dtype: torch.dtype) -> tuple[bool, np.ndarray, np.ndarray]:
+    """(bfloat16 output?, the uint16 output, the float32 output): the one not used is empty."""
+    to_bf16 = out_dtype == torch.bfloat16
+    return to_bf16, np.empty(n if to_bf16 else 0, dtype=np.uint16), np.empty(0 if to_bf16 else n, dtype=np.float32)
+
+
+def _raw_tensor(out16: np.ndarray, out32: np.ndarray, to_bf16: bool) -> torch.Tensor:
     return torch.from_numpy(out16).view(torch.bfloat16) if to_bf16 else torch.from_numpy(out32)
 
 
@@ -188,12 +194,10 @@ def raw_lerp(x0: np.ndarray, x1: np.ndarray, c0: float, c1: float, *, out_dtype:
     """c0·x0 + c1·x1 from bfloat16 bits, computed as the torch path's `x0.mul_(c0).add_(x1, alpha=c1)` (float32,
     one fused multiply-add), as a new tensor of `out_dtype` (bfloat16 or float32); None when `check` and the
     result holds NaN/inf."""
-    to_bf16 = out_dtype == torch.bfloat16
-    out16 = np.empty(x0.size if to_bf16 else 0, dtype=np.uint16)
-    out32 = np.empty(0 if to_bf16 else x0.size, dtype=np.float32)
+    to_bf16, out16, out32 = _raw_out(x0.size, out_dtype)
     if _loops()._raw_lerp(out16, out32, to_bf16, x0, x1, np.float32(c0), np.float32(c1), check):
         return None
-    return torch.from_numpy(out16).view(torch.bfloat16) if to_bf16 else torch.from_numpy(out32)
+    return _raw_tensor(out16, out32, to_bf16)
 
 
 def warm() -> None:

@@ -233,29 +233,36 @@ def _raw_recipe(base, fts, spec, dtype):
     return rec
 
 
+def _with_and_without_raw_pass(rec, tmp_path, monkeypatch, loop: str, chunk: int):
+    """Output dirs of `rec` with the fused loops on, then off; checks that `fused.<loop>` ran only in the first."""
+    from merging.run import run_merge
+
+    calls = []
+    real = getattr(fused, loop)
+    monkeypatch.setattr(fused, loop, lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        outs.append(run_merge(rec, tmp_path / f"out{enabled}", chunk_size=chunk, progress=False, hash="none"))
+        if enabled:
+            assert calls, "the raw pass was not used"
+            n_fast = len(calls)
+    assert len(calls) == n_fast  # ... and not with the fused loops off
+    return outs
+
+
 @pytest.mark.parametrize("spec", RAW_RECIPES, ids=lambda s: f"{s['merge_method']}-{s['weights']}")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("chunk", [1 << 20, 100])
 def test_raw_bf16_pass_writes_the_bytes_of_the_torch_path(tmp_path, monkeypatch, spec, dtype, chunk):
-    from merging.run import _Merge, run_merge
+    from merging.run import _Merge
     from tests.merge_util import tiny_llama_dirs
 
     base, fts = tiny_llama_dirs(tmp_path, n_models=2)  # bfloat16 files
     rec = _raw_recipe(base, fts, spec, dtype)
     monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
-    calls = []
-    real = fused.raw_merge
-    monkeypatch.setattr(fused, "raw_merge", lambda *a, **k: calls.append(1) or real(*a, **k))
-    outs = []
-    for enabled in (True, False):
-        monkeypatch.setattr(fused, "ENABLED", enabled)
-        out = run_merge(rec, tmp_path / f"out{enabled}", chunk_size=chunk, progress=False, hash="none")
-        outs.append((out / "model.safetensors").read_bytes())
-        if enabled:
-            assert calls, "the raw pass was not used"
-            n_fast = len(calls)
-    assert len(calls) == n_fast  # ... and not with the fused loops off
-    assert outs[0] == outs[1]
+    fast, slow = _with_and_without_raw_pass(rec, tmp_path, monkeypatch, "raw_merge", chunk)
+    assert (fast / "model.safetensors").read_bytes() == (slow / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("where", ["input", "result"])
@@ -295,7 +302,7 @@ def test_raw_pass_refuses_nonfinite_values_with_the_torch_paths_message(tmp_path
 def test_raw_slerp_agrees_with_the_torch_path_to_float32_rounding(tmp_path, monkeypatch, dtype, chunk, whole, t):
     from safetensors.torch import load_file
 
-    from merging.run import _Merge, run_merge
+    from merging.run import _Merge
     from tests.merge_util import tiny_llama_dirs
 
     base, fts = tiny_llama_dirs(tmp_path, n_models=1)
@@ -303,18 +310,8 @@ def test_raw_slerp_agrees_with_the_torch_path_to_float32_rounding(tmp_path, monk
            "parameters": {"t": t}, "dtype": dtype}  # fmt: skip
     monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
     monkeypatch.setattr(_Merge, "RAW_WHOLE_NUMEL", whole)  # 0: tensors over one chunk are read twice
-    calls = []
-    real = fused.raw_lerp
-    monkeypatch.setattr(fused, "raw_lerp", lambda *a, **k: calls.append(1) or real(*a, **k))
-    outs = []
-    for enabled in (True, False):
-        monkeypatch.setattr(fused, "ENABLED", enabled)
-        out = run_merge(rec, tmp_path / f"out{enabled}", chunk_size=chunk, progress=False, hash="none")
-        outs.append(load_file(out / "model.safetensors"))
-        if enabled:
-            assert calls, "the raw pass was not used"
-            n_fast = len(calls)
-    assert len(calls) == n_fast  # ... and not with the fused loops off
+    outs = [load_file(d / "model.safetensors")
+            for d in _with_and_without_raw_pass(rec, tmp_path, monkeypatch, "raw_lerp", chunk)]  # fmt: skip
     b, m = load_file(base / "model.safetensors"), load_file(fts[0] / "model.safetensors")
     for k, fast in outs[0].items():
         slow = outs[1][k]
