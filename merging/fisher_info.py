@@ -12,24 +12,40 @@ chunks of examples, with the module run functionally (`torch.func.functional_cal
 - ``"expected"``: the exact expectation Σ_y p(y|x)·g_y², as the official code does (C gradients per example);
 - ``"empirical"``: the gold label (the "empirical Fisher", a different estimator).
 
+Two engines compute the same quantity:
+
+- ``"vmap"``: `vmap(grad)` as above, for any module that `torch.func` can run;
+- ``"hooks"`` (merging/fisher_hooks.py): one batched forward and backward, with every example's gradient of
+  each Linear / LayerNorm / Embedding parameter formed from the layer's input and output gradient and squared
+  block by block. On MiniLM on a CPU, `vmap(grad)` is no faster than a loop of per-example backwards, because
+  it writes all B per-example gradients to memory, squares and sums them; the hooks engine never holds them.
+- ``"auto"`` (default) uses hooks when every selected parameter is of those layers and a per-example backward
+  on two examples agrees with it, else vmap (said in the log).
+
 Everything is accumulated in float32 (squares of half-precision gradients underflow).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Literal
 
 import torch
 from torch.func import functional_call, grad, vmap
 
+from merging.fisher_hooks import HooksUnsupported, SquaredGradHooks, hooks_supported
 from peft_lab.errors import UserError
 
-__all__ = ["LABEL_MODES", "diagonal_fisher", "diagonal_fisher_loop", "eager_attention", "logits_of"]
+__all__ = ["ENGINES", "LABEL_MODES", "diagonal_fisher", "diagonal_fisher_loop", "eager_attention", "logits_of"]
+
+log = logging.getLogger(__name__)
 
 LabelMode = Literal["sample", "expected", "empirical"]
 LABEL_MODES = ("sample", "expected", "empirical")
+Engine = Literal["auto", "hooks", "vmap"]
+ENGINES = ("auto", "hooks", "vmap")
 Batch = Mapping[str, torch.Tensor]
 
 
@@ -122,6 +138,7 @@ def diagonal_fisher(
     num_examples: int | None = None,
     chunk_size: int = 32,
     generator: torch.Generator | None = None,
+    engine: Engine = "auto",
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher of `module` w.r.t. the parameters `names`, averaged over examples.
 
@@ -134,8 +151,11 @@ def diagonal_fisher(
         labels: "sample" | "expected" | "empirical" (see the module docstring).
         num_examples: stop after this many examples (default: all of `batches`).
         chunk_size: examples (times classes for "expected") per vmapped gradient call; bounds memory to
-            `chunk_size` gradients of the selected parameters.
+            `chunk_size` gradients of the selected parameters. The hooks engine runs at most `chunk_size`
+            examples per forward+backward.
         generator: for the sampled labels.
+        engine: "auto" | "hooks" | "vmap" (see the module docstring). "hooks" raises a UserError for a
+            model it does not cover; "auto" falls back to vmap then.
     Returns:
         name -> Fisher (float32, the parameter's shape), the mean over the examples seen.
     """
@@ -144,6 +164,25 @@ def diagonal_fisher(
     missing = [n for n in names if n not in all_params]
     if missing:
         raise UserError(f"Fisher: the model has no parameters named {', '.join(missing[:5])}.")
+    if engine not in ENGINES:
+        raise UserError(f"Fisher engine={engine!r} is not one of {', '.join(ENGINES)}.")
+    batches = iter(batches)
+    if engine != "vmap":
+        first = next(batches, None)
+        if first is not None:
+            batches = _chain(first, batches)
+        why = hooks_supported(module, names) or (None if first is None else _verify_hooks(module, names, first, gold_key))
+        if why is None:
+            try:
+                total, seen = _accumulate_hooks(module, names, batches, labels, gold_key, num_examples, chunk_size, generator)
+            except HooksUnsupported as e:  # a later batch differs from the verified one
+                raise UserError(f"Fisher: the hooks engine stopped: {e}; use engine=vmap.") from e
+            if seen == 0:
+                raise UserError("Fisher: no examples were given (the task's data is empty); give at least one example.")
+            return {n: t / seen for n, t in total.items()}
+        if engine == "hooks":
+            raise UserError(f"Fisher engine='hooks' cannot compute this model's Fisher: {why}; use engine=vmap or auto.")
+        log.info("fisher: per-example gradients through torch.func vmap (the hooks engine does not apply: %s)", why)
     params = {n: all_params[n].detach() for n in names}
     frozen = {n: p.detach() for n, p in all_params.items() if n not in params}
     grad_fn = grad(_log_prob_fn(module, frozen))
@@ -157,6 +196,99 @@ def diagonal_fisher(
     if seen == 0:
         raise UserError("Fisher: no examples were given (the task's data is empty); give at least one example.")
     return {n: t / seen for n, t in total.items()}
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+@contextlib.contextmanager
+def _grad_only_for(module: torch.nn.Module, names: Sequence[str] = ()) -> Iterator[None]:
+    """Only the parameters `names` require a gradient while inside (none: the hooks engine needs only the
+    layers' output gradients, not the weights')."""
+    keep = set(names)
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for n, p in module.named_parameters():
+        p.requires_grad_(n in keep)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+
+
+def _hooks_pass(hooks: SquaredGradHooks, module, ex: dict, pick: Callable) -> None:
+    """Forward `ex` (B examples) and backpropagate Σ_i sqrt(w_i) log p(y_i | x_i), with `pick(logits)` giving
+    (labels, weights, classes): labels/weights per example, or per (example, class) pair when `classes` is set."""
+    B = next(iter(ex.values())).shape[0]
+    hooks.start_batch(B)
+    with torch.enable_grad():
+        logits = logits_of(module(**ex))
+        ys, ws, classes = pick(logits.detach())
+        logp = torch.log_softmax(logits.float(), dim=-1)  # (B, C)
+        if not logp.requires_grad:  # no selected parameter feeds the output: its Fisher is 0
+            return
+        if classes is None:
+            (logp.gather(1, ys.reshape(-1, 1)).squeeze(1) * ws.sqrt()).sum().backward()
+            return
+        for c in range(classes):  # "expected": one backward per class, weighted by sqrt p(c | x)
+            (logp[:, c] * ws.reshape(B, classes)[:, c].sqrt()).sum().backward(retain_graph=c < classes - 1)
+
+
+def _accumulate_hooks(module, names, batches, labels, gold_key, num_examples, chunk_size, generator):
+    seen = 0
+    with SquaredGradHooks(module, names) as hooks, _grad_only_for(module):
+        for batch in batches:
+            batch = dict(batch)
+            gold = batch.pop(gold_key, None)
+            B = next(iter(batch.values())).shape[0]
+            if num_examples is not None:
+                B = min(B, num_examples - seen)
+                batch = {k: v[:B] for k, v in batch.items()}
+                gold = None if gold is None else gold[:B]
+            if B <= 0:
+                break
+
+            def pick_all(logits):
+                ys, ws, _ = _labels(logits, labels, gold, generator)
+                return ys, ws, logits.shape[-1] if labels == "expected" else None
+
+            if B <= chunk_size:  # one pass: the labels come from this forward's own logits
+                _hooks_pass(hooks, module, batch, pick_all)
+            else:  # the labels of the whole batch first (same draws as the vmap engine), then chunks
+                with torch.no_grad():
+                    ys, ws, C = pick_all(logits_of(module(**batch)))
+                per = C or 1
+                for s in range(0, B, chunk_size):
+                    e = min(B, s + chunk_size)
+                    ex = {k: v[s:e] for k, v in batch.items()}
+                    _hooks_pass(hooks, module, ex, lambda _, s=s, e=e: (ys[s * per : e * per], ws[s * per : e * per], C))
+            seen += B
+            if num_examples is not None and seen >= num_examples:
+                break
+    return hooks.total, seen
+
+
+def _verify_hooks(module, names, batch: Batch, gold_key: str) -> str | None:
+    """None when the hooks engine matches per-example backwards on (up to) two examples of `batch`, with each
+    example's argmax label; else why not. Guards what `hooks_supported` cannot see: a parameter used outside
+    its module, a module run twice per forward, inputs that are not batch-first."""
+    ex = {k: v[:2] for k, v in batch.items() if k != gold_key}
+    with torch.no_grad():
+        y = logits_of(module(**ex)).argmax(-1)
+    try:
+        with SquaredGradHooks(module, names) as hooks, _grad_only_for(module):
+            _hooks_pass(hooks, module, ex, lambda _: (y, torch.ones(len(y)), None))
+    except (HooksUnsupported, RuntimeError) as e:  # RuntimeError: e.g. an expanded view written in place
+        return str(e)
+    with _grad_only_for(module, names):
+        ref = diagonal_fisher_loop(module, names, [{**ex, gold_key: y}], labels="empirical", gold_key=gold_key)
+    num = sum(float((hooks.total[n] - ref[n] * len(y)).double().square().sum()) for n in names)
+    den = sum(float((ref[n] * len(y)).double().square().sum()) for n in names)
+    if num > 1e-6 * den + 1e-30:
+        return f"its per-example gradients differ from a per-example backward (relative error {(num / max(den, 1e-300)) ** 0.5:.1e})"
+    return None
 
 
 def _accumulate(module, params, per_example, batches, labels, gold_key, num_examples, chunk_size, generator):

@@ -203,7 +203,8 @@ def fishers_from_data(inputs, params, which: Sequence[int]) -> list[Tree]:
         where = data.tasks[j].dataset or data.tasks[j].path
         batches = _batches(tok, texts[:n], labels[:n] if labels else None, data.batch_size or params.batch_size,
                            data.max_length, model.config.num_labels, where)
-        f = diagonal_fisher(model, list(merge.values()), batches, labels=params.labels, chunk_size=params.chunk_size, generator=gen)
+        f = diagonal_fisher(model, list(merge.values()), batches, labels=params.labels, chunk_size=params.chunk_size,
+                            engine=params.engine, generator=gen)
         inv = {m: t for t, m in merge.items()}
         out.append(Tree({inv[m]: v for m, v in f.items()}, source=f"fisher of {inputs.labels[j]}"))
         log.info("fisher: computed the Fisher of %s on %d examples of %s", inputs.labels[j], n, where)

@@ -214,3 +214,111 @@ def test_bad_input_is_a_clear_user_error(tmp_path):
     with pytest.raises(UserError, match="sum to 0"):
         Fisher().prepare(_inputs(fishers=[{}] * 2, T=2, weights=[0.0, 0.0]))
     assert math.isfinite(FisherParams().floor)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The hooks engine (merging/fisher_hooks.py): the same Fisher from one batched backward
+# ---------------------------------------------------------------------------------------------------------
+def _tiny_bert(layers=2):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(1, 50, (7, 6))
+    ids[1, 2] = ids[1, 4]  # a token twice in one example: its embedding row's gradient is the sum of both
+    att = torch.ones_like(ids)
+    att[0, 4:] = 0
+    att[3, 5:] = 0
+    return model, [k for k, _ in model.named_parameters()], [{"input_ids": ids, "attention_mask": att}]
+
+
+@pytest.mark.parametrize("labels", ["sample", "expected", "empirical"])
+@pytest.mark.parametrize("chunk", [2, 16])  # batches split into chunks (labels drawn first) and whole
+def test_hooks_engine_equals_python_loop(labels, chunk):
+    model = MLP()
+    batches = _batches()
+    fast = diagonal_fisher(model, NAMES, batches, labels=labels, chunk_size=chunk, engine="hooks",
+                           generator=torch.Generator().manual_seed(1))
+    slow = diagonal_fisher_loop(model, NAMES, batches, labels=labels, generator=torch.Generator().manual_seed(1))
+    for n in NAMES:
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("labels", ["sample", "expected"])
+def test_hooks_engine_on_a_whole_hf_model(labels):
+    """Every parameter of a BERT classifier: word/position/token-type embeddings (position ids broadcast over the
+    batch), LayerNorms, attention and FFN linears, pooler, head; padded examples; a repeated token."""
+    model, names, batch = _tiny_bert()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    fast = diagonal_fisher(model, names, batch, labels=labels, chunk_size=3, engine="hooks",
+                           generator=torch.Generator().manual_seed(2))
+    slow = diagonal_fisher_loop(model, names, batch, labels=labels, generator=torch.Generator().manual_seed(2))
+    for n in names:
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-9)
+    assert sum(float(fast[n].sum()) for n in names if "embeddings" in n) > 0
+    for k, v in model.state_dict().items():  # the model is left as it was
+        assert torch.equal(v, before[k]), k
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
+
+
+class TwiceMLP(torch.nn.Module):
+    """One Linear applied twice per forward: per-example gradients are sums over both uses, outside the hooks'
+    closed form."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 5)
+        self.classifier = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.classifier(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+class SideUseMLP(MLP):
+    """A weight used outside its module's forward, which no hook sees (only the check against a loop does)."""
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.classifier(h) + (h @ self.classifier.weight.T).tanh()
+
+
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(1, 2, 3)
+        self.classifier = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.classifier(self.conv(x[:, None, :]).flatten(1))
+
+
+@pytest.mark.parametrize(("model", "names", "why"), [
+    (TwiceMLP(), ["lin.weight", "lin.bias", "classifier.weight"], "more than once"),
+    (SideUseMLP(), NAMES, "differ from a per-example backward"),
+    (ConvNet(), ["conv.weight", "classifier.weight"], "not the weight or bias"),
+])
+def test_auto_falls_back_to_vmap_where_hooks_do_not_apply(model, names, why, caplog):
+    torch.manual_seed(0)
+    batches = _batches()
+    with caplog.at_level(logging.INFO, logger="merging.fisher_info"):
+        auto = diagonal_fisher(model, names, batches, labels="sample", generator=torch.Generator().manual_seed(1))
+    assert "vmap" in caplog.text and why in caplog.text
+    slow = diagonal_fisher_loop(model, names, batches, labels="sample", generator=torch.Generator().manual_seed(1))
+    for n in names:
+        torch.testing.assert_close(auto[n], slow[n], rtol=1e-5, atol=1e-8)
+    with pytest.raises(UserError, match=f"engine='hooks' cannot.*{why}"):
+        diagonal_fisher(model, names, batches, engine="hooks")
+
+
+def test_tied_weights_and_bad_engine():
+    model = MLP(d_in=3, d_h=3, c=3)
+    model.body[0].weight = model.classifier.weight  # tied: one parameter, two modules
+    with pytest.raises(UserError, match="tied"):
+        diagonal_fisher(model, ["body.0.weight"], _batches(d_in=3), engine="hooks")
+    with pytest.raises(UserError, match="engine"):
+        diagonal_fisher(MLP(), NAMES, _batches(), engine="fast")
+    with pytest.raises(UserError, match="engine"):
+        FisherParams(engine="fast")

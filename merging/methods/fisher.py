@@ -48,6 +48,7 @@ class FisherParams:
     num_examples: int = 256  # official 4096 (train split); 256 keeps a CPU merge to minutes
     batch_size: int = 16
     chunk_size: int = 16
+    engine: str = "auto"  # auto | hooks | vmap: how per-example gradients are formed (merging/fisher_info.py)
     seed: int = 0
     heads: tuple[str, ...] = ("classifier.*", "score.*")  # per-task heads: not merged, first model's kept
 
@@ -56,6 +57,8 @@ class FisherParams:
             raise UserError(f"fisher: floor={self.floor} must be a positive number (it keeps denominators > 0).")
         if self.labels not in ("sample", "expected", "empirical"):
             raise UserError(f"fisher: labels={self.labels!r} must be one of sample, expected, empirical.")
+        if self.engine not in ("auto", "hooks", "vmap"):
+            raise UserError(f"fisher: engine={self.engine!r} must be one of auto, hooks, vmap.")
         for k in ("num_examples", "batch_size", "chunk_size"):
             if int(getattr(self, k)) < 1:
                 raise UserError(f"fisher: {k}={getattr(self, k)} must be at least 1.")
