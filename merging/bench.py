@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wandb", action="store_true", help="log the table and plots to W&B (offline unless configured)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="digits suite setting, e.g. --set features=64 --set ft_lr=3e-4 (see merging/bench_digits.py)")
-    ap.add_argument("--perf", action="store_true", help="print the cost figures (Fisher vmap vs loop, AdaMerging step, memory)")
+    ap.add_argument("--perf", action="store_true", help="print the cost figures (Fisher engines vs a loop, AdaMerging step, memory)")
     args, rest = ap.parse_known_args(argv)
     if args.perf:
         from merging.bench_perf import main as perf_main
