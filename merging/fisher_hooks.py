@@ -1,4 +1,4 @@
-"""Per-example squared gradients of Linear, LayerNorm and Embedding parameters from one batched backward.
+"""Per-example squared gradients of Linear, LayerNorm, RMSNorm and Embedding parameters from one batched backward.
 
 The diagonal Fisher needs Σ_i w_i g_i² over examples i, where g_i is example i's own gradient. For a layer
 that maps example i's rows x_i (T_i tokens) to outputs whose gradient is δ_i, that gradient is known in closed
@@ -6,6 +6,7 @@ form from the two (Goodfellow 2015, "Efficient per-example gradient computations
 
     Linear     dW_i = δ_iᵀ x_i   (out, in)          db_i = Σ_t δ_it
     LayerNorm  dγ_i = Σ_t δ_it ⊙ x̂_it               dβ_i = Σ_t δ_it          (x̂: the normalised input)
+    RMSNorm    dγ_i = Σ_t δ_it ⊙ x̂_it                                        (x̂ = x / rms(x))
     Embedding  dE_i[v] = Σ_{t: id_it = v} δ_it       (only the rows example i uses)
 
 So one ordinary forward and backward of the batch (no weight gradients: only δ is needed) plus, per layer,
@@ -29,7 +30,7 @@ from torch import nn
 
 __all__ = ["HooksUnsupported", "SquaredGradHooks", "hooks_supported"]
 
-_SUPPORTED = (nn.Linear, nn.LayerNorm, nn.Embedding)
+_SUPPORTED = (nn.Linear, nn.LayerNorm, nn.RMSNorm, nn.Embedding)
 _ROWS = 64  # output rows per block of per-example Linear gradients: B x 64 x in floats stay in cache
 
 
@@ -37,9 +38,25 @@ class HooksUnsupported(Exception):
     """The model uses a selected parameter in a way the closed forms do not cover (the caller falls back)."""
 
 
+def _is_hf_rms_norm(m: nn.Module) -> bool:
+    """transformers' `*RMSNorm` (Llama, Mistral, Qwen2, ...): `weight * (x / rms(x))` with `variance_epsilon`.
+    (Variants that scale by `1 + weight`, e.g. Gemma's, have no `variance_epsilon` and are not taken.)"""
+    w = getattr(m, "weight", None)
+    return (type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and isinstance(w, nn.Parameter)
+            and w.dim() == 1 and set(m._parameters) == {"weight"})
+
+
+def _rms_norm(mod: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The input normalised by its root mean square (in float32) and the number of normalised trailing dims."""
+    if isinstance(mod, nn.RMSNorm):
+        eps = torch.finfo(x.dtype).eps if mod.eps is None else mod.eps
+        return F.rms_norm(x.float(), mod.normalized_shape, eps=eps), len(mod.normalized_shape)
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=float(mod.variance_epsilon)), 1
+
+
 def hooks_supported(module: nn.Module, names: Sequence[str]) -> str | None:
-    """None when every parameter in `names` is the weight/bias of a Linear, LayerNorm or Embedding that holds it
-    alone; otherwise the reason it is not."""
+    """None when every parameter in `names` is the weight/bias of a Linear, LayerNorm, RMSNorm or Embedding that
+    holds it alone; otherwise the reason it is not."""
     mods = dict(module.named_modules())
     holders: dict[int, int] = {}
     for m in mods.values():
@@ -49,8 +66,8 @@ def hooks_supported(module: nn.Module, names: Sequence[str]) -> str | None:
     for n in names:
         mname, _, attr = n.rpartition(".")
         m = mods.get(mname)
-        if not isinstance(m, _SUPPORTED) or attr not in ("weight", "bias"):
-            return f"{n} is not the weight or bias of a Linear, LayerNorm or Embedding"
+        if not (isinstance(m, _SUPPORTED) or _is_hf_rms_norm(m)) or attr not in ("weight", "bias"):
+            return f"{n} is not the weight or bias of a Linear, LayerNorm, RMSNorm or Embedding"
         if holders.get(id(getattr(m, attr)), 0) > 1:
             return f"{n} is shared with another module (tied weights)"
         if isinstance(m, nn.Embedding) and m.max_norm is not None:
@@ -139,12 +156,15 @@ class SquaredGradHooks:
             if "bias" in names:
                 self.total[names["bias"]] += d3.sum(1).square().sum(0)
             return
-        # LayerNorm over the trailing `normalized_shape` dims
-        k = len(mod.normalized_shape)
+        # LayerNorm / RMSNorm over the trailing normalised dims
+        if isinstance(mod, nn.LayerNorm):
+            k = len(mod.normalized_shape)
+            xhat = F.layer_norm(x.float(), mod.normalized_shape, eps=mod.eps)
+        else:
+            xhat, k = _rms_norm(mod, x)
         dn = d.reshape(B, -1, *d.shape[-k:])
         if "weight" in names:
-            xhat = F.layer_norm(x.float(), mod.normalized_shape, eps=mod.eps).reshape(dn.shape)
-            self.total[names["weight"]] += (dn * xhat).sum(1).square().sum(0)
+            self.total[names["weight"]] += (dn * xhat.reshape(dn.shape)).sum(1).square().sum(0)
         if "bias" in names:
             self.total[names["bias"]] += dn.sum(1).square().sum(0)
 

@@ -16,7 +16,7 @@ Two engines compute the same quantity:
 
 - ``"vmap"``: `vmap(grad)` as above, for any module that `torch.func` can run;
 - ``"hooks"`` (merging/fisher_hooks.py): one batched forward and backward, with every example's gradient of
-  each Linear / LayerNorm / Embedding parameter formed from the layer's input and output gradient and squared
+  each Linear / LayerNorm / RMSNorm / Embedding parameter formed from the layer's input and output gradient and squared
   block by block. On MiniLM on a CPU, `vmap(grad)` is no faster than a loop of per-example backwards, because
   it writes all B per-example gradients to memory, squares and sums them; the hooks engine never holds them.
 - ``"auto"`` (default) uses hooks when every selected parameter is of those layers and a per-example backward

@@ -264,6 +264,30 @@ def test_hooks_engine_on_a_whole_hf_model(labels):
     assert not model._forward_hooks and all(not m._forward_hooks for m in model.modules())
 
 
+def test_hooks_engine_on_llama_and_torch_rms_norm():
+    """RMSNorm: transformers' (Llama: `variance_epsilon`, float32 statistics) and torch's `nn.RMSNorm`."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=32, max_position_embeddings=16,
+                                   num_labels=3, pad_token_id=0)
+    torch.manual_seed(0)
+    llama = transformers.LlamaForSequenceClassification(cfg).eval()
+    ids = torch.randint(1, 50, (5, 6))
+    att = torch.ones_like(ids)
+    ids[0, 4:], att[0, 4:] = 0, 0
+    rms = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.RMSNorm(8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        rms[1].weight.uniform_(0.5, 1.5)
+    for model, batches in ((llama, [{"input_ids": ids, "attention_mask": att}]), (rms, [{"input": b["x"]} for b in _batches()])):
+        names = [k for k, _ in model.named_parameters()]
+        assert any("norm" in n or n.startswith("1.") for n in names)
+        fast = diagonal_fisher(model, names, batches, labels="sample", chunk_size=2, engine="hooks",
+                               generator=torch.Generator().manual_seed(1))
+        slow = diagonal_fisher_loop(model, names, batches, labels="sample", generator=torch.Generator().manual_seed(1))
+        for n in names:
+            torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-9)
+
+
 class TwiceMLP(torch.nn.Module):
     """One Linear applied twice per forward: per-example gradients are sums over both uses, outside the hooks'
     closed form."""
