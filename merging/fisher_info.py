@@ -198,6 +198,26 @@ def diagonal_fisher(
     return {n: t / seen for n, t in total.items()}
 
 
+def _limited(batches: Iterable[Batch], gold_key: str, num_examples: int | None):
+    """(batch without its gold labels, gold labels or None, batch size) for each batch, the last one cut so that
+    at most `num_examples` examples are given."""
+    seen = 0
+    for batch in batches:
+        batch = dict(batch)
+        gold = batch.pop(gold_key, None)
+        B = next(iter(batch.values())).shape[0]
+        if num_examples is not None:
+            B = min(B, num_examples - seen)
+            batch = {k: v[:B] for k, v in batch.items()}
+            gold = None if gold is None else gold[:B]
+        if B <= 0:
+            return
+        yield batch, gold, B
+        seen += B
+        if num_examples is not None and seen >= num_examples:
+            return
+
+
 def _chain(first, rest):
     yield first
     yield from rest
@@ -239,16 +259,7 @@ def _hooks_pass(hooks: SquaredGradHooks, module, ex: dict, pick: Callable) -> No
 def _accumulate_hooks(module, names, batches, labels, gold_key, num_examples, chunk_size, generator):
     seen = 0
     with SquaredGradHooks(module, names) as hooks, _grad_only_for(module):
-        for batch in batches:
-            batch = dict(batch)
-            gold = batch.pop(gold_key, None)
-            B = next(iter(batch.values())).shape[0]
-            if num_examples is not None:
-                B = min(B, num_examples - seen)
-                batch = {k: v[:B] for k, v in batch.items()}
-                gold = None if gold is None else gold[:B]
-            if B <= 0:
-                break
+        for batch, gold, B in _limited(batches, gold_key, num_examples):
 
             def pick_all(logits):
                 ys, ws, _ = _labels(logits, labels, gold, generator)
@@ -265,8 +276,6 @@ def _accumulate_hooks(module, names, batches, labels, gold_key, num_examples, ch
                     ex = {k: v[s:e] for k, v in batch.items()}
                     _hooks_pass(hooks, module, ex, lambda _, s=s, e=e: (ys[s * per : e * per], ws[s * per : e * per], C))
             seen += B
-            if num_examples is not None and seen >= num_examples:
-                break
     return hooks.total, seen
 
 
@@ -294,16 +303,7 @@ def _verify_hooks(module, names, batch: Batch, gold_key: str) -> str | None:
 def _accumulate(module, params, per_example, batches, labels, gold_key, num_examples, chunk_size, generator):
     total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
     seen = 0
-    for batch in batches:
-        batch = dict(batch)
-        gold = batch.pop(gold_key, None)
-        B = next(iter(batch.values())).shape[0]
-        if num_examples is not None:
-            B = min(B, num_examples - seen)
-            batch = {k: v[:B] for k, v in batch.items()}
-            gold = None if gold is None else gold[:B]
-        if B <= 0:
-            break
+    for batch, gold, B in _limited(batches, gold_key, num_examples):
         with torch.no_grad():
             logits = logits_of(module(**batch))
         ys, ws, rows = _labels(logits, labels, gold, generator)
@@ -315,8 +315,6 @@ def _accumulate(module, params, per_example, batches, labels, gold_key, num_exam
                 for n, v in sq.items():
                     total[n] += v.sum(0)
         seen += B
-        if num_examples is not None and seen >= num_examples:
-            break
     return total, seen
 
 
