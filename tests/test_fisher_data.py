@@ -130,6 +130,23 @@ def test_data_driven_merge_from_the_cli(dirs, tmp_path, cli, method):
         assert coef["granularity"] and len(coef["tasks"]) == 2
 
 
+def test_fisher_engines_give_the_same_merge_from_the_cli(dirs, tmp_path, cli):
+    """`method.engine=hooks` and `method.engine=vmap` form the same per-example gradients: the merges agree."""
+    paths, csv = dirs
+    merged = {}
+    for engine in ("hooks", "vmap"):
+        out = tmp_path / engine
+        r = cli("merge", "method=fisher", f"method.engine={engine}", f"base={paths[0]}", f"models=[{paths[1]},{paths[2]}]",
+                f"out={out}", f"+data.path={csv}", "+data.num_examples=6", "+data.batch_size=4")
+        assert r.returncode == 0, r.stderr
+        merged[engine] = transformers.BertForSequenceClassification.from_pretrained(out).state_dict()
+    for k, v in merged["hooks"].items():
+        torch.testing.assert_close(v, merged["vmap"][k], rtol=1e-4, atol=1e-6)
+    r = cli("merge", "method=fisher", "method.engine=fast", f"base={paths[0]}", f"models=[{paths[1]},{paths[2]}]",
+            f"out={tmp_path / 'bad'}", f"+data.path={csv}")
+    assert r.returncode == 2 and "engine" in r.stderr and not (tmp_path / "bad").exists()
+
+
 def test_data_driven_merge_without_data_is_refused(dirs, tmp_path, cli):
     paths, _ = dirs
     r = cli("merge", "method=adamerging", f"base={paths[0]}", f"models=[{paths[1]},{paths[2]}]", f"out={tmp_path / 'o'}")
