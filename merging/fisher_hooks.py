@@ -138,31 +138,35 @@ class SquaredGradHooks:
         return hook
 
     def _accumulate(self, mname: str, mod: nn.Module, x: torch.Tensor, d: torch.Tensor) -> None:
-        names, B = self.by_module[mname], d.shape[0]
-        d = d.float()
+        names, d = self.by_module[mname], d.float()
         if isinstance(mod, nn.Embedding):
             self._embedding(names, mod, x, d)
-            return
-        feat = mod.weight.shape[-1] if isinstance(mod, nn.Linear) else None
-        if isinstance(mod, nn.Linear):
-            d3, x3 = d.reshape(B, -1, d.shape[-1]), x.float().reshape(B, -1, feat)  # (B, T, out), (B, T, in)
-            if "weight" in names:
-                tot = self.total[names["weight"]]
-                if d3.shape[1] == 1:  # one row per example: dW_i² = (δ_i²)ᵀ (x_i²) exactly
-                    tot += d3[:, 0].square().T @ x3[:, 0].square()
-                else:
-                    for o in range(0, d3.shape[-1], _ROWS):
-                        tot[o : o + _ROWS] += torch.bmm(d3[..., o : o + _ROWS].transpose(1, 2), x3).square_().sum(0)
-            if "bias" in names:
-                self.total[names["bias"]] += d3.sum(1).square().sum(0)
-            return
-        # LayerNorm / RMSNorm over the trailing normalised dims
+        elif isinstance(mod, nn.Linear):
+            self._linear(names, mod, x, d)
+        else:
+            self._norm(names, mod, x, d)
+
+    def _linear(self, names: dict[str, str], mod: nn.Linear, x: torch.Tensor, d: torch.Tensor) -> None:
+        B = d.shape[0]
+        d3, x3 = d.reshape(B, -1, d.shape[-1]), x.float().reshape(B, -1, mod.in_features)  # (B, T, out), (B, T, in)
+        if "weight" in names:
+            tot = self.total[names["weight"]]
+            if d3.shape[1] == 1:  # one row per example: dW_i² = (δ_i²)ᵀ (x_i²) exactly
+                tot += d3[:, 0].square().T @ x3[:, 0].square()
+            else:
+                for o in range(0, d3.shape[-1], _ROWS):
+                    tot[o : o + _ROWS] += torch.bmm(d3[..., o : o + _ROWS].transpose(1, 2), x3).square_().sum(0)
+        if "bias" in names:
+            self.total[names["bias"]] += d3.sum(1).square().sum(0)
+
+    def _norm(self, names: dict[str, str], mod: nn.Module, x: torch.Tensor, d: torch.Tensor) -> None:
+        """LayerNorm / RMSNorm over the trailing normalised dims."""
         if isinstance(mod, nn.LayerNorm):
             k = len(mod.normalized_shape)
             xhat = F.layer_norm(x.float(), mod.normalized_shape, eps=mod.eps)
         else:
             xhat, k = _rms_norm(mod, x)
-        dn = d.reshape(B, -1, *d.shape[-k:])
+        dn = d.reshape(d.shape[0], -1, *d.shape[-k:])
         if "weight" in names:
             self.total[names["weight"]] += (dn * xhat.reshape(dn.shape)).sum(1).square().sum(0)
         if "bias" in names:

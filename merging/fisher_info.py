@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch.func import functional_call, grad, vmap
 
-from merging.fisher_hooks import HooksUnsupported, SquaredGradHooks, hooks_supported
+from merging.fisher_hooks import HooksUnsupported, SquaredGradHooks
 from peft_lab.errors import UserError
 
 __all__ = ["ENGINES", "LABEL_MODES", "diagonal_fisher", "diagonal_fisher_loop", "eager_attention", "logits_of"]
@@ -167,32 +167,23 @@ def diagonal_fisher(
     if engine not in ENGINES:
         raise UserError(f"Fisher engine={engine!r} is not one of {', '.join(ENGINES)}.")
     batches = iter(batches)
-    if engine != "vmap":
-        first = next(batches, None)
-        if first is not None:
-            batches = _chain(first, batches)
-        why = hooks_supported(module, names) or (None if first is None else _verify_hooks(module, names, first, gold_key))
-        if why is None:
-            try:
-                total, seen = _accumulate_hooks(module, names, batches, labels, gold_key, num_examples, chunk_size, generator)
-            except HooksUnsupported as e:  # a later batch differs from the verified one
-                raise UserError(f"Fisher: the hooks engine stopped: {e}; use engine=vmap.") from e
-            if seen == 0:
-                raise UserError("Fisher: no examples were given (the task's data is empty); give at least one example.")
-            return {n: t / seen for n, t in total.items()}
-        if engine == "hooks":
-            raise UserError(f"Fisher engine='hooks' cannot compute this model's Fisher: {why}; use engine=vmap or auto.")
-        log.info("fisher: per-example gradients through torch.func vmap (the hooks engine does not apply: %s)", why)
-    params = {n: all_params[n].detach() for n in names}
-    frozen = {n: p.detach() for n, p in all_params.items() if n not in params}
-    grad_fn = grad(_log_prob_fn(module, frozen))
-
-    def weighted_square(p, ex, y, w):  # w·g² per example, squared inside vmap: one pass less over B·|θ| floats
-        return {n: w * g.float().square() for n, g in grad_fn(p, ex, y).items()}
-
-    per_example = vmap(weighted_square, in_dims=(None, 0, 0, 0))
-    with eager_attention(module):
-        total, seen = _accumulate(module, params, per_example, batches, labels, gold_key, num_examples, chunk_size, generator)
+    first = next(batches, None)
+    total, seen = {}, 0
+    if first is not None:
+        batches = _chain(first, batches)
+        use_hooks = False
+        if engine != "vmap":
+            why = _verify_hooks(module, names, first, gold_key)
+            if why is not None and engine == "hooks":
+                raise UserError(f"Fisher engine='hooks' cannot compute this model's Fisher: {why}; use engine=vmap or auto.")
+            if why is not None:
+                log.info("fisher: per-example gradients through torch.func vmap (the hooks engine does not apply: %s)", why)
+            use_hooks = why is None
+        args = (module, names, batches, labels, gold_key, num_examples, chunk_size, generator)
+        try:
+            total, seen = _accumulate_hooks(*args) if use_hooks else _accumulate_vmap(*args)
+        except HooksUnsupported as e:  # a later batch differs from the verified one
+            raise UserError(f"Fisher: the hooks engine stopped: {e}; use engine=vmap.") from e
     if seen == 0:
         raise UserError("Fisher: no examples were given (the task's data is empty); give at least one example.")
     return {n: t / seen for n, t in total.items()}
@@ -280,14 +271,19 @@ def _accumulate_hooks(module, names, batches, labels, gold_key, num_examples, ch
 
 
 def _verify_hooks(module, names, batch: Batch, gold_key: str) -> str | None:
-    """None when the hooks engine matches per-example backwards on (up to) two examples of `batch`, with each
-    example's argmax label; else why not. Guards what `hooks_supported` cannot see: a parameter used outside
-    its module, a module run twice per forward, inputs that are not batch-first."""
+    """None when the hooks engine covers the model's layers (`hooks_supported`) and matches per-example
+    backwards on (up to) two examples of `batch`, with each example's argmax label; else why not. The second
+    check guards what the first cannot see: a parameter used outside its module, a module run twice per
+    forward, inputs that are not batch-first."""
+    try:
+        hooks = SquaredGradHooks(module, names)
+    except HooksUnsupported as e:
+        return str(e)
     ex = {k: v[:2] for k, v in batch.items() if k != gold_key}
     with torch.no_grad():
         y = logits_of(module(**ex)).argmax(-1)
     try:
-        with SquaredGradHooks(module, names) as hooks, _grad_only_for(module):
+        with hooks, _grad_only_for(module):
             _hooks_pass(hooks, module, ex, lambda _: (y, torch.ones(len(y)), None))
     except (HooksUnsupported, RuntimeError) as e:  # RuntimeError: e.g. an expanded view written in place
         return str(e)
@@ -300,21 +296,31 @@ def _verify_hooks(module, names, batch: Batch, gold_key: str) -> str | None:
     return None
 
 
-def _accumulate(module, params, per_example, batches, labels, gold_key, num_examples, chunk_size, generator):
+def _accumulate_vmap(module, names, batches, labels, gold_key, num_examples, chunk_size, generator):
+    all_params = dict(module.named_parameters())
+    params = {n: all_params[n].detach() for n in names}
+    frozen = {n: p.detach() for n, p in all_params.items() if n not in params}
+    grad_fn = grad(_log_prob_fn(module, frozen))
+
+    def weighted_square(p, ex, y, w):  # w·g² per example, squared inside vmap: one pass less over B·|θ| floats
+        return {n: w * g.float().square() for n, g in grad_fn(p, ex, y).items()}
+
+    per_example = vmap(weighted_square, in_dims=(None, 0, 0, 0))
     total = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
     seen = 0
-    for batch, gold, B in _limited(batches, gold_key, num_examples):
-        with torch.no_grad():
-            logits = logits_of(module(**batch))
-        ys, ws, rows = _labels(logits, labels, gold, generator)
-        for group, sub in _length_groups(batch, rows):
-            for s in range(0, len(group), chunk_size):
-                sel = group[s : s + chunk_size]  # positions in (ys, ws, rows)
-                ex = {k: v[rows[sel]] for k, v in sub.items()}
-                sq = per_example(params, ex, ys[sel], ws[sel])  # name -> (chunk, *shape): w_i g_i²
-                for n, v in sq.items():
-                    total[n] += v.sum(0)
-        seen += B
+    with eager_attention(module):
+        for batch, gold, B in _limited(batches, gold_key, num_examples):
+            with torch.no_grad():
+                logits = logits_of(module(**batch))
+            ys, ws, rows = _labels(logits, labels, gold, generator)
+            for group, sub in _length_groups(batch, rows):
+                for s in range(0, len(group), chunk_size):
+                    sel = group[s : s + chunk_size]  # positions in (ys, ws, rows)
+                    ex = {k: v[rows[sel]] for k, v in sub.items()}
+                    sq = per_example(params, ex, ys[sel], ws[sel])  # name -> (chunk, *shape): w_i g_i²
+                    for n, v in sq.items():
+                        total[n] += v.sum(0)
+            seen += B
     return total, seen
 
 
