@@ -251,6 +251,21 @@ def _with_and_without_raw_pass(rec, tmp_path, monkeypatch, loop: str, chunk: int
     return outs
 
 
+def _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, chunk: int):
+    """The UserError messages of `rec` with the fused loops on, then off, and the output dirs it was given."""
+    from merging.run import run_merge
+    from peft_lab.errors import UserError
+
+    msgs, outs = [], []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        outs.append(tmp_path / f"out{enabled}")
+        with pytest.raises(UserError) as e:
+            run_merge(rec, outs[-1], chunk_size=chunk, progress=False, hash="none")
+        msgs.append(str(e.value))
+    return msgs, outs
+
+
 @pytest.mark.parametrize("spec", RAW_RECIPES, ids=lambda s: f"{s['merge_method']}-{s['weights']}")
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("chunk", [1 << 20, 100])
@@ -269,8 +284,7 @@ def test_raw_bf16_pass_writes_the_bytes_of_the_torch_path(tmp_path, monkeypatch,
 def test_raw_pass_refuses_nonfinite_values_with_the_torch_paths_message(tmp_path, monkeypatch, where):
     from safetensors.torch import load_file, save_file
 
-    from merging.run import _Merge, run_merge
-    from peft_lab.errors import UserError
+    from merging.run import _Merge
     from tests.merge_util import tiny_llama_dirs
 
     base, fts = tiny_llama_dirs(tmp_path, n_models=2)
@@ -285,13 +299,8 @@ def test_raw_pass_refuses_nonfinite_values_with_the_torch_paths_message(tmp_path
     rec = {"merge_method": "linear", "parameters": {"normalize": False}, "dtype": "float32",
            "models": [{"model": str(p), "parameters": {"weight": 2.0}} for p in fts]}  # fmt: skip
     monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
-    msgs = []
-    for enabled in (True, False):
-        monkeypatch.setattr(fused, "ENABLED", enabled)
-        with pytest.raises(UserError) as e:
-            run_merge(rec, tmp_path / f"out{enabled}", chunk_size=1000, progress=False, hash="none")
-        msgs.append(str(e.value))
-        assert not (tmp_path / f"out{enabled}").exists()
+    msgs, outs = _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, 1000)
+    assert not any(o.exists() for o in outs)
     assert msgs[0] == msgs[1] and name in msgs[0] and "flat index 37" in msgs[0]
     assert ("NaN" if where == "input" else "inf") in msgs[0]
 
@@ -328,8 +337,7 @@ def test_raw_slerp_agrees_with_the_torch_path_to_float32_rounding(tmp_path, monk
 def test_raw_slerp_refuses_a_nan_input_with_the_torch_paths_message(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    from merging.run import _Merge, run_merge
-    from peft_lab.errors import UserError
+    from merging.run import _Merge
     from tests.merge_util import tiny_llama_dirs
 
     base, fts = tiny_llama_dirs(tmp_path, n_models=1)
@@ -340,10 +348,5 @@ def test_raw_slerp_refuses_a_nan_input_with_the_torch_paths_message(tmp_path, mo
     save_file(sd, f, metadata={"format": "pt"})
     rec = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}]}
     monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
-    msgs = []
-    for enabled in (True, False):
-        monkeypatch.setattr(fused, "ENABLED", enabled)
-        with pytest.raises(UserError) as e:
-            run_merge(rec, tmp_path / f"out{enabled}", chunk_size=100, progress=False, hash="none")
-        msgs.append(str(e.value))
+    msgs, _ = _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, 100)
     assert msgs[0] == msgs[1] and name in msgs[0] and "inf" in msgs[0]
