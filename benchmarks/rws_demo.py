@@ -5,8 +5,8 @@
 A small CNN with BatchNorm (so the normalisation statistics, patched multiplicatively, are part of every
 signature) is trained on clean digits (split A). Robust models are fine-tuned from it on corrupted digits
 (Gaussian noise, blur, low contrast). Signatures σ_c = θ_c − θ_clean on the shallow half of the weight
-layers are cut with `merging.signature.extract`, written and read back as files, and patched into the clean
-model with `merging.signature_patch.patch` — the functions `peft-lab signature` runs. The table gives clean
+layers are cut with `merging.signatures.signature.extract`, written and read back as files, and patched into the clean
+model with `merging.signatures.patch.patch` — the functions `peft-lab signature` runs. The table gives clean
 and corrupted test accuracy for the clean and robust models, patches at scales 0.5/1/1.5, compositions,
 int8/int4 signatures, the shallow layers without their BN statistics, and transfer to clean models trained
 on split B (fine-tuned from the clean model, or from scratch). A PNG plots accuracy against the scale.
@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from merging.signature import extract, load_signatures, save_signatures  # noqa: E402
-from merging.signature_patch import patch, unpatch  # noqa: E402
+from merging.signatures.patch import patch, unpatch  # noqa: E402
+from merging.signatures.signature import extract, load_signatures, save_signatures  # noqa: E402
 from peft_lab.tree import Tree, load_tree, save_tree  # noqa: E402
 
 CORRUPTIONS = ("noise", "blur", "contrast")

@@ -9,7 +9,7 @@ from peft_lab.errors import UserError
 __all__ = ["main"]
 
 BENCHES = {
-    "merge": "merging.bench",  # the offline multi-task merging benchmark
+    "merge": "merging.bench.runner",  # the offline multi-task merging benchmark
     "kernels": "peft_lab.kernels.sparse.bench",  # sparse-delta linear: Triton vs reference vs naive vs SHiRA
 }
 

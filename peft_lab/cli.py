@@ -19,7 +19,7 @@ __all__ = ["main", "report_user_error"]
 COMMANDS = {
     "train": ("peft_lab.train.cli", "fine-tune a model with an adapter (Hydra: peft-lab train adapter=lora ...)"),
     "merge": ("merging.cli", "merge models (peft-lab merge --config RECIPE.yaml --out DIR, or Hydra overrides)"),
-    "signature": ("merging.signature", "robust weight signatures: extract | patch | unpatch | list"),
+    "signature": ("merging.signatures.cli", "robust weight signatures: extract | patch | unpatch | list"),
     "bench": ("peft_lab.bench", "benchmarks: merge [--quick] | kernels"),
 }
 

@@ -1,14 +1,13 @@
 """The distribution ships every package and every config (so an installed wheel works like the checkout)."""
 
-from pathlib import Path
 
 import pytest
 
 from peft_lab.config import conf_dir
+from tests.conftest import REPO
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _pyproject():

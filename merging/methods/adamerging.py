@@ -25,7 +25,7 @@ import torch
 from torch.func import functional_call
 
 from merging.base import METHODS, MergeInputs, MergeMethod
-from merging.fisher_info import logits_of
+from merging.datadriven.fisher import logits_of
 from peft_lab.errors import UserError
 from peft_lab.tree import matches
 
@@ -321,7 +321,7 @@ class AdaMerging(MergeMethod):
             lam = torch.as_tensor(inputs.extra["lambdas"], dtype=torch.float32)
             self.result = AdaResult(lam.clamp(p.clamp_min, p.clamp_max), names)
         else:
-            from merging.tasks import adamerging_from_data  # lazy: needs transformers/datasets
+            from merging.datadriven.examples import adamerging_from_data  # lazy: needs transformers/datasets
 
             self.result = adamerging_from_data(inputs, p, names, self)
         lam = self.result.lambdas

@@ -10,7 +10,7 @@ the tensor's L1 norm (`rescale: l1`, mergekit's `rescale: true`, the default for
 from __future__ import annotations
 
 from merging.base import METHODS
-from merging.gta import DareParams, GTAMethod
+from merging.methods._gta import DareParams, GTAMethod
 
 
 @METHODS.register("dare_linear")

@@ -9,7 +9,7 @@ mergekit's `dare_ties` (normalize false, L1 rescale by default). At density 1 it
 from __future__ import annotations
 
 from merging.base import METHODS
-from merging.gta import DareParams, GTAMethod
+from merging.methods._gta import DareParams, GTAMethod
 
 
 @METHODS.register("dare_ties")

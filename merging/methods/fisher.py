@@ -5,7 +5,7 @@ Per parameter, a Fisher-weighted average of the models (official `model_merging/
 
     θ* = Σ_j c_j F̃_j ⊙ θ_j / Σ_j c_j F̃_j,    c_j = λ_j / ||F_j||₂ (normalize) or λ_j,   F̃_j = max(F_j, floor)
 
-`F_j` is model j's diagonal Fisher (`merging.fisher_info.diagonal_fisher`), given as a saved tree per model
+`F_j` is model j's diagonal Fisher (`merging.datadriven.fisher.diagonal_fisher`), given as a saved tree per model
 (`models[i].parameters.fisher: PATH`, reusable across merges) or computed in `prepare` from the examples of a
 `data` config. Decisions where the official code is silent or unsafe:
 - the floor applies to every model (the official default floors only the first, "target" model; set
@@ -43,12 +43,12 @@ class FisherParams:
     normalize: bool = True  # official: divide each model's weight by the L2 norm of its Fisher
     floor: float = 1e-6  # official minimum Fisher value
     favor_target: bool = False  # floor only the first model's Fisher (official default for 2-model merges)
-    # how the Fisher is computed when it is not given as a file (see merging/fisher_info.py)
+    # how the Fisher is computed when it is not given as a file (see merging/datadriven/fisher.py)
     labels: str = "sample"  # sample | expected | empirical
     num_examples: int = 256  # official 4096 (train split); 256 keeps a CPU merge to minutes
     batch_size: int = 16
     chunk_size: int = 16
-    engine: str = "auto"  # auto | hooks | vmap: how per-example gradients are formed (merging/fisher_info.py)
+    engine: str = "auto"  # auto | hooks | vmap: how per-example gradients are formed (merging/datadriven/fisher.py)
     seed: int = 0
     heads: tuple[str, ...] = ("classifier.*", "score.*")  # per-task heads: not merged, first model's kept
 
@@ -169,7 +169,7 @@ class Fisher(MergeMethod):
                     "Fisher tree) or a `data` config naming the examples of each model's task "
                     f"(missing for: {', '.join(inputs.labels[j] for j in need_data)})."
                 )
-            from merging.tasks import fishers_from_data  # lazy: needs transformers/datasets
+            from merging.datadriven.examples import fishers_from_data  # lazy: needs transformers/datasets
 
             computed = fishers_from_data(inputs, p, need_data)
             for j, f in zip(need_data, computed, strict=True):

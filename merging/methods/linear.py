@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from merging.base import METHODS, MergeMethod, ModelParams
-from merging.gta import check_bool, check_finite
+from merging.methods._gta import check_bool, check_finite
 from peft_lab.errors import UserError
 
 

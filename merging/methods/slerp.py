@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from merging.base import FULL, METHODS, MergeMethod
-from merging.gta import check_finite
+from merging.methods._gta import check_finite
 from peft_lab.errors import UserError
 
 _DOT_THRESHOLD = 0.9995

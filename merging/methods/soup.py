@@ -15,7 +15,7 @@ import torch
 
 from merging import fused
 from merging.base import METHODS, MergeMethod
-from merging.gta import check_bool
+from merging.methods._gta import check_bool
 from merging.methods.linear import NonNegativeWeight, weighted_average
 from peft_lab.errors import UserError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from merging.base import METHODS
-from merging.gta import GTAMethod, WeightParams, check_bool, check_finite
+from merging.methods._gta import GTAMethod, WeightParams, check_bool, check_finite
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from merging.base import METHODS
-from merging.gta import TRIM_SCOPES, GTAMethod, check_bool, check_choice, check_finite
+from merging.methods._gta import TRIM_SCOPES, GTAMethod, check_bool, check_choice, check_finite
 
 
 @dataclass(frozen=True)

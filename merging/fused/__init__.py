@@ -1,0 +1,218 @@
+"""Fused CPU loops for the TIES/DARE merges and the soup's mask check, compiled with numba.
+
+The torch code in `merging/methods/_gta.py`, `merging/methods/_kth_largest.py` and `merging/methods/soup.py` is the reference: chains
+of whole-chunk ops (trim, weight, sum, elect, agree, divide; abs, compare, count; draw, mask, rescale) that
+read and write every element ~15 times per model. The loops here do the same float32 arithmetic in the same
+order, one block of elements at a time:
+
+- `gta_combine`: TIES's trim + weights + sign election + disjoint mean (or plain sum) + λ + base;
+- `band`: one pass of TIES's threshold search (count above the bracket, collect the values inside it);
+- `dare_drop`: DARE's random drop, drawing numpy's SFC64 stream inside the loop, and its rescale;
+- `first_mask_mismatch`: the soup's shared-zero-mask check;
+- `raw_merge`: linear and task arithmetic straight from bfloat16 inputs (the executor's fast path for them):
+  one pass that decodes, checks, combines and rounds to the output dtype; `raw_dot3` and `raw_lerp` do the
+  same for slerp (its norms and dot product are summed in float64 here, in float32 chunks on the torch path,
+  so slerp's two paths agree to float32 rounding, not bit for bit).
+
+Their float32 results are bit-identical to the reference (tests/test_fused.py, on random inputs with signed
+zeros and ties). One caveat: DARE's L1 rescale sums |τ| in float64 in both paths but in a different order
+(vectorised here), so its float32 factor could differ in the last bit if the two sums straddle a rounding
+boundary (they differ by ~1e-16 relative).
+
+They are used when numba is installed (a dependency of the project; it is imported by the first loop that runs,
+from `merging/fused/_loops.py`); `PEFT_LAB_FUSED=0` in the environment, or
+`merging.fused.ENABLED = False`, selects the torch reference instead. Compiled code is cached on disk by
+numba (`cache=True`), so only the first run on a machine pays the compile (~1-2 s per kernel).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ENABLED", "available", "band", "dare_drop", "first_mask_mismatch", "gta_combine", "raw_dot3", "raw_lerp",
+           "raw_merge"]
+
+ENABLED = os.environ.get("PEFT_LAB_FUSED", "1") != "0"
+
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None  # numba is imported only when a loop first runs
+
+
+def available() -> bool:
+    """True when the fused loops are to be used (numba installed and not switched off)."""
+    return ENABLED and _HAVE_NUMBA
+
+
+def _compiled():
+    from merging.fused import _loops
+
+    return _loops
+
+
+_local = threading.local()  # a per-thread scratch buffer for `band`, grown to the largest chunk seen
+
+
+def band(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
+    """One pass over `x` for TIES's threshold search: (#{|x| > hi}, the values of |x| in [lo, hi])."""
+    keys = x.reshape(-1).contiguous().view(torch.int32).numpy()
+    scratch = getattr(_local, "scratch", None)
+    if scratch is None or scratch.size < keys.size + 1:
+        scratch = _local.scratch = np.empty(keys.size + 1, dtype=np.int32)
+    klo = int(torch.tensor(lo, dtype=torch.float32).view(torch.int32))
+    khi = int(torch.tensor(hi, dtype=torch.float32).view(torch.int32))
+    above, m = _compiled()._band(keys, np.int32(klo), np.int32(khi), scratch)
+    return int(above), torch.from_numpy(scratch[:m].copy()).view(torch.float32)
+
+
+def gta_combine(
+    base: torch.Tensor | None,
+    xs: Sequence[torch.Tensor],
+    thresholds: Sequence[float],
+    weights: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
+    """`merging.methods._gta.combine` with TIES's trim folded in: `xs` are the (unweighted) task-vector chunks, each
+    trimmed to |x| >= its threshold (0: no trim) and multiplied by its weight in the loop. Inputs are not
+    modified. Returns a new float32 tensor."""
+    n = xs[0].numel()
+    out = torch.empty(n, dtype=torch.float32)
+    arrs = tuple(x.reshape(-1).contiguous().numpy() for x in xs)
+    thr = np.array([max(float(t), 0.0) for t in thresholds], dtype=np.float32)
+    w = np.array(weights, dtype=np.float32)
+    div_mode, div_value = 2, np.float32(1.0)  # 2: no division
+    if normalize and consensus:
+        if min(weights) > 0:
+            div_mode, div_value = 0, np.float32(min(weights) / 2)
+        else:
+            div_mode = 1
+    elif normalize:
+        d = float(sum(weights))
+        if abs(d) >= 1e-8:  # mergekit leaves the sum undivided when the weights cancel
+            div_mode, div_value = 1, np.float32(d)
+    b = base.reshape(-1).contiguous().numpy() if base is not None else out.numpy()
+    _compiled()._gta_combine(out.numpy(), b, base is not None, arrs, thr, w, consensus, normalize, div_mode, div_value,
+                 np.float32(lam), lam != 1)  # fmt: skip
+    return out
+
+
+def dare_drop(x: torch.Tensor, g: np.random.SFC64, density: float, *, apply: bool, sums: bool = True, op: int = 0,
+              factor: float = 1.0) -> tuple[float, float]:  # fmt: skip
+    """DARE's random drop on a flat float32 chunk with the mask stream `g` (advanced past it, as
+    `merging.methods._gta.dare_keep` would): returns the L1 norms of `x` before and after the drop (float64 sums;
+    zeros unless `sums`);
+    with `apply`, `x` is overwritten in place with `x * keep`, then multiplied (`op=1`) or divided (`op=2`)
+    by `factor`."""
+    st = g.state
+    state = st["state"]["state"].copy()
+    cut = min(round(density * 2**32), 2**32) - 2**31
+    before, after = _compiled()._dare_drop(x.reshape(-1).numpy(), state, np.int64(cut), sums, apply, op,
+                               np.float32(factor))  # fmt: skip
+    g.state = {**st, "state": {"state": state}}
+    return float(before), float(after)
+
+
+def first_mask_mismatch(xs: Sequence[torch.Tensor]) -> tuple[int, int]:
+    """The first (model, flat index) whose zero pattern differs from model 0's (`x == 0`, so -0 is a zero and
+    NaN is not), or (-1, -1) when all share it: one pass, without materialising the masks."""
+    t, i = _compiled()._first_mask_mismatch(tuple(x.reshape(-1).contiguous().numpy() for x in xs))
+    return int(t), int(i)
+
+
+RAW_MODES = {"linear": 0, "task_arithmetic": 1}
+
+
+def raw_merge(
+    xs: np.ndarray,
+    base: np.ndarray | None,
+    mode: str,
+    weights: Sequence[float],
+    *,
+    normalize: bool,
+    lam: float = 1.0,
+    out_dtype: torch.dtype = torch.bfloat16,
+    check: bool = True,
+) -> torch.Tensor | None:
+    """Linear or task arithmetic in one pass straight from bfloat16 bits, with the same float32 results as the
+    torch path (`merging.methods.linear.weighted_average`, `merging.methods._gta.combine` on x_t − base): no float32
+    copies of the inputs, no delta pass, and the rounding to the output dtype in the same loop.
+
+    Args:
+        xs: (T, n) uint16, the models' bfloat16 bits, one row per model (for task arithmetic: the fine-tuned
+            models; the base comes separately).
+        base: (n,) uint16 bfloat16 bits, or None (linear only: there it is only checked, as the torch path does).
+        mode: "linear" or "task_arithmetic".
+        weights: the T per-model weights.
+        normalize, lam: the method's parameters (`lam` only for task arithmetic).
+        out_dtype: torch.bfloat16 or torch.float32.
+        check: refuse NaN/inf: return None when an input or the result holds one (the caller reruns the chunk
+            on the torch path, whose error names the tensor and element).
+    Returns:
+        A new (n,) tensor of `out_dtype`, or None (see `check`).
+    """
+    T, n = xs.shape
+    code = RAW_MODES[mode]
+    divide, div_value = False, np.float32(1.0)
+    if normalize:
+        d = float(sum(weights))
+        if code == 0 or abs(d) >= 1e-8:  # task arithmetic: mergekit leaves the sum undivided when weights cancel
+            divide, div_value = True, np.float32(d)
+    to_bf16, out16, out32 = _raw_out(n, out_dtype)
+    b = base if base is not None else out16[:0]
+    status = _compiled()._raw_merge(out16, out32, to_bf16, xs, b, base is not None, code,
+                                 np.asarray(weights, dtype=np.float32), div_value, divide, np.float32(lam), lam != 1,
+                                 check)  # fmt: skip
+    return None if status else _raw_tensor(out16, out32, to_bf16)
+
+
+def _raw_out(n: int, out_dtype: torch.dtype) -> tuple[bool, np.ndarray, np.ndarray]:
+    """(bfloat16 output?, the uint16 output, the float32 output): the one not used is empty."""
+    to_bf16 = out_dtype == torch.bfloat16
+    return to_bf16, np.empty(n if to_bf16 else 0, dtype=np.uint16), np.empty(0 if to_bf16 else n, dtype=np.float32)
+
+
+def _raw_tensor(out16: np.ndarray, out32: np.ndarray, to_bf16: bool) -> torch.Tensor:
+    return torch.from_numpy(out16).view(torch.bfloat16) if to_bf16 else torch.from_numpy(out32)
+
+
+def raw_dot3(x0: np.ndarray, x1: np.ndarray, *, check: bool = True) -> tuple[float, float, float] | None:
+    """(<x0, x1>, |x0|², |x1|²) of two bfloat16 bit arrays (uint16), summed in float64; None when `check` and
+    either holds NaN/inf. (The torch path sums in float32 per chunk, so the two differ in the last bits.)"""
+    dot, n0, n1, bad = _compiled()._raw_dot3(x0, x1, check)
+    return None if bad else (float(dot), float(n0), float(n1))
+
+
+def raw_lerp(x0: np.ndarray, x1: np.ndarray, c0: float, c1: float, *, out_dtype: torch.dtype = torch.bfloat16,
+             check: bool = True) -> torch.Tensor | None:  # fmt: skip
+    """c0·x0 + c1·x1 from bfloat16 bits, computed as the torch path's `x0.mul_(c0).add_(x1, alpha=c1)` (float32,
+    one fused multiply-add), as a new tensor of `out_dtype` (bfloat16 or float32); None when `check` and the
+    result holds NaN/inf."""
+    to_bf16, out16, out32 = _raw_out(x0.size, out_dtype)
+    if _compiled()._raw_lerp(out16, out32, to_bf16, x0, x1, np.float32(c0), np.float32(c1), check):
+        return None
+    return _raw_tensor(out16, out32, to_bf16)
+
+
+def warm() -> None:
+    """Compile (or load from numba's cache) every loop for 1-4 models, e.g. before timing a merge."""
+    x = torch.linspace(-1, 1, 64)
+    for T in range(1, 5):
+        for consensus in (False, True):
+            gta_combine(x, [x] * T, [0.5] * T, [1.0] * T, consensus=consensus, normalize=True, lam=1.0)
+        first_mask_mismatch([x] * T)
+    band(x, 0.25, 0.5)
+    dare_drop(x.clone(), np.random.SFC64(0), 0.5, apply=True)
+    bits = x.to(torch.bfloat16).view(torch.uint16).numpy()
+    for mode in RAW_MODES:
+        for out_dtype in (torch.bfloat16, torch.float32):
+            raw_merge(np.stack([bits, bits]), bits, mode, [0.5, 0.5], normalize=True, lam=0.5, out_dtype=out_dtype)
+    for out_dtype in (torch.bfloat16, torch.float32):
+        raw_lerp(bits, bits, 0.5, 0.5, out_dtype=out_dtype)
+    raw_dot3(bits, bits)

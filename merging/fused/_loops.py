@@ -1,0 +1,364 @@
+"""The numba loops behind `merging.fused` (imported on their first use, so that merges which do not need them
+do not pay for importing numba). Every scalar is float32 where the torch reference computes in float32."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba.core import types
+from numba.extending import intrinsic
+
+_ABS = np.int32(0x7FFFFFFF)
+_INF = np.int32(0x7F800000)
+_SIGN = np.int32(-0x80000000)
+_ONE_BITS = np.int32(0x3F800000)  # 1.0f
+
+
+def _jit(**options):
+    """numba.njit with an on-disk cache, or without one where numba finds no writable place for it (a read-only
+    install without a writable home: it then compiles once per process)."""
+
+    def wrap(fn):
+        try:
+            return numba.njit(cache=True, nogil=True, **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True, **options)(fn)
+
+    return wrap
+
+
+_njit = _jit(error_model="numpy")
+
+
+_BLOCK = 2048  # elements per block: the loops below run over one block at a time, so their scratch stays in L1
+
+
+@_njit
+def _band(keys, klo, khi, buf):
+    above = 0
+    m = 0
+    width = np.uint32(khi - klo)
+    for b0 in range(0, keys.size, _BLOCK):
+        blk = keys[b0 : b0 + _BLOCK]  # a slice, not keys[b0 + i]: a non-negative index lets LLVM vectorise
+        for i in range(blk.size):  # |x| > hi; NaN excluded, as `x > hi` excludes it
+            k = blk[i] & _ABS  # bit pattern of |x|: monotone in |x| for non-negative floats
+            above += (k > khi) & (k <= _INF)
+        for i in range(blk.size):  # lo <= |x| <= hi, compacted into buf without a branch
+            k = blk[i] & _ABS
+            buf[m] = k
+            m += np.uint32(k - klo) <= width
+    return above, m
+
+
+@_njit
+def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode, div_value, lam, scale):
+    # Mirrors merging.methods._gta.combine op by op (see its docstring): every value is float32, the additions run in
+    # the reference's order (model 0, 1, ...), and each step is a loop over one block of elements, written
+    # with selects instead of branches so that LLVM vectorises it.
+    T = len(xs)
+    n = out.size
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    x = np.empty((T, _BLOCK), dtype=np.float32)
+    sg = np.empty(_BLOCK, dtype=np.float32)
+    sgi = sg.view(np.int32)
+    mx = np.empty(_BLOCK, dtype=np.float32)
+    mxi = mx.view(np.int32)
+    dv = np.empty(_BLOCK, dtype=np.float32)
+    for b0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - b0)
+        for t in range(T):  # trim (hardshrink keeps |v| >= thr, and NaN; a trimmed entry is +0), then weight
+            src = xs[t][b0 : b0 + m]  # slices, not xs[t][b0 + i]: a non-negative index lets LLVM vectorise
+            xt = x[t]
+            th = thr[t]
+            wt = w[t]
+            for i in range(m):
+                v = src[i]
+                xt[i] = (zero if abs(v) < th else v) * wt
+        x0 = x[0]  # the sum over models, in model order (the merge without consensus; the election's input)
+        for i in range(m):
+            mx[i] = x0[i]
+        for t in range(1, T):
+            xt = x[t]
+            for i in range(m):
+                mx[i] = mx[i] + xt[i]
+        if consensus:
+            for i in range(m):  # the elected sign, copysign(1, sum): +1 where the sum is >= +0 (as bits: vectorises)
+                sgi[i] = (mxi[i] & _SIGN) | _ONE_BITS
+            for t in range(T):
+                xt = x[t]
+                wt = w[t]
+                for i in range(m):  # mx is overwritten at t = 0: the sum is no longer needed
+                    a = xt[i] * sg[i]
+                    a = zero if a < zero else a  # relu keeps -0 and NaN as they are
+                    mx[i] = a if t == 0 else mx[i] + a
+                    ind = one if a > zero else (a if a != a else zero)  # sign(a), a >= 0 or NaN
+                    dv[i] = ind * wt if t == 0 else dv[i] + ind * wt
+            for i in range(m):
+                mx[i] = mx[i] * sg[i]
+            if normalize:
+                if div_mode == 0:  # all weights positive: a floor below the smallest weight
+                    for i in range(m):
+                        d = dv[i]
+                        mx[i] = mx[i] / (div_value if d < div_value else d)
+                else:  # signed weights: mergekit's 0 -> 1
+                    for i in range(m):
+                        d = dv[i]
+                        mx[i] = mx[i] / (one if d == zero else d)
+        else:
+            if normalize and div_mode == 1:
+                for i in range(m):
+                    mx[i] = mx[i] / div_value
+        if scale:
+            for i in range(m):
+                mx[i] = mx[i] * lam
+        ob = out[b0 : b0 + m]
+        if has_base:
+            bb = base[b0 : b0 + m]
+            for i in range(m):
+                ob[i] = mx[i] + bb[i]
+        else:
+            for i in range(m):
+                ob[i] = mx[i]
+
+
+@_njit
+def _sfc64_words(state, words, nw):
+    # numpy's SFC64 step (state = a, b, c, counter): nw raw 64-bit outputs into `words`
+    a, b, c, w = state[0], state[1], state[2], state[3]
+    one = np.uint64(1)
+    for j in range(nw):
+        r = a + b + w
+        w += one
+        a = b ^ (b >> np.uint64(11))
+        b = c + (c << np.uint64(3))
+        c = ((c << np.uint64(24)) | (c >> np.uint64(40))) + r
+        words[j] = r
+    state[0], state[1], state[2], state[3] = a, b, c, w
+
+
+@_jit(fastmath={"reassoc", "nsz"})
+def _abs_sums(v, kept_if, cut):
+    # (sum |v|, sum |v * keep|) in float64. Reassociation lets LLVM vectorise the sums (the order of the
+    # additions then depends on the vector width: a float64 sum of float32 values changes by ~1e-16 relative)
+    before = 0.0
+    after = 0.0
+    for i in range(v.size):
+        x = abs(np.float64(v[i]))
+        before += x
+        after += x * np.float64(kept_if[i] < cut)
+    return before, after
+
+
+@_njit
+def _dare_drop(x, state, cut, sums, apply, op, factor):
+    # one 64-bit word per two elements, read as two signed 32-bit uniforms in memory order (the low half
+    # first on a little-endian machine), exactly as `merging.methods._gta.dare_keep` views numpy's words
+    words = np.empty(_BLOCK // 2, dtype=np.uint64)
+    u = words.view(np.int32)
+    zero = np.float32(0.0)
+    onef = np.float32(1.0)
+    before = 0.0
+    after = 0.0
+    for b0 in range(0, x.size, _BLOCK):
+        blk = x[b0 : b0 + _BLOCK]
+        m = blk.size
+        _sfc64_words(state, words, (m + 1) // 2)
+        if sums:
+            b, a = _abs_sums(blk, u, cut)
+            before += b
+            after += a
+        if apply:
+            for i in range(m):
+                kept = blk[i] * (onef if u[i] < cut else zero)  # tau * keep, as the reference multiplies by the mask
+                if op == 1:
+                    kept = kept * factor
+                elif op == 2:
+                    kept = kept / factor
+                blk[i] = kept
+    return before, after
+
+
+@_njit
+def _first_mask_mismatch(xs):
+    n = xs[0].size
+    for b0 in range(0, n, _BLOCK):
+        x0 = xs[0][b0 : b0 + _BLOCK]
+        for t in range(1, len(xs)):
+            xt = xs[t][b0 : b0 + _BLOCK]
+            bad = False
+            for i in range(x0.size):  # branch-free OR over the block (vectorises); located only on a mismatch
+                bad |= (x0[i] == 0) != (xt[i] == 0)
+            if bad:
+                for i in range(x0.size):
+                    if (x0[i] == 0) != (xt[i] == 0):
+                        return t, b0 + i
+    return -1, -1
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """a·b + c rounded once (llvm.fma.f32): what torch's vectorised `add_(x, alpha=w)` computes."""
+    from llvmlite import ir
+
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        f32 = ir.FloatType()
+        fn = builder.module.declare_intrinsic("llvm.fma", [f32], ir.FunctionType(f32, [f32, f32, f32]))
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+_BF16_EXP = np.uint16(0x7F80)
+_F32_EXP = np.uint32(0x7F800000)
+
+
+@_njit
+def _decode(src, u):
+    # bfloat16 bits -> float32 bits in u[:src.size] (a float32 is a bfloat16 with 16 more mantissa bits)
+    for i in range(src.size):
+        u[i] = np.uint32(src[i]) << np.uint32(16)
+
+
+@_njit
+def _nonfinite16(src):
+    # any NaN/inf among bfloat16 bits (exponent all ones), as a branch-free OR that vectorises
+    bad = False
+    for i in range(src.size):
+        bad |= (src[i] & _BF16_EXP) == _BF16_EXP
+    return bad
+
+
+@_njit
+def _store(mx, out16, out32, to_bf16, b0, check):
+    # one float32 block into the output at b0: rounded to nearest even bfloat16, as torch's float -> bfloat16
+    # (NaN -> 0x7FC0), or copied as float32. Returns True (and writes nothing) when `check` finds NaN/inf.
+    m = mx.size
+    mxu = mx.view(np.uint32)
+    if check:
+        bad = False
+        for i in range(m):
+            bad |= (mxu[i] & _F32_EXP) == _F32_EXP
+        if bad:
+            return True
+    if to_bf16:
+        ob = out16[b0 : b0 + m]
+        for i in range(m):
+            v = mxu[i]
+            r = (v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            ob[i] = np.uint16(0x7FC0) if mx[i] != mx[i] else np.uint16(r)
+    else:
+        ob32 = out32[b0 : b0 + m]
+        for i in range(m):
+            ob32[i] = mx[i]
+    return False
+
+
+@_njit
+def _raw_merge(out16, out32, to_bf16, xs, base, has_base, mode, w, div_value, divide, lam, scale, check):
+    # Linear (mode 0) or task arithmetic (mode 1) straight from bfloat16 bits (xs: (T, n) uint16, one row per
+    # model; base: (n,) uint16), mirroring the torch path op by op in float32:
+    #   mode 0 (merging.methods.linear.weighted_average): m = x_0·w_0 (x_0 when w_0 == 1); m = fma(w_t, x_t, m);
+    #     m /= div (normalize);
+    #   mode 1 (merging.methods._gta.combine, no consensus): m = Σ_t (x_t − b)·w_t in model order; m /= div; m *= λ; m + b.
+    # Returns 0, or 1 when an input (`check`) or the result holds NaN/inf: the caller then reruns the chunk on
+    # the torch path, which names the tensor and element in its error.
+    T, n = xs.shape
+    one = np.float32(1.0)
+    u = np.empty(_BLOCK, dtype=np.uint32)
+    x = u.view(np.float32)
+    bu = np.empty(_BLOCK, dtype=np.uint32)
+    b = bu.view(np.float32)
+    mx = np.empty(_BLOCK, dtype=np.float32)
+    for b0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - b0)
+        bad = False
+        if has_base and (mode == 1 or check):  # linear reads the base only to check it, as the torch path does
+            src = base[b0 : b0 + m]
+            _decode(src, bu)
+            bad |= check and _nonfinite16(src)
+        for t in range(T):
+            src = xs[t, b0 : b0 + m]
+            wt = w[t]
+            _decode(src, u)
+            bad |= check and _nonfinite16(src)
+            if mode == 0:
+                if t == 0:
+                    if wt == one:
+                        for i in range(m):
+                            mx[i] = x[i]
+                    else:
+                        for i in range(m):
+                            mx[i] = x[i] * wt
+                else:
+                    for i in range(m):
+                        mx[i] = _fma(wt, x[i], mx[i])
+            else:
+                for i in range(m):
+                    d = (x[i] - b[i]) * wt
+                    mx[i] = d if t == 0 else mx[i] + d
+        if bad:
+            return 1
+        if divide:
+            for i in range(m):
+                mx[i] = mx[i] / div_value
+        if scale:
+            for i in range(m):
+                mx[i] = mx[i] * lam
+        if mode == 1:
+            for i in range(m):
+                mx[i] = mx[i] + b[i]
+        if _store(mx[:m], out16, out32, to_bf16, b0, check):
+            return 1
+    return 0
+
+
+@_jit(fastmath={"reassoc", "nsz"})
+def _raw_dot3(x0, x1, check):
+    # (<x0, x1>, |x0|², |x1|², any NaN/inf) of two bfloat16 bit arrays, summed in float64 (reassociation lets
+    # LLVM vectorise the sums; their order then depends on the vector width)
+    u0 = np.empty(_BLOCK, dtype=np.uint32)
+    u1 = np.empty(_BLOCK, dtype=np.uint32)
+    f0 = u0.view(np.float32)
+    f1 = u1.view(np.float32)
+    dot = 0.0
+    n0 = 0.0
+    n1 = 0.0
+    bad = False
+    for b0 in range(0, x0.size, _BLOCK):
+        a = x0[b0 : b0 + _BLOCK]
+        b = x1[b0 : b0 + _BLOCK]
+        _decode(a, u0)
+        _decode(b, u1)
+        bad |= check and (_nonfinite16(a) or _nonfinite16(b))
+        for i in range(a.size):
+            p = np.float64(f0[i])
+            q = np.float64(f1[i])
+            dot += p * q
+            n0 += p * p
+            n1 += q * q
+    return dot, n0, n1, bad
+
+
+@_njit
+def _raw_lerp(out16, out32, to_bf16, x0, x1, c0, c1, check):
+    # out = fma(c1, x1, x0·c0) in float32 (the torch path's `base.mul_(c0).add_(v1, alpha=c1)`), from bfloat16
+    # bits, rounded to bfloat16 (or kept float32) in the same loop; 1 when the result holds NaN/inf (`check`)
+    u0 = np.empty(_BLOCK, dtype=np.uint32)
+    u1 = np.empty(_BLOCK, dtype=np.uint32)
+    f0 = u0.view(np.float32)
+    f1 = u1.view(np.float32)
+    mx = np.empty(_BLOCK, dtype=np.float32)
+    for b0 in range(0, x0.size, _BLOCK):
+        a = x0[b0 : b0 + _BLOCK]
+        b = x1[b0 : b0 + _BLOCK]
+        m = a.size
+        _decode(a, u0)
+        _decode(b, u1)
+        for i in range(m):
+            mx[i] = _fma(c1, f1[i], f0[i] * c0)
+        if _store(mx[:m], out16, out32, to_bf16, b0, check):
+            return 1
+    return 0

@@ -1,0 +1,408 @@
+"""Generalized task arithmetic: the one function behind task_arithmetic, ties, dare_linear and dare_ties.
+
+Per tensor, with task vectors τ_t = θ_t − θ_0 and per-model weights w_t (mergekit's formulation):
+
+    τ̂_t = sparsify(τ_t)             none | magnitude trim (TIES) | random drop + rescale (DARE)
+    x_t = w_t · τ̂_t
+    with consensus (TIES "elect"):  γ = +1 where Σ_t x_t >= 0 else −1;  a_t = [sign(x_t) == γ]
+    mixed = Σ_t a_t x_t,  divisor = Σ_t a_t w_t (0 -> 1);   without consensus a_t = 1, divisor = Σ_t w_t
+    θ = θ_0 + λ · (mixed / divisor if normalize else mixed)
+
+The registered methods are configurations of `GTAMethod` (which sparsifier, consensus or not, defaults), as
+in mergekit's registry; each lives in its own module under `merging/methods/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from merging import fused
+from merging.base import FULL, SAMPLE, MergeInputs, MergeMethod, ModelParams, TensorJob
+from merging.methods._kth_largest import KthLargest, kth_largest
+from peft_lab.errors import UserError
+
+__all__ = [
+    "GTAMethod",
+    "GTAModelParams",
+    "WeightParams",
+    "DareParams",
+    "check_bool",
+    "check_density",
+    "check_finite",
+    "check_choice",
+    "combine",
+    "dare_keep",
+    "dare_drop",
+    "dare_generator",
+    "tensor_seed",
+    "RESCALES",
+    "TRIM_SCOPES",
+]
+
+RESCALES = ("keep_rate", "q", "l1", "none")
+TRIM_SCOPES = ("tensor", "global")
+_L1_EPS = 1e-7  # mergekit's `rescaled_masked_tensor` leaves a tensor unscaled below this norm
+
+
+def check_finite(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise UserError(f"Parameter {name}={value!r} must be a finite number.")
+
+
+def check_density(density: Any, name: str = "density") -> None:
+    check_finite(name, density)
+    if not 0 < density <= 1:
+        raise UserError(
+            f"Parameter {name}={density} is out of range: it is the fraction of each task vector that is kept "
+            "and must be in (0, 1] (1 keeps everything)."
+        )
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise UserError(f"Parameter {name}={value!r} must be one of: {', '.join(choices)}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise UserError(f"Parameter {name}={value!r} must be true or false.")
+
+
+@dataclass(frozen=True)
+class WeightParams(ModelParams):
+    """Per-model parameter `weight` (w_t, any sign: a negative weight subtracts a task)."""
+
+    weight: float = 1.0
+
+    def __post_init__(self):
+        check_finite("weight", self.weight)
+
+
+@dataclass(frozen=True)
+class GTAModelParams(ModelParams):
+    """Per-model parameters: `weight` (w_t, any sign: negative weights subtract a task) and `density` (the
+    fraction of τ_t kept: TIES magnitude trim / DARE keep rate)."""
+
+    weight: float = 1.0
+    density: float = 1.0
+
+    def __post_init__(self):
+        check_finite("weight", self.weight)
+        check_density(self.density)
+
+
+@dataclass(frozen=True)
+class DareParams:
+    """Shared parameters of dare_linear / dare_ties.
+
+    Attributes:
+        lambda_: λ, the scale of the merged task vector (recipe key `lambda`).
+        normalize: divide by the summed weights (of the agreeing models, with consensus).
+        rescale: how kept entries are scaled after the random drop with keep rate d (the model's `density`):
+            `keep_rate`: 1/d (the DARE paper); `l1`: restore each tensor's L1 norm (mergekit's `rescale: true`);
+            `q`: 1/q (DAREx-q, arXiv 2410.09344; usually d <= q <= 1); `none`: no rescale (`rescale: false`).
+        q: the DAREx-q rescale factor, used with `rescale: q`.
+        seed: the seed every per-tensor mask derives from (with the tensor name and model position).
+    """
+
+    lambda_: float = field(default=1.0, metadata={"key": "lambda"})
+    normalize: bool = False
+    rescale: str = "l1"
+    q: float | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        check_finite("lambda", self.lambda_)
+        check_bool("normalize", self.normalize)
+        if isinstance(self.rescale, bool):  # mergekit's boolean `rescale`
+            object.__setattr__(self, "rescale", "l1" if self.rescale else "none")
+        check_choice("rescale", self.rescale, RESCALES)
+        if self.rescale == "q":
+            if self.q is None:
+                raise UserError("Parameter rescale=q needs q (the DAREx-q factor, in (0, 1]), e.g. q=0.3.")
+            check_density(self.q, "q")
+        elif self.q is not None:
+            raise UserError(f"Parameter q={self.q} is only used with rescale=q (rescale is {self.rescale!r}).")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise UserError(f"Parameter seed={self.seed!r} must be a non-negative integer.")
+
+
+def combine(
+    base: torch.Tensor | None,
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
+    """`θ_0 + λ · mix(x_1..x_T)` (module docstring) for flat chunks `xs` = w_t · τ̂_t, which it overwrites.
+
+    Args:
+        base: (n,) the base chunk, or None to return the merged delta.
+        xs: T tensors (n,): the weighted, sparsified task vectors.
+        weights: the T weights w_t (for the divisor).
+    Returns:
+        (n,) float32.
+    """
+    if not consensus:
+        mixed = xs[0]
+        for x in xs[1:]:
+            mixed.add_(x)
+        if normalize:
+            div = float(sum(weights))
+            if abs(div) >= 1e-8:  # mergekit leaves the sum undivided when the weights cancel
+                mixed.div_(div)
+    else:
+        S = xs[0].clone()
+        for x in xs[1:]:
+            S.add_(x)
+        # γ = +1 where S >= 0 (mergekit/peft: a zero sum elects +). copysign maps +0 -> +1 and -0 -> -1; S is
+        # -0 only when every x_t is ±0, and then no entry agrees with either sign, so the results coincide.
+        sgn = torch.copysign(torch.ones((), dtype=S.dtype), S)
+        del S
+        mixed = div = None
+        for x, w in zip(xs, weights, strict=True):
+            agree = F.relu_(x.mul_(sgn))  # |x_t| where sign(x_t) == γ, else 0
+            if normalize:
+                ind = torch.sign(agree)  # a_t as 0/1
+                div = ind.mul_(w) if div is None else div.add_(ind, alpha=w)
+            mixed = agree if mixed is None else mixed.add_(agree)
+        mixed.mul_(sgn)
+        if normalize:
+            if min(weights) > 0:  # a divisor is 0 only where nothing agrees (mixed is 0 there): any floor
+                div.clamp_min_(min(weights) / 2)  # below the smallest weight keeps 0/div = 0, 3-8x cheaper
+            else:  # signed weights can cancel: mergekit's rule, divisor 0 -> 1
+                div.masked_fill_(div == 0, 1.0)
+            mixed.div_(div)
+    if lam != 1:
+        mixed.mul_(lam)
+    return mixed if base is None else mixed.add_(base)
+
+
+def hardshrink_at_least(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`x` where `|x| >= threshold`, else 0, in one fused op (`hardshrink` keeps `|x| > λ`, so λ is the
+    float32 just below the threshold)."""
+    if threshold <= 0:
+        return x
+    thr = torch.tensor(threshold, dtype=torch.float32)
+    return F.hardshrink(x, float(torch.nextafter(thr, torch.zeros_like(thr))))
+
+
+# -------------------------------------------------------------------------------------------------------
+# DARE masks: one random stream per (seed, tensor, model), drawn on the CPU in chunk order
+# -------------------------------------------------------------------------------------------------------
+def tensor_seed(seed: int, name: str, model_index: int) -> int:
+    """A 63-bit seed from the recipe seed, the tensor name and the model's position in the recipe: masks do
+    not depend on the order tensors are visited in, on the chunking, or on the device."""
+    h = hashlib.blake2b(f"{seed}\0{name}\0{model_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & (2**63 - 1)
+
+
+def dare_generator(seed: int, name: str, model_index: int) -> np.random.SFC64:
+    """The mask stream of one (tensor, model): numpy's SFC64 bit generator, seeded from `tensor_seed`.
+
+    A CPU bit generator makes masks reproducible on any device. SFC64's raw 64-bit output costs ~1 ns per
+    word here against ~2.5 ns for `torch.Generator.random_` (int64) and ~3.5 ns per `torch.rand` float, and
+    DARE draws one value per parameter per model, so this is most of its cost."""
+    return np.random.SFC64(tensor_seed(seed, name, model_index))
+
+
+def dare_keep(n: int, density: float, g: np.random.SFC64) -> torch.Tensor:
+    """A Bernoulli(density) keep mask of length n (bool): each 64-bit word gives two 32-bit uniforms u,
+    kept iff u < density·2^32. Chunks other than a tensor's last have even length, so the stream — and the
+    mask — is the same however the tensor is chunked."""
+    words = g.random_raw((n + 1) // 2)
+    u = torch.from_numpy(words.view(np.int32)[:n])  # uniform on [-2^31, 2^31)
+    cut = min(round(density * 2**32), 2**32) - 2**31
+    return u < cut
+
+
+def dare_drop(tau: torch.Tensor, g: np.random.SFC64, density: float, *, apply: bool, sums: bool = True, op: int = 0,
+              factor: float = 1.0) -> tuple[float, float]:  # fmt: skip
+    """DARE's drop of a flat float32 chunk with the mask stream `g`: the L1 norms of `tau` before and after it
+    (float64; 0 unless `sums`), and with `apply`, `tau *= keep` in place, then `*= factor` (`op=1`) or
+    `/= factor` (`op=2`). One fused pass when numba is available (`merging.fused.dare_drop`), else these ops."""
+    if fused.available():
+        return fused.dare_drop(tau, g, density, apply=apply, sums=sums, op=op, factor=factor)
+    keep = dare_keep(tau.numel(), density, g)
+    before = float(tau.abs().sum(dtype=torch.float64)) if sums else 0.0
+    x = tau.mul_(keep) if apply else tau * keep
+    after = float(x.abs().sum(dtype=torch.float64)) if sums else 0.0
+    if apply and op == 1:
+        x.mul_(factor)
+    elif apply and op == 2:
+        x.div_(factor)
+    return before, after
+
+
+class GTAMethod(MergeMethod):
+    """Task vectors → optional sparsification → optional sign consensus → weighted (normalized) sum.
+
+    Subclasses set `sparsify` ("none" | "magnitude" | "random"), `consensus`, and a `Params` dataclass with
+    `lambda_`, `normalize` and, as they apply, `trim_scope` (magnitude), `rescale`, `q`, `seed` (random).
+    """
+
+    sparsify: ClassVar[str] = "none"
+    consensus: ClassVar[bool] = False
+    ModelParams = GTAModelParams
+    streaming = True
+    needs_base = True
+    uses_deltas = True
+
+    def __init__(self, params: Any = None):
+        super().__init__(params)
+        self._global_thr: list[float] | None = None
+
+    # -- whole-model statistics (TIES with trim_scope=global) -------------------------------------------
+    def prepare(self, inputs: MergeInputs) -> None:
+        if self.sparsify != "magnitude" or getattr(self.params, "trim_scope", "tensor") != "global":
+            return
+        dens = [p.density for p in inputs.model_params]
+        total = sum(leaf.numel for leaf in inputs.base.values() if leaf.dtype.is_floating_point)
+        # a missed bracket costs another pass over the model: bracket 4x wider than for one tensor (the
+        # counts are histograms of bit patterns, so a wider bracket costs almost nothing)
+        sels = {t: KthLargest(total, max(1, int(d * total)), z=24.0) for t, d in enumerate(dens) if d < 1 and total}
+
+        def sample(job, start, base, chunks):
+            for t, sel in sels.items():
+                sel.add_sample(chunks[t].abs(), 1.0 / job.sample_rate)
+
+        def count(job, start, base, chunks):
+            for t, sel in todo.items():
+                sel.count_abs(chunks[t])
+
+        if sels:
+            inputs.scan(sample, kind=SAMPLE)
+            for sel in sels.values():
+                sel.bracket()
+            todo = dict(sels)
+            while todo:
+                for sel in todo.values():
+                    sel.begin_count()
+                inputs.scan(count, kind=FULL)
+                todo = {t: s for t, s in todo.items() if not s.resolve()}
+        self._global_thr = [sels[t].threshold if t in sels else 0.0 for t in range(len(dens))]
+
+    # -- per-tensor statistics ------------------------------------------------------------------------
+    def next_pass(self, job: TensorJob, index: int) -> str | None:
+        dens = [getattr(p, "density", 1.0) for p in job.model_params]
+        if self.sparsify == "none" or all(d >= 1 for d in dens):
+            return None
+        if self.sparsify == "random":  # the L1 rescale needs whole-tensor norms: in memory unless chunked
+            return FULL if index == 0 and self.params.rescale == "l1" and job.chunked else None
+        if self.sparsify != "magnitude" or self._global_thr is not None or not job.chunked:
+            return None  # global thresholds are known; a single chunk is selected in memory
+        sels: dict[int, KthLargest] = job.state.setdefault("sel", {})
+        if index == 0:
+            n = job.numel
+            sels.update({t: KthLargest(n, max(1, int(d * n))) for t, d in enumerate(dens) if d < 1})
+            return SAMPLE
+        if index == 1:
+            for sel in sels.values():
+                sel.bracket()
+                sel.begin_count()
+            return FULL
+        pending = [s for s in sels.values() if s.threshold is None and not s.resolve()]
+        for sel in pending:
+            sel.begin_count()
+        return FULL if pending else None
+
+    def observe(self, job, pass_index, start, base, tensors) -> None:
+        if self.sparsify == "random":  # L1 norms of τ_t before and after the drop
+            return self._observe_l1(job, start, tensors)
+        sels: dict[int, KthLargest] = job.state["sel"]
+        for t, sel in sels.items():
+            if pass_index == 0:
+                sel.add_sample(tensors[t].abs(), 1.0 / job.sample_rate)
+            elif sel.threshold is None:
+                sel.count_abs(tensors[t])
+
+    def _observe_l1(self, job: TensorJob, start: int, tensors) -> None:
+        before = job.state.setdefault("l1_before", [0.0] * len(tensors))
+        after = job.state.setdefault("l1_after", [0.0] * len(tensors))
+        for t, (tau, p) in enumerate(zip(tensors, job.model_params, strict=True)):
+            if p.density < 1:
+                b, a = dare_drop(tau, self._generator(job, t, start), p.density, apply=False)
+                before[t] += b
+                after[t] += a
+
+    def _generator(self, job: TensorJob, t: int, start: int) -> np.random.SFC64:
+        """Model t's mask stream for this tensor, positioned at `start`: chunks of a pass come in order, so
+        one stream per model is kept and restarted whenever a pass begins at element 0."""
+        key = ("gen", t)
+        if start == 0 or key not in job.state:
+            job.state[key] = dare_generator(self.params.seed, job.name, t)
+        return job.state[key]
+
+    # -- merge -----------------------------------------------------------------------------------------
+    def _threshold(self, job: TensorJob, t: int, tau: torch.Tensor) -> float:
+        """TIES: keep |τ_t| >= this (0 keeps everything)."""
+        d = job.model_params[t].density
+        if self.sparsify != "magnitude" or d >= 1:
+            return 0.0
+        if self._global_thr is not None:
+            return self._global_thr[t]
+        if job.chunked:
+            return job.state["sel"][t].threshold
+        return kth_largest(tau, max(1, int(d * tau.numel())), absolute=True)
+
+    def _sparsified(self, job: TensorJob, t: int, start: int, tau: torch.Tensor) -> torch.Tensor:
+        if self.sparsify == "none":
+            return tau
+        d = job.model_params[t].density
+        if d >= 1:
+            return tau
+        if self.sparsify == "magnitude":
+            return hardshrink_at_least(tau, self._threshold(job, t, tau))
+        g = self._generator(job, t, start)
+        rescale = self.params.rescale
+        if rescale == "l1" and not job.chunked:  # drop, then scale by the norms just measured
+            before, after = dare_drop(tau, g, d, apply=True)
+            if before >= _L1_EPS and after >= _L1_EPS:  # mergekit leaves near-zero tensors unscaled
+                tau.mul_(before / after)
+            return tau
+        op, factor = 0, 1.0
+        if rescale == "l1":  # whole-tensor norms from the statistics pass
+            before, after = job.state["l1_before"][t], job.state["l1_after"][t]
+            if before >= _L1_EPS and after >= _L1_EPS:
+                op, factor = 1, before / after
+        elif rescale in ("keep_rate", "q"):
+            op, factor = 2, d if rescale == "keep_rate" else self.params.q
+        dare_drop(tau, g, d, apply=True, sums=False, op=op, factor=factor)
+        return tau
+
+    def merge_chunk(self, job, start, base, tensors) -> torch.Tensor:
+        weights = [p.weight for p in job.model_params]
+        if fused.available() and (self.consensus or self.sparsify != "none"):  # one pass (merging/fused.py); a
+            # plain weighted sum (task arithmetic) is as fast in torch's vectorised ops
+            if self.sparsify == "magnitude":
+                thr = [self._threshold(job, t, tau) for t, tau in enumerate(tensors)]
+                xs = tensors
+            else:
+                thr = [0.0] * len(tensors)
+                xs = [self._sparsified(job, t, start, tau) for t, tau in enumerate(tensors)]
+            return fused.gta_combine(base, xs, thr, weights, consensus=self.consensus,
+                                     normalize=self.params.normalize, lam=self.params.lambda_)  # fmt: skip
+        xs = []
+        for t, tau in enumerate(tensors):
+            x = self._sparsified(job, t, start, tau)
+            if weights[t] != 1:
+                x = x.mul_(weights[t])
+            xs.append(x)
+        return combine(
+            base,
+            xs,
+            weights,
+            consensus=self.consensus,
+            normalize=self.params.normalize,
+            lam=self.params.lambda_,
+        )

@@ -1,0 +1,352 @@
+"""The fused merge loops (merging/fused.py) against the torch reference they replace: bit-identical float32
+results, signed zeros, ties at the threshold and the weight/normalize/λ variants included."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from merging import fused
+from merging.methods._gta import combine, dare_generator, dare_keep, hardshrink_at_least
+from merging.methods._kth_largest import kth_largest
+from tests.conftest import REPO
+from tests.helpers.merge import stream_merge
+from tests.merging.methods.test_methods import make, rand
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="numba is a dependency; PEFT_LAB_FUSED=0 set")
+
+
+def tricky(n: int, seed: int, T: int) -> list[torch.Tensor]:
+    """Task vectors with exact zeros of both signs, repeated magnitudes and opposite signs."""
+    g = torch.Generator().manual_seed(seed)
+    xs = []
+    for _ in range(T):
+        x = torch.randn(n, generator=g)
+        x = torch.where(torch.rand(n, generator=g) < 0.2, torch.round(x * 4) / 4, x)  # ties
+        x[torch.rand(n, generator=g) < 0.1] = 0.0
+        x[torch.rand(n, generator=g) < 0.1] = -0.0
+        xs.append(x)
+    if T > 1:  # exact cancellations
+        xs[1][: n // 8] = -xs[0][: n // 8]
+    return xs
+
+
+@contextlib.contextmanager
+def torch_path():
+    fused.ENABLED = False
+    try:
+        yield
+    finally:
+        fused.ENABLED = True
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    T=st.integers(1, 4),
+    consensus=st.booleans(),
+    normalize=st.booleans(),
+    signed=st.booleans(),
+    lam=st.sampled_from([1.0, 0.3, -1.7]),
+    with_base=st.booleans(),
+    trim=st.booleans(),
+)
+def test_combine_matches_the_torch_ops_bit_for_bit(seed, T, consensus, normalize, signed, lam, with_base, trim):
+    n = 4099  # not a multiple of any vector width: the vectorised and scalar tails of the torch ops both run
+    xs = tricky(n, seed, T)
+    g = torch.Generator().manual_seed(seed + 1)
+    weights = [float(w) for w in (torch.rand(T, generator=g) * (2 if signed else 1) - (0.7 if signed else -0.1))]
+    weights[0] = 1.0 if T > 1 else weights[0]
+    base = torch.randn(n, generator=g) if with_base else None
+    if base is not None:
+        base[::7] = -0.0
+    thr = [float(torch.quantile(x.abs(), 0.6)) if trim else 0.0 for x in xs]
+
+    ref_xs = [hardshrink_at_least(x.clone(), t).mul_(w) if w != 1 else hardshrink_at_least(x.clone(), t)
+              for x, t, w in zip(xs, thr, weights, strict=True)]  # fmt: skip
+    ref = combine(
+        None if base is None else base.clone(), ref_xs, weights, consensus=consensus, normalize=normalize, lam=lam
+    )
+    before = [x.clone() for x in xs]
+    got = fused.gta_combine(base, xs, thr, weights, consensus=consensus, normalize=normalize, lam=lam)
+    assert same_bits(got, ref)
+    assert all(
+        torch.equal(a.view(torch.int32), b.view(torch.int32)) for a, b in zip(xs, before, strict=True)
+    )  # inputs untouched
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 5000), frac=st.floats(0, 1), levels=st.sampled_from([0, 3, 50]))
+def test_fused_count_finds_the_same_threshold(seed, n, frac, levels):
+    x = rand(n, seed)
+    if levels:
+        x = torch.round(x * levels) / levels
+    x[::5] = -x[::5]
+    k = max(1, min(n, int(frac * n)))
+    want = torch.topk(x.abs(), k).values[-1].item()
+    assert kth_largest(x, k, absolute=True) == want
+    with torch_path():
+        assert kth_largest(x, k, absolute=True) == want
+
+
+def test_band_counts_like_the_torch_count():
+    x = tricky(50_000, 3, 1)[0]
+    x[7], x[8], x[9] = float("inf"), float("-inf"), float("nan")
+    a = x.abs()
+    lo, hi = float(torch.quantile(a[a.isfinite()], 0.3)), float(torch.quantile(a[a.isfinite()], 0.7))
+    above, inside = fused.band(x, lo, hi)
+    assert above == int((a > hi).sum())
+    assert torch.equal(inside, a[(a >= lo) & (a <= hi)])  # the values themselves, in order
+
+
+@pytest.mark.parametrize(
+    "method,shared,per_model",
+    [
+        ("ties", {}, [{"density": 0.3}, {"density": 0.5, "weight": 0.7}, {"density": 1.0}]),
+        ("ties", {"normalize": False, "lambda": 0.8}, [{"density": 0.2, "weight": -0.5}, {"density": 0.6}, {}]),
+        ("dare_ties", {"seed": 3}, [{"density": 0.4}, {"density": 0.7, "weight": 0.5}, {"density": 1.0}]),
+        ("dare_linear", {"rescale": "keep_rate", "normalize": True}, [{"density": 0.5}, {"density": 0.5}, {}]),
+        ("dare_linear", {"rescale": "q", "q": 0.3}, [{"density": 0.2}, {"density": 0.25, "weight": 2.0}, {}]),
+        ("dare_ties", {"rescale": "none", "lambda": 1.5}, [{"density": 0.2}, {"density": 0.9}, {"density": 0.5}]),
+        ("task_arithmetic", {"lambda": 0.4}, [{}, {"weight": 2.0}, {}]),
+    ],
+)
+@pytest.mark.parametrize("chunk", [1 << 30, 1000])
+def test_methods_give_the_same_bits_with_and_without_the_fused_loops(monkeypatch, method, shared, per_model, chunk):
+    base = rand((97, 211), 0)
+    taus = [rand((97, 211), i + 1, 0.05) for i in range(3)]
+    for tau in taus:
+        tau.view(-1)[::13] = 0.0  # exact zeros in every task vector
+
+    def run():
+        m, pm = make(method, shared, per_model, n_models=3)
+        return stream_merge(m, "w", base, [t.clone() for t in taus], pm, chunk=chunk)
+
+    fast = run()
+    monkeypatch.setattr(fused, "ENABLED", False)
+    assert same_bits(fast, run())
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"merge_method": "ties", "parameters": {"trim_scope": "global"}, "density": [0.3, 0.5]},
+        {"merge_method": "ties", "density": [0.2, 0.9]},
+        {"merge_method": "dare_ties", "density": [0.5, 0.6], "parameters": {"seed": 1}},
+    ],
+)
+def test_merge_cli_output_is_identical_with_and_without_the_fused_loops(tmp_path, monkeypatch, recipe):
+    from merging.run import run_merge
+    from tests.helpers.merge import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=2)
+    dens = recipe.pop("density")
+    rec = {**recipe, "base_model": str(base), "dtype": "float32",
+           "models": [{"model": str(p), "parameters": {"density": d}} for p, d in zip(fts, dens, strict=True)]}  # fmt: skip
+    outs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        out = run_merge(rec, tmp_path / f"out{enabled}", chunk_size=100, progress=False)
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("n", [1, 7, 10, 4097])
+@pytest.mark.parametrize("density", [0.1, 0.5, 0.9999])
+def test_dare_drop_draws_the_reference_mask_and_leaves_the_stream_where_it_does(n, density):
+    x = rand(n, n)
+    x[::5] = -0.0
+    g_ref, g = dare_generator(0, "w", 1), dare_generator(0, "w", 1)
+    want = x * dare_keep(n, density, g_ref)
+    y = x.clone()
+    before, after = fused.dare_drop(y, g, density, apply=True)
+    assert same_bits(y, want)
+    assert g.random_raw() == g_ref.random_raw()  # both streams continue from the same word
+    assert before == pytest.approx(float(x.abs().double().sum()), rel=1e-12)
+    assert after == pytest.approx(float(want.abs().double().sum()), rel=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 5000])
+def test_first_mask_mismatch_finds_the_first_differing_zero(n):
+    xs = [rand(n, t) for t in range(3)]
+    for x in xs:
+        x[::3] = 0.0
+    xs[2][::6] = -0.0  # -0 is a zero like +0
+    assert fused.first_mask_mismatch(xs) == (-1, -1)
+    if n > 1:
+        xs[2][4000] = 0.0
+        xs[1][4500] = 0.0
+        assert fused.first_mask_mismatch(xs) == (2, 4000)
+        xs[1][10] = float("nan")
+        assert fused.first_mask_mismatch(xs) == (2, 4000)  # NaN is not a zero (and 10 is not a zero in model 0)
+        xs[1][9] = float("nan")  # 9 is a zero in model 0
+        assert fused.first_mask_mismatch(xs) == (1, 9)
+
+
+def test_merges_without_fused_loops_do_not_import_numba(tmp_path):
+    """numba (~0.25 s, ~60 MB) is imported by the first fused loop, not by `import merging`."""
+    import subprocess
+    import sys
+
+    from tests.helpers.merge import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=2)
+    code = (
+        "import sys\nfrom merging.run import run_merge\n"
+        f"run_merge({{'merge_method': 'task_arithmetic', 'base_model': {str(base)!r}, "
+        f"'models': [{{'model': {str(fts[0])!r}}}, {{'model': {str(fts[1])!r}}}]}}, {str(tmp_path / 'o1')!r})\n"
+        "assert 'numba' not in sys.modules\n"
+        f"run_merge({{'merge_method': 'ties', 'base_model': {str(base)!r}, "
+        f"'models': [{{'model': {str(fts[0])!r}, 'parameters': {{'density': 0.5}}}}]}}, {str(tmp_path / 'o2')!r})\n"
+        "assert 'numba' in sys.modules\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO)
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+RAW_RECIPES = [
+    {"merge_method": "linear", "weights": [0.3, 0.7], "parameters": {}},
+    {"merge_method": "linear", "weights": [2.0, 1.0], "parameters": {"normalize": False}, "base_weight": 0.5},
+    {"merge_method": "task_arithmetic", "weights": [1.0, 1.0], "parameters": {}},
+    {"merge_method": "task_arithmetic", "weights": [0.6, -0.3], "parameters": {"lambda": 0.7, "normalize": True}},
+]
+
+
+def _raw_recipe(base, fts, spec, dtype):
+    spec = dict(spec)
+    rec = {"merge_method": spec["merge_method"], "parameters": spec["parameters"], "dtype": dtype,
+           "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(fts, spec["weights"], strict=True)]}  # fmt: skip
+    if spec["merge_method"] == "task_arithmetic" or "base_weight" in spec:
+        rec["base_model"] = str(base)
+    if "base_weight" in spec:  # linear averages an unlisted base_model in, with the top-level weight
+        rec["parameters"] = {**rec["parameters"], "weight": spec["base_weight"]}
+    return rec
+
+
+def _with_and_without_raw_pass(rec, tmp_path, monkeypatch, loop: str, chunk: int):
+    """Output dirs of `rec` with the fused loops on, then off; checks that `fused.<loop>` ran only in the first."""
+    from merging.run import run_merge
+
+    calls = []
+    real = getattr(fused, loop)
+    monkeypatch.setattr(fused, loop, lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        outs.append(run_merge(rec, tmp_path / f"out{enabled}", chunk_size=chunk, progress=False, hash="none"))
+        if enabled:
+            assert calls, "the raw pass was not used"
+            n_fast = len(calls)
+    assert len(calls) == n_fast  # ... and not with the fused loops off
+    return outs
+
+
+def _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, chunk: int):
+    """The UserError messages of `rec` with the fused loops on, then off, and the output dirs it was given."""
+    from merging.run import run_merge
+    from peft_lab.errors import UserError
+
+    msgs, outs = [], []
+    for enabled in (True, False):
+        monkeypatch.setattr(fused, "ENABLED", enabled)
+        outs.append(tmp_path / f"out{enabled}")
+        with pytest.raises(UserError) as e:
+            run_merge(rec, outs[-1], chunk_size=chunk, progress=False, hash="none")
+        msgs.append(str(e.value))
+    return msgs, outs
+
+
+@pytest.mark.parametrize("spec", RAW_RECIPES, ids=lambda s: f"{s['merge_method']}-{s['weights']}")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("chunk", [1 << 20, 100])
+def test_raw_bf16_pass_writes_the_bytes_of_the_torch_path(tmp_path, monkeypatch, spec, dtype, chunk):
+    from merging.run import _Merge
+    from tests.helpers.merge import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=2)  # bfloat16 files
+    rec = _raw_recipe(base, fts, spec, dtype)
+    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
+    fast, slow = _with_and_without_raw_pass(rec, tmp_path, monkeypatch, "raw_merge", chunk)
+    assert (fast / "model.safetensors").read_bytes() == (slow / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("where", ["input", "result"])
+def test_raw_pass_refuses_nonfinite_values_with_the_torch_paths_message(tmp_path, monkeypatch, where):
+    from safetensors.torch import load_file, save_file
+
+    from merging.run import _Merge
+    from tests.helpers.merge import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=2)
+    f = fts[1] / "model.safetensors"
+    sd = load_file(f)
+    name = "model.layers.0.mlp.up_proj.weight"
+    if where == "input":
+        sd[name].view(-1)[37] = float("nan")
+    else:  # finite inputs whose weighted sum overflows float32
+        sd[name].view(-1)[37] = 3e38
+    save_file(sd, f, metadata={"format": "pt"})
+    rec = {"merge_method": "linear", "parameters": {"normalize": False}, "dtype": "float32",
+           "models": [{"model": str(p), "parameters": {"weight": 2.0}} for p in fts]}  # fmt: skip
+    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
+    msgs, outs = _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, 1000)
+    assert not any(o.exists() for o in outs)
+    assert msgs[0] == msgs[1] and name in msgs[0] and "flat index 37" in msgs[0]
+    assert ("NaN" if where == "input" else "inf") in msgs[0]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("chunk,whole", [(1 << 20, 1 << 25), (100, 1 << 25), (100, 0)])
+@pytest.mark.parametrize("t", [0.0, 0.3, 1.0])
+def test_raw_slerp_agrees_with_the_torch_path_to_float32_rounding(tmp_path, monkeypatch, dtype, chunk, whole, t):
+    from safetensors.torch import load_file
+
+    from merging.run import _Merge
+    from tests.helpers.merge import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=1)
+    rec = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
+           "parameters": {"t": t}, "dtype": dtype}  # fmt: skip
+    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
+    monkeypatch.setattr(_Merge, "RAW_WHOLE_NUMEL", whole)  # 0: tensors over one chunk are read twice
+    outs = [load_file(d / "model.safetensors")
+            for d in _with_and_without_raw_pass(rec, tmp_path, monkeypatch, "raw_lerp", chunk)]  # fmt: skip
+    b, m = load_file(base / "model.safetensors"), load_file(fts[0] / "model.safetensors")
+    for k, fast in outs[0].items():
+        slow = outs[1][k]
+        if t in (0.0, 1.0):  # the endpoints come out exactly
+            assert torch.equal(fast, (b if t == 0 else m)[k].to(fast.dtype)), k
+        elif dtype == "float32":
+            torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-7)
+        else:  # a coefficient off in its last float32 bits moves a bfloat16 rounding now and then, by one ulp
+            diff = (fast.float() - slow.float()).abs()
+            assert (diff <= slow.float().abs() * 2**-7).all(), k
+            assert (diff > 0).float().mean() < 0.01, k
+
+
+def test_raw_slerp_refuses_a_nan_input_with_the_torch_paths_message(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from merging.run import _Merge
+    from tests.helpers.merge import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=1)
+    f = fts[0] / "model.safetensors"
+    sd = load_file(f)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    sd[name].view(-1)[-1] = float("inf")
+    save_file(sd, f, metadata={"format": "pt"})
+    rec = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}]}
+    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
+    msgs, _ = _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, 100)
+    assert msgs[0] == msgs[1] and name in msgs[0] and "inf" in msgs[0]

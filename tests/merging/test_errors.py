@@ -1,0 +1,267 @@
+"""Bad input: each case gets one clear UserError naming the file/tensor/parameter, leaves no output (or
+temporary) dir behind and never touches the inputs; through the CLI: exit 2, one paragraph, no traceback."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from merging import run_merge
+from peft_lab.errors import UserError
+from tests.conftest import REPO
+from tests.helpers.merge import file_digests
+
+
+def _tensors(seed: int, drop=(), reshape=None, extra=None) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    t = {f"layer{i}.weight": torch.randn(8, 6, generator=g) for i in range(4)}
+    t["layer0.bias"] = torch.randn(8, generator=g)
+    for k in drop:
+        del t[k]
+    for k, shape in (reshape or {}).items():
+        t[k] = torch.randn(shape, generator=g)
+    t.update(extra or {})
+    return t
+
+
+@pytest.fixture
+def files(tmp_path):
+    """base + two models as single .safetensors files."""
+    paths = {}
+    for name, seed in (("base", 0), ("m0", 1), ("m1", 2)):
+        save_file(_tensors(seed), tmp_path / f"{name}.safetensors")
+        paths[name] = tmp_path / f"{name}.safetensors"
+    return paths
+
+
+def ta(files, **kw):
+    return {"merge_method": "task_arithmetic", "base_model": str(files["base"]),
+            "models": [{"model": str(files["m0"])}, {"model": str(files["m1"])}], **kw}  # fmt: skip
+
+
+def assert_nothing_left(out: Path):
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.tmp-*")) and not list(out.parent.glob(f".{out.name}.old-*"))
+
+
+def test_mismatched_shapes_and_missing_tensors_are_listed_at_once(files, tmp_path):
+    save_file(_tensors(1, reshape={"layer1.weight": (6, 8)}, drop=["layer2.weight"]), files["m0"])
+    save_file(_tensors(2, drop=["layer3.weight", "layer0.bias"], extra={"stray": torch.zeros(2)}), files["m1"])
+    before = file_digests(tmp_path)
+    with pytest.raises(UserError) as e:
+        run_merge(ta(files), tmp_path / "out")
+    msg = str(e.value)
+    for needle in ("layer1.weight has shape (6, 8)", "layer2.weight", "layer3.weight", "layer0.bias", "stray", "m0.safetensors", "m1.safetensors"):
+        assert needle in msg, needle
+    assert_nothing_left(tmp_path / "out")
+    assert file_digests(tmp_path) == before
+
+
+def test_float_vs_int_tensor_is_a_mismatch(files, tmp_path):
+    save_file(_tensors(1, extra={"layer0.bias": torch.arange(8)}), files["m0"])
+    with pytest.raises(UserError, match=r"layer0\.bias is torch\.int64"):
+        run_merge(ta(files), tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_truncated_or_corrupt_safetensors(files, tmp_path, damage):
+    data = files["m1"].read_bytes()
+    files["m1"].write_bytes(data[: len(data) - 100] if damage == "truncate" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + data[18:])
+    with pytest.raises(UserError, match=r"m1\.safetensors.*(truncated|corrupt)"):
+        run_merge(ta(files), tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_nonexistent_paths_are_all_named(files, tmp_path):
+    r = ta(files)
+    r["models"] = [{"model": str(tmp_path / "nope1")}, {"model": str(tmp_path / "nope2")}]
+    with pytest.raises(UserError, match=r"No such file or directory: .*nope1, .*nope2"):
+        run_merge(r, tmp_path / "out")
+    with pytest.raises(UserError, match=r"nope\.yaml: recipe file not found"):
+        run_merge(tmp_path / "nope.yaml", tmp_path / "out")
+
+
+def test_unknown_method_lists_the_available_ones(files, tmp_path):
+    with pytest.raises(UserError, match=r"Unknown merge method 'tiez'\. Available: .*dare_linear.*linear.*slerp.*soup.*ties"):
+        run_merge({**ta(files), "merge_method": "tiez"}, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"slices": [{"sources": []}]}, r"`slices` \(layer slices"),
+        ({"parameters": {"lambda": [0.1, 0.5]}}, r"parameter lambda of task_arithmetic is given as list"),
+        ({"dtype": "float8"}, r"dtype 'float8' is not one of"),
+        ({"frobnicate": 1}, r"unknown key\(s\) frobnicate"),
+        ({"merge_method": "ties", "base_model": None}, r"ties needs base_model"),
+        ({"merge_method": "slerp"}, r"slerp merges exactly 1 model\(s\) besides the base, got 2"),
+        ({"tokenizer_source": "union"}, r"tokenizer_source='union' is not supported"),
+    ],
+)
+def test_unsupported_or_invalid_recipes(files, tmp_path, change, match):
+    with pytest.raises(UserError, match=match):
+        run_merge({**ta(files), **change}, tmp_path / "out")
+
+
+def test_unknown_option_and_bad_yaml(files, tmp_path):
+    with pytest.raises(UserError, match=r"Unknown option\(s\) overwrit"):
+        run_merge(ta(files), tmp_path / "out", overwrit=True)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("merge_method: [ties\n")
+    with pytest.raises(UserError, match=r"bad\.yaml: not valid YAML"):
+        run_merge(bad, tmp_path / "out")
+
+
+def test_non_empty_output_dir_needs_overwrite(files, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(UserError, match=r"already exists and is not empty.*overwrite=true"):
+        run_merge(ta(files), out)
+    assert (out / "keep.txt").read_text() == "precious"
+    run_merge(ta(files), out, overwrite=True)
+    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    # replacing an input (or a dir holding one) is refused even with overwrite
+    with pytest.raises(UserError, match=r"would contain or replace the input"):
+        run_merge(ta(files), tmp_path, overwrite=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_inputs_are_refused_unless_allowed(files, tmp_path, bad):
+    t = _tensors(2)
+    t["layer2.weight"][3, 4] = bad
+    save_file(t, files["m1"])
+    with pytest.raises(UserError, match=r"m1\.safetensors: tensor layer2\.weight contains (NaN|inf).*flat index 22.*allow_nonfinite=true"):
+        run_merge(ta(files), tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
+    out = run_merge(ta(files), tmp_path / "out", allow_nonfinite=True)
+    assert yaml.safe_load((out / "merge_recipe.yaml").read_text())["allow_nonfinite"] is True
+
+
+def test_merge_overflow_is_reported(files, tmp_path):
+    with pytest.raises(UserError, match=r"the task_arithmetic merge: tensor layer0\.\w+ contains inf"):
+        run_merge(ta(files, parameters={"lambda": 1e38}), tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_pickle_inputs_are_refused_unless_allowed(files, tmp_path):
+    torch.save(_tensors(3), tmp_path / "m2.bin")
+    r = ta(files)
+    r["models"].append({"model": str(tmp_path / "m2.bin")})
+    with pytest.raises(UserError, match=r"m2\.bin is a pickle file.*safetensors.*allow_pickle=true"):
+        run_merge(r, tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
+    run_merge(r, tmp_path / "out", allow_pickle=True)
+    # a model dir holding only pickle weights, allowed: merged and hashed like any input
+    (tmp_path / "bindir").mkdir()
+    torch.save(_tensors(4), tmp_path / "bindir" / "pytorch_model.bin")
+    r["models"][-1] = {"model": str(tmp_path / "bindir")}
+    out = run_merge(r, tmp_path / "out2", allow_pickle=True)
+    assert "pytorch_model.bin" in yaml.safe_load((out / "merge_recipe.yaml").read_text())["inputs"][-1]["files"]
+
+
+def test_adapter_inputs_need_a_full_base(files, tmp_path):
+    from peft_lab.tree import LowRank, Tree, save_tree
+    from peft_lab.tree.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TREE_KIND_KEY
+
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / ADAPTER_CONFIG).write_text("{}")
+    save_tree(Tree({"layer1.weight": LowRank(torch.ones(8, 1), torch.ones(1, 6))}), d / ADAPTER_WEIGHTS, metadata={TREE_KIND_KEY: "delta"})
+    with pytest.raises(UserError, match=r"adapter.*give base_model"):
+        run_merge({"merge_method": "linear", "models": [{"model": str(d)}, {"model": str(files["m0"])}]}, tmp_path / "out")
+    with pytest.raises(UserError, match=r"base_model .*adapter is an adapter"):
+        run_merge({**ta(files), "base_model": str(d)}, tmp_path / "out")
+
+
+def test_soup_with_different_masks_fails_cleanly(files, tmp_path):
+    a, b = _tensors(1), _tensors(2)
+    for t, cut in ((a, 2), (b, 3)):
+        t["layer1.weight"][:cut] = 0
+    save_file(a, files["m0"])
+    save_file(b, files["m1"])
+    with pytest.raises(UserError, match=r"different sparsity masks in tensor layer1\.weight.*check_masks=false"):
+        run_merge({"merge_method": "soup", "models": [{"model": str(files["m0"])}, {"model": str(files["m1"])}]}, tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
+
+
+def test_disk_full_while_writing(files, tmp_path, monkeypatch):
+    import peft_lab.tree.io as io
+
+    real, calls = io._write_tensor, []
+
+    def full_after_two(f, t):
+        calls.append(1)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, t)
+
+    monkeypatch.setattr(io, "_write_tensor", full_after_two)
+    before = file_digests(tmp_path)
+    with pytest.raises(UserError, match=r"Disk full while writing .*out.*Free space"):
+        run_merge(ta(files), tmp_path / "out")
+    assert_nothing_left(tmp_path / "out")
+    assert file_digests(tmp_path) == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# through the CLI: exit code, one paragraph, no traceback; interrupted runs leave nothing behind
+# ---------------------------------------------------------------------------------------------------------
+def test_cli_errors_are_one_paragraph_without_traceback(files, tmp_path, cli):
+    rec = tmp_path / "r.yaml"
+    rec.write_text(yaml.safe_dump({**ta(files), "parameters": {"lambda": 1.0}, "models": [{"model": str(files["m0"]), "parameters": {"weight": "x"}}]}))
+    r = cli("merge", "--config", rec, "--out", tmp_path / "out")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("peft-lab: error: ") and "weight='x' must be a finite number" in " ".join(r.stderr.split())
+    assert "\n\n" not in r.stderr.strip()
+    r = cli("merge", "method=ties", f"base={files['base']}", f"models=[{files['m0']}]", f"out={tmp_path / 'o'}", "method.density=0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "density=0 is out of range" in " ".join(r.stderr.split())
+    assert "Error executing job" not in r.stderr
+    assert_nothing_left(tmp_path / "out")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_merge_leaves_nothing_behind(tmp_path, sig):
+    """A merge slow enough to interrupt (many small chunks), stopped once it has started writing."""
+    g = torch.Generator().manual_seed(0)
+    names = [f"t{i}" for i in range(12)]
+    base = {n: torch.randn(512, 512, generator=g) for n in names}
+    save_file(base, tmp_path / "base.safetensors")
+    for j in range(2):
+        save_file({n: v + 0.01 * torch.randn(v.shape, generator=g) for n, v in base.items()}, tmp_path / f"m{j}.safetensors")
+    out = tmp_path / "out"
+    code = (
+        "import sys; from peft_lab.cli import main; sys.exit(main(['merge', '--config', 'r.yaml', '--out', 'out', "
+        "'chunk_size=512', 'hash=none']))"
+    )
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+        "merge_method": "dare_ties", "base_model": "base.safetensors", "parameters": {"density": 0.5, "rescale": "l1"},
+        "models": [{"model": "m0.safetensors"}, {"model": "m1.safetensors"}]}))  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    before = file_digests(tmp_path)
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:
+        if any(f.stat().st_size > 0 for f in tmp_path.glob(".out.tmp-*/*.safetensors")):
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, f"the merge ended before it could be interrupted: {p.stderr.read()}"
+    time.sleep(0.2)
+    p.send_signal(sig)
+    err = p.communicate(timeout=60)[1]
+    assert p.returncode == 130, err
+    assert "interrupted; nothing was left half-written" in err and "Traceback" not in err
+    assert_nothing_left(out)
+    assert file_digests(*[f for f in tmp_path.iterdir() if f.suffix in (".safetensors", ".yaml")]) == {
+        k: v for k, v in before.items() if k.endswith((".safetensors", ".yaml"))
+    }
