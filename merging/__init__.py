@@ -5,8 +5,9 @@ path to a YAML file.
 """
 
 from merging.base import METHODS, MergeInputs, MergeMethod, ModelParams, TensorJob
+from merging.provenance import read_recipe
 from merging.recipe import Recipe, load_recipe, parse_recipe
-from merging.run import read_recipe, run_merge
+from merging.run import run_merge
 
 __all__ = [
     "run_merge",

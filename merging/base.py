@@ -31,16 +31,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from merging.stream import FULL, SAMPLE, drive
 from peft_lab.registry import Registry
 from peft_lab.tree import Tree
 
 __all__ = ["METHODS", "MergeMethod", "MergeInputs", "ModelParams", "TensorJob", "SAMPLE", "FULL", "param_key"]
 
 METHODS: Registry[type[MergeMethod]] = Registry("merge method", package="merging.methods")
-
-# statistic pass kinds (see MergeMethod.next_pass)
-SAMPLE = "sample"  # a representative subset of each tensor's elements (blocks), enough to estimate quantiles
-FULL = "full"  # every element, in order
 
 
 def param_key(f: dataclasses.Field) -> str:
@@ -149,19 +146,20 @@ class MergeMethod:
         """Merge one tensor. All inputs are float32; returns the merged float32 tensor (the full parameter,
         not a delta: methods working on task vectors add the base back themselves). Inputs are not modified.
 
-        Streaming methods get this for free: the whole tensor is one chunk."""
+        Streaming methods get this for free: the whole tensor is one chunk of `merging.stream.drive`."""
         if not self.streaming:
-            raise NotImplementedError
+            raise NotImplementedError(f"{type(self).__name__} must implement merge_tensor or the streaming protocol")
         ref = base if base is not None else tensors[0]
-        job = TensorJob(name, tuple(ref.shape), model_params)
+        if ref.numel() == 0:
+            return ref.float().clone()
         b = None if base is None else base.reshape(-1)
         flat = [t.reshape(-1) for t in tensors]
-        i = 0
-        while self.next_pass(job, i) is not None:
-            self.observe(job, i, 0, b, flat)
-            i += 1
-        out = self.merge_chunk(job, 0, None if b is None else b.clone(), [t.clone() for t in flat])
-        return out.reshape(ref.shape)
+
+        def read(s: int, e: int):
+            return None if b is None else b[s:e].clone(), [t[s:e].clone() for t in flat]
+
+        job = TensorJob(name, tuple(ref.shape), model_params)
+        return next(drive(self, job, read, ref.numel())).reshape(ref.shape)
 
     # ----------------------------------------------------------------------------------------------
     # Streaming form
@@ -194,6 +192,11 @@ class MergeMethod:
         """Merge the flat slice `[start, start + len)` of the tensor; returns float32 of the same length.
         The chunks are the executor's scratch: the method may modify them in place."""
         raise NotImplementedError
+
+    def artifacts(self) -> dict[str, str]:
+        """Files to write beside the merged model after `prepare` (file name -> text), e.g. AdaMerging's learned
+        coefficients. Default: none."""
+        return {}
 
     def raw_spec(self, job: TensorJob) -> dict | None:
         """For methods with a fused pass over raw bfloat16 bits (`merging.fused`): its arguments for this tensor,

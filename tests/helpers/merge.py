@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from merging.base import SAMPLE, MergeMethod, TensorJob
-from merging.stream import chunk_ranges, sample_ranges
+from merging.base import MergeMethod, TensorJob
+from merging.stream import drive
 
 TINY_LLAMA = dict(vocab_size=48, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)  # fmt: skip
@@ -43,29 +43,19 @@ def tiny_llama_dirs(root: Path, n_models: int = 2, dtype=torch.bfloat16, seed: i
 
 
 def stream_merge(method: MergeMethod, name: str, base, tensors, model_params, chunk: int, block: int = 8):
-    """Run `method` on flat chunks of length `chunk` exactly as the executor does for a chunked tensor
-    (statistic passes re-read the chunks; SAMPLE passes get `block`-sized blocks, one in 4)."""
-    shape = tuple((base if base is not None else tensors[0]).shape)
-    n = (base if base is not None else tensors[0]).numel()
+    """Run `method` through the executor's pass driver on flat chunks of length `chunk` (statistic passes re-read
+    the chunks; SAMPLE passes get `block`-sized blocks, one in 4)."""
+    ref = base if base is not None else tensors[0]
+    n = ref.numel()
     flat_b = None if base is None else base.reshape(-1)
     flat = [t.reshape(-1) for t in tensors]
-    job = TensorJob(name, shape, model_params, chunked=n > chunk)
-    if not job.chunked:
-        return method.merge_tensor(name, base, tensors, model_params)
-    i = 0
-    while (kind := method.next_pass(job, i)) is not None:
-        if kind == SAMPLE:
-            ranges, job.sample_rate = sample_ranges(n, block, 4)
-        else:
-            ranges, job.sample_rate = chunk_ranges(n, chunk), 1.0
-        for s, e in ranges:
-            method.observe(job, i, s, None if flat_b is None else flat_b[s:e].clone(), [t[s:e].clone() for t in flat])
-        i += 1
-    outs = []
-    for s, e in chunk_ranges(n, chunk):
-        b = None if flat_b is None else flat_b[s:e].clone()
-        outs.append(method.merge_chunk(job, s, b, [t[s:e].clone() for t in flat]).clone())
-    return torch.cat(outs).reshape(shape)
+
+    def read(s, e):
+        return None if flat_b is None else flat_b[s:e].clone(), [t[s:e].clone() for t in flat]
+
+    job = TensorJob(name, tuple(ref.shape), model_params, chunked=n > chunk)
+    outs = [o.clone() for o in drive(method, job, read, chunk, sample_block=block, sample_every=4)]
+    return torch.cat(outs).reshape(ref.shape)
 
 
 def file_digests(*paths: Path) -> dict[str, str]:

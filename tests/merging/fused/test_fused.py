@@ -270,12 +270,12 @@ def _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, chunk: int):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("chunk", [1 << 20, 100])
 def test_raw_bf16_pass_writes_the_bytes_of_the_torch_path(tmp_path, monkeypatch, spec, dtype, chunk):
-    from merging.run import _Merge
+    from merging.fused import raw
     from tests.helpers.merge import tiny_llama_dirs
 
     base, fts = tiny_llama_dirs(tmp_path, n_models=2)  # bfloat16 files
     rec = _raw_recipe(base, fts, spec, dtype)
-    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
+    monkeypatch.setattr(raw, "MIN_NUMEL", 0)
     fast, slow = _with_and_without_raw_pass(rec, tmp_path, monkeypatch, "raw_merge", chunk)
     assert (fast / "model.safetensors").read_bytes() == (slow / "model.safetensors").read_bytes()
 
@@ -284,7 +284,7 @@ def test_raw_bf16_pass_writes_the_bytes_of_the_torch_path(tmp_path, monkeypatch,
 def test_raw_pass_refuses_nonfinite_values_with_the_torch_paths_message(tmp_path, monkeypatch, where):
     from safetensors.torch import load_file, save_file
 
-    from merging.run import _Merge
+    from merging.fused import raw
     from tests.helpers.merge import tiny_llama_dirs
 
     base, fts = tiny_llama_dirs(tmp_path, n_models=2)
@@ -298,7 +298,7 @@ def test_raw_pass_refuses_nonfinite_values_with_the_torch_paths_message(tmp_path
     save_file(sd, f, metadata={"format": "pt"})
     rec = {"merge_method": "linear", "parameters": {"normalize": False}, "dtype": "float32",
            "models": [{"model": str(p), "parameters": {"weight": 2.0}} for p in fts]}  # fmt: skip
-    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
+    monkeypatch.setattr(raw, "MIN_NUMEL", 0)
     msgs, outs = _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, 1000)
     assert not any(o.exists() for o in outs)
     assert msgs[0] == msgs[1] and name in msgs[0] and "flat index 37" in msgs[0]
@@ -311,14 +311,14 @@ def test_raw_pass_refuses_nonfinite_values_with_the_torch_paths_message(tmp_path
 def test_raw_slerp_agrees_with_the_torch_path_to_float32_rounding(tmp_path, monkeypatch, dtype, chunk, whole, t):
     from safetensors.torch import load_file
 
-    from merging.run import _Merge
+    from merging.fused import raw
     from tests.helpers.merge import tiny_llama_dirs
 
     base, fts = tiny_llama_dirs(tmp_path, n_models=1)
     rec = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
            "parameters": {"t": t}, "dtype": dtype}  # fmt: skip
-    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
-    monkeypatch.setattr(_Merge, "RAW_WHOLE_NUMEL", whole)  # 0: tensors over one chunk are read twice
+    monkeypatch.setattr(raw, "MIN_NUMEL", 0)
+    monkeypatch.setattr(raw, "WHOLE_NUMEL", whole)  # 0: tensors over one chunk are read twice
     outs = [load_file(d / "model.safetensors")
             for d in _with_and_without_raw_pass(rec, tmp_path, monkeypatch, "raw_lerp", chunk)]  # fmt: skip
     b, m = load_file(base / "model.safetensors"), load_file(fts[0] / "model.safetensors")
@@ -337,7 +337,7 @@ def test_raw_slerp_agrees_with_the_torch_path_to_float32_rounding(tmp_path, monk
 def test_raw_slerp_refuses_a_nan_input_with_the_torch_paths_message(tmp_path, monkeypatch):
     from safetensors.torch import load_file, save_file
 
-    from merging.run import _Merge
+    from merging.fused import raw
     from tests.helpers.merge import tiny_llama_dirs
 
     base, fts = tiny_llama_dirs(tmp_path, n_models=1)
@@ -347,6 +347,6 @@ def test_raw_slerp_refuses_a_nan_input_with_the_torch_paths_message(tmp_path, mo
     sd[name].view(-1)[-1] = float("inf")
     save_file(sd, f, metadata={"format": "pt"})
     rec = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}]}
-    monkeypatch.setattr(_Merge, "RAW_MIN_NUMEL", 0)
+    monkeypatch.setattr(raw, "MIN_NUMEL", 0)
     msgs, _ = _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, 100)
     assert msgs[0] == msgs[1] and name in msgs[0] and "inf" in msgs[0]
