@@ -176,8 +176,9 @@ class _Merge:
                     patch_metadata(written, tmp, placeholder, text)
                 write_recipe_file(tmp, final)
         finally:
-            if hasher is not None:
+            if hasher is not None and hasher.is_alive():  # a failed merge stops reading its inputs
                 hasher.stop()
+                hasher.join()
         self.seconds = time.perf_counter() - t0
         return out
 

@@ -195,6 +195,60 @@ def test_soup_with_different_masks_fails_cleanly(files, tmp_path):
     assert_nothing_left(tmp_path / "out")
 
 
+def test_a_failed_merge_stops_hashing_its_inputs(files, tmp_path, monkeypatch):
+    """The background hasher stops when the merge fails (it used to read every input to the end)."""
+    import threading
+
+    from merging import provenance
+
+    reads = []
+    started = threading.Event()
+
+    class SlowHasher(provenance.Hasher):
+        CHUNK = 64  # many small reads, each slowed down until the hasher is told to stop
+
+        def run(self):
+            real_open = open
+            hasher = self
+
+            def slow_open(*a, **k):
+                fh = real_open(*a, **k)
+                real_readinto = fh.readinto
+
+                def readinto(buf):
+                    started.set()
+                    hasher._cancel.wait(0.2)
+                    reads.append(1)
+                    return real_readinto(buf)
+
+                fh.readinto = readinto
+                return fh
+
+            import builtins
+
+            builtins_open, builtins.open = builtins.open, slow_open
+            try:
+                super().run()
+            finally:
+                builtins.open = builtins_open
+
+    def failing_prepare(self, inputs):
+        started.wait(5)
+        raise UserError("prepare failed")
+
+    import merging.run as run_mod
+    from merging.methods.task_arithmetic import TaskArithmetic
+
+    monkeypatch.setattr(run_mod, "Hasher", SlowHasher)
+    monkeypatch.setattr(TaskArithmetic, "prepare", failing_prepare)
+    with pytest.raises(UserError, match="prepare failed"):
+        run_merge(ta(files), tmp_path / "out")
+    assert not any(t.name == "peft-lab-hash" and t.is_alive() for t in threading.enumerate())
+    total = sum(f.stat().st_size for f in files.values())
+    assert 0 < len(reads) < total // SlowHasher.CHUNK  # it stopped long before reading everything
+    assert_nothing_left(tmp_path / "out")
+
+
 def test_disk_full_while_writing(files, tmp_path, monkeypatch):
     import peft_lab.tree.io as io
 
