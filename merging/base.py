@@ -93,7 +93,8 @@ class MergeInputs:
         model_params: per-model parameters, one per model, already validated.
         labels: a readable name per model (its path), for messages.
         extra: method-specific inputs from the recipe (e.g. the `data` config of data-driven methods).
-        scan: set by the executor: `scan(fn, kind=FULL)` streams every float tensor chunk by chunk and calls
+        scan: set by the executor: `scan(fn, kind=FULL, names=None)` streams every float tensor (or those named)
+            chunk by chunk and calls
             `fn(job, start, base_chunk, chunks)` with float32 flat chunks (task vectors when the method
             `uses_deltas`, else the models' tensors); `kind=SAMPLE` delivers a subset (`job.sample_rate`).
             Whole-model statistics (a global threshold) use it without ever holding the model in memory.

@@ -34,7 +34,7 @@ from peft_lab.errors import UserError
 from peft_lab.tree import Lazy, Leaf, Tree, apply, delta, read_header
 from peft_lab.tree.io import TREE_KIND_KEY
 
-__all__ = ["FileTable", "TensorSource", "Input", "MergeStreams", "merge_trees", "check_finite_chunk", "DEFAULT_CHUNK"]
+__all__ = ["FileTable", "TensorSource", "Input", "MergeStreams", "in_memory", "merge_trees", "check_finite_chunk", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 1 << 22  # elements per streamed chunk (memory is a few chunks of float32 per input)
 
@@ -213,9 +213,10 @@ class MergeStreams:
     # ------------------------------------------------------------------------------------------------
     # what prepare sees
     # ------------------------------------------------------------------------------------------------
-    def scan(self, fn, kind: str = FULL) -> None:
-        """Stream every float tensor (chunks, or 1/64 samples for SAMPLE) into `fn(job, start, base, chunks)`."""
-        names = self.float_names()
+    def scan(self, fn, kind: str = FULL, names: Sequence[str] | None = None) -> None:
+        """Stream every float tensor (or those in `names`) into `fn(job, start, base, chunks)`: chunk by chunk, or
+        1/64 samples for SAMPLE."""
+        names = self.float_names() if names is None else list(names)
         with self.bar(len(names), f"{self.method.name} statistics ({kind} pass)", unit="tensor") as bar:
             for name in names:
                 numel = self.ref[name].numel
@@ -291,6 +292,26 @@ def _as_tree(x: Mapping[str, torch.Tensor] | Tree, label: str, is_delta: bool) -
     return Tree(x, source=label, meta={TREE_KIND_KEY: "delta"} if is_delta else None)
 
 
+def in_memory(
+    method: MergeMethod,
+    base: Mapping[str, torch.Tensor] | Tree | None,
+    models: Sequence[Mapping[str, torch.Tensor] | Tree],
+    model_params: Sequence[Any] | None = None,
+    *,
+    deltas: bool = False,
+    names: Sequence[str] | None = None,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> MergeStreams:
+    """`MergeStreams` over in-memory trees (see `merge_trees` for the arguments); the caller closes it."""
+    if model_params is None:
+        model_params = [method.ModelParams() for _ in models]
+    sub = (lambda m: {n: m[n] for n in names if n in m}) if names is not None else (lambda m: m)
+    base_tree = None if base is None else _as_tree(sub(base), "base", False)
+    inputs = [Input(f"model {i}", _as_tree(sub(m), f"model {i}", deltas), deltas, p)
+              for i, (m, p) in enumerate(zip(models, model_params, strict=True))]  # fmt: skip
+    return MergeStreams(method, base_tree, inputs, base_label="base", chunk_size=chunk_size, allow_nonfinite=True)
+
+
 def merge_trees(
     method: MergeMethod,
     base: Mapping[str, torch.Tensor] | Tree | None,
@@ -315,19 +336,11 @@ def merge_trees(
     Returns:
         name -> merged float32 tensor (the full parameter, shaped as the base's).
     """
-    if model_params is None:
-        model_params = [method.ModelParams() for _ in models]
-    ref = base if base is not None else models[0]
-    keep = list(names) if names is not None else [n for n, t in ref.items() if t.dtype.is_floating_point]
-    sub = (lambda m: {n: m[n] for n in keep if n in m}) if names is not None else (lambda m: m)
-    base_tree = None if base is None else _as_tree(sub(base), "base", False)
-    inputs = [Input(f"model {i}", _as_tree(sub(m), f"model {i}", deltas), deltas, p)
-              for i, (m, p) in enumerate(zip(models, model_params, strict=True))]  # fmt: skip
-    streams = MergeStreams(method, base_tree, inputs, base_label="base", chunk_size=chunk_size, allow_nonfinite=True)
+    streams = in_memory(method, base, models, model_params, deltas=deltas, names=names, chunk_size=chunk_size)
     try:
         method.prepare(streams.merge_inputs(extra))
         out = {}
-        for n in keep:
+        for n in streams.float_names():
             shape = streams.ref[n].shape
             out[n] = torch.cat(list(streams.tensor_chunks(n, torch.float32))).reshape(shape)
         return out

@@ -149,7 +149,8 @@ def _ada_setting(T: int, bs: int, max_length: int):
 
 
 def adamerging_step_cost(T: int, bs: int, steps: int, max_length: int) -> dict:
-    from merging.methods.adamerging import AdaMergingParams, adamerge
+    from merging.datadriven.adamerging import adamerge
+    from merging.methods.adamerging import AdaMergingParams
 
     model, names, base, deltas, heads, pools, enc = _ada_setting(T, bs, max_length)
     samplers = [lambda p=p: p for p in pools]
@@ -173,7 +174,8 @@ def adamerging_step_cost(T: int, bs: int, steps: int, max_length: int) -> dict:
 
 def _peak_child(T: int, bs: int, max_length: int) -> dict:
     """Run in a fresh process: peak RSS of 2 AdaMerging steps with T tasks."""
-    from merging.methods.adamerging import AdaMergingParams, adamerge
+    from merging.datadriven.adamerging import adamerge
+    from merging.methods.adamerging import AdaMergingParams
 
     model, names, base, deltas, heads, pools, _ = _ada_setting(T, bs, max_length)
     rss0 = _status_kb("VmRSS")

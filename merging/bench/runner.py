@@ -14,6 +14,7 @@ accuracies.png, coefficients.png (AdaMerging's layer-wise λ), adamerging_seed*.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import json
@@ -28,9 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from merging.datadriven.adamerging import adamerge, entropy, merged_params
 from merging.datadriven.fisher import diagonal_fisher
-from merging.methods.adamerging import AdaMergingParams, adamerge, merged_params, ties_thresholds, ties_vectors
+from merging.methods._gta import GTAModelParams
+from merging.methods.adamerging import AdaMergingParams, official_ties, ties_task_vectors
 from merging.methods.fisher import fisher_merge
+from merging.methods.task_arithmetic import TaskArithmetic
+from merging.methods.ties import Ties, TiesParams
+from merging.sources import in_memory, merge_trees
 from peft_lab.errors import UserError
 
 __all__ = ["BenchConfig", "run", "main"]
@@ -118,7 +124,7 @@ def run_seed(cfg: BenchConfig, seed: int, progress=print) -> tuple[list[dict], d
     taus = [{n: ft[n] - theta0[n] for n in names} for ft in fts]
     progress(f"[seed {seed}] fine-tuned ({_cpu() - t0:.0f} CPU-s)")
     rows: list[dict] = []
-    extras: dict = {"lambdas": {}, "timing": {}, "sign_conflicts": sign_conflicts(taus, names, cfg.ties_density)}
+    extras: dict = {"lambdas": {}, "timing": {}, "sign_conflicts": sign_conflicts(theta0, taus, names, cfg.ties_density)}
 
     def score(method: str, variant: str, params_of, hp: dict, splits=("test",)) -> dict[str, float]:
         accs = {}
@@ -149,13 +155,10 @@ def run_seed(cfg: BenchConfig, seed: int, progress=print) -> tuple[list[dict], d
     score("task arithmetic", "paper", lambda k, p=ta(cfg.ta_lambda): p, {"lambda": cfg.ta_lambda})
     p, hp = pick([(ta(lam), {"lambda": lam}) for lam in cfg.ta_grid])
     score("task arithmetic", "tuned", lambda k, p=p: p, hp)
-    # TIES (AdaMerging repo's baseline form: dis-sum)
-    tv_cache = {}
-
+    # TIES (the official code's form, as the AdaMerging repo's baseline: global trim, majority sign, dis-sum)
     def ties(density: float, lam: float) -> dict:
-        if density not in tv_cache:
-            tv_cache[density] = ties_vectors(taus, names, density)
-        return ta(lam, tv_cache[density])
+        method = Ties(TiesParams(lambda_=lam, normalize=False, trim_scope="global", zero_sign="majority"))
+        return merge_trees(method, theta0, taus, [GTAModelParams(density=density)] * T, deltas=True, names=names)
 
     score("TIES", "paper", lambda k, p=ties(cfg.ties_density, cfg.ties_lambda): p, {"density": cfg.ties_density, "lambda": cfg.ties_lambda})
     p, hp = pick([(ties(d, lam), {"density": d, "lambda": lam}) for d, lam in cfg.ties_grid])
@@ -187,7 +190,8 @@ def run_seed(cfg: BenchConfig, seed: int, progress=print) -> tuple[list[dict], d
     score("Fisher", "tuned", lambda k, p=p: p, hp)
     progress(f"[seed {seed}] Fisher done ({_cpu() - t0:.0f} CPU-s)")
     # AdaMerging: task-wise, layer-wise, layer-wise on TIES vectors (AdaMerging++)
-    tv_ties = tv_cache.get(cfg.ties_density) or ties_vectors(taus, names, cfg.ties_density)
+    with _task_vector_inputs(theta0, taus, names) as inputs:
+        tv_ties = ties_task_vectors(inputs, names, cfg.ties_density)
     for label, gran, vecs in (("AdaMerging task-wise", "task", taus), ("AdaMerging layer-wise", "layer", taus),
                               ("AdaMerging++ layer-wise (TIES)", "layer", tv_ties)):
         variants = {}
@@ -225,8 +229,6 @@ def run_seed(cfg: BenchConfig, seed: int, progress=print) -> tuple[list[dict], d
 def entropy_vs_lambda(suite, theta0: dict, taus: list[dict], names: list[str], grid) -> list[dict]:
     """Along task arithmetic's λ: mean test accuracy and mean prediction entropy over tasks. AdaMerging
     minimises that entropy, so it can only help where lower entropy goes with higher accuracy."""
-    from merging.methods.adamerging import entropy
-
     out = []
     for lam in (0.0, *grid):
         p = {n: theta0[n] + lam * sum(t[n] for t in taus) for n in names}
@@ -236,10 +238,23 @@ def entropy_vs_lambda(suite, theta0: dict, taus: list[dict], names: list[str], g
     return out
 
 
-def sign_conflicts(taus: list[dict], names: list[str], density: float) -> dict[str, float]:
+@contextlib.contextmanager
+def _task_vector_inputs(theta0: dict, taus: list[dict], names: list[str]):
+    """The in-memory task vectors as a merge's `MergeInputs` (what `prepare` and the TIES statistics read)."""
+    streams = in_memory(TaskArithmetic(), theta0, taus, deltas=True, names=names)
+    try:
+        yield streams.merge_inputs()
+    finally:
+        streams.close()
+
+
+def sign_conflicts(theta0: dict, taus: list[dict], names: list[str], density: float) -> dict[str, float]:
     """Per tensor, the fraction of parameters where the trimmed task vectors (top `density` per task, global)
     hold both signs: the conflicts TIES resolves by electing one sign."""
-    thr = ties_thresholds(taus, names, density)
+    ties, mp = official_ties(density, len(taus))
+    with _task_vector_inputs(theta0, taus, names) as inputs:
+        ties.prepare(replace(inputs, model_params=mp), names=names)
+    thr = ties.global_thresholds
     out = {}
     for n in names:
         kept = torch.stack([t[n] * (t[n].abs() >= th) for t, th in zip(taus, thr, strict=True)])  # (T, ...)

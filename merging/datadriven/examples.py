@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import torch
 from peft_lab.errors import UserError
 from peft_lab.tree import Tree, apply_to_module, is_delta
 
-__all__ = ["TaskSpec", "MergeData", "parse_data", "load_examples", "fishers_from_data", "adamerging_from_data"]
+__all__ = ["TaskSpec", "MergeData", "parse_data", "load_examples", "model_dir", "name_map", "batches", "fishers_from_data"]
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def load_examples(spec: TaskSpec, default_split: str) -> tuple[list[Any], list[i
 # ---------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------
-def _model_dir(tree: Tree) -> Path | None:
+def model_dir(tree: Tree) -> Path | None:
     p = Path(str(tree.source))
     d = p if p.is_dir() else p.parent
     return d if (d / "config.json").exists() else None
@@ -140,14 +140,14 @@ def _load_module(inputs, j: int):
 
     tree = inputs.models[j] if inputs.models else inputs.deltas[j]
     delta = inputs.deltas[j] if (inputs.deltas and is_delta(inputs.deltas[j])) else None
-    src = _model_dir(inputs.base) if (delta is not None and inputs.base is not None) else _model_dir(tree)
+    src = model_dir(inputs.base) if (delta is not None and inputs.base is not None) else model_dir(tree)
     if src is None:
         raise UserError(
             f"data-driven merge: {inputs.labels[j]} is not a model dir with a config.json, so it cannot be run on "
             "examples; give HF model dirs (or adapters on an HF base dir)."
         )
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(src)).eval()
-    tok_dir = src if (src / "tokenizer_config.json").exists() else (_model_dir(inputs.base) if inputs.base is not None else src)
+    tok_dir = src if (src / "tokenizer_config.json").exists() else (model_dir(inputs.base) if inputs.base is not None else src)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
     names = name_map(model, list(inputs.base or tree))
     if delta is not None:
@@ -170,7 +170,7 @@ def name_map(module: torch.nn.Module, tree_names: Sequence[str]) -> dict[str, st
     return out
 
 
-def _batches(tokenizer, texts, labels, batch_size: int, max_length: int, num_classes: int, where: str) -> Iterator[dict]:
+def batches(tokenizer, texts, labels, batch_size: int, max_length: int, num_classes: int, where: str) -> Iterator[dict]:
     if labels is not None:
         bad = sorted({int(y) for y in labels if not 0 <= int(y) < num_classes})
         if bad:
@@ -201,57 +201,11 @@ def fishers_from_data(inputs, params, which: Sequence[int]) -> list[Tree]:
         texts, labels = load_examples(data.tasks[j], "train")
         n = min(len(texts), data.num_examples or params.num_examples)
         where = data.tasks[j].dataset or data.tasks[j].path
-        batches = _batches(tok, texts[:n], labels[:n] if labels else None, data.batch_size or params.batch_size,
-                           data.max_length, model.config.num_labels, where)
-        f = diagonal_fisher(model, list(merge.values()), batches, labels=params.labels, chunk_size=params.chunk_size,
+        stream = batches(tok, texts[:n], labels[:n] if labels else None, data.batch_size or params.batch_size,
+                         data.max_length, model.config.num_labels, where)
+        f = diagonal_fisher(model, list(merge.values()), stream, labels=params.labels, chunk_size=params.chunk_size,
                             engine=params.engine, generator=gen)
         inv = {m: t for t, m in merge.items()}
         out.append(Tree({inv[m]: v for m, v in f.items()}, source=f"fisher of {inputs.labels[j]}"))
         log.info("fisher: computed the Fisher of %s on %d examples of %s", inputs.labels[j], n, where)
     return out
-
-
-def adamerging_from_data(inputs, params, names: Sequence[str], method) -> Any:
-    """Learn AdaMerging's coefficients on unlabeled examples of each task (default split: test, as the paper)."""
-    from merging.methods.adamerging import adamerge, ties_vectors
-
-    data = parse_data(inputs.extra.get("data"), len(inputs.labels))
-    model, tok, nmap = _load_module_base(inputs)
-    base = {nmap[n]: inputs.base[n].dense(torch.float32) for n in names}
-    deltas = [{nmap[n]: d[n].dense(torch.float32) for n in names if n in d} for d in inputs.deltas]
-    if params.ties:
-        deltas = ties_vectors(deltas, list(base), params.density)
-    heads, samplers = [], []
-    gen = torch.Generator().manual_seed(int(params.seed))
-    for j in range(len(inputs.deltas)):
-        head_names = [n for n in nmap if method.is_head(n)]
-        heads.append({nmap[n]: (inputs.base[n].dense(torch.float32) + inputs.deltas[j][n].dense(torch.float32)) for n in head_names if n in inputs.deltas[j]})
-        texts, _ = load_examples(data.tasks[j], "test")
-        texts = texts[: data.num_examples] if data.num_examples else texts
-        where = data.tasks[j].dataset or data.tasks[j].path
-        pool = list(_batches(tok, texts, None, len(texts), data.max_length, model.config.num_labels, where))[0]
-        samplers.append(_sampler(pool, params.batch_size, gen))
-    res = adamerge(model, base, deltas, heads, samplers, params, names=list(base))
-    res.names = [next(t for t, m in nmap.items() if m == n) for n in res.names]
-    return res
-
-
-def _load_module_base(inputs):
-    import transformers
-
-    src = _model_dir(inputs.base)
-    if src is None:
-        raise UserError(f"adamerging: the base {inputs.base.source} is not a model dir with a config.json.")
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(src)).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
-    return model, tokenizer, name_map(model, list(inputs.base))
-
-
-def _sampler(pool: Mapping[str, torch.Tensor], batch_size: int, gen: torch.Generator) -> Callable[[], dict]:
-    n = next(iter(pool.values())).shape[0]
-
-    def draw() -> dict:
-        idx = torch.randint(n, (min(batch_size, n),), generator=gen)
-        return {k: v[idx] for k, v in pool.items()}
-
-    return draw

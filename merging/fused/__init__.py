@@ -78,6 +78,7 @@ def gta_combine(
     consensus: bool,
     normalize: bool,
     lam: float,
+    zero_sign: float = 1.0,
 ) -> torch.Tensor:
     """`merging.methods._gta.combine` with TIES's trim folded in: `xs` are the (unweighted) task-vector chunks, each
     trimmed to |x| >= its threshold (0: no trim) and multiplied by its weight in the loop. Inputs are not
@@ -99,7 +100,7 @@ def gta_combine(
             div_mode, div_value = 1, np.float32(d)
     b = base.reshape(-1).contiguous().numpy() if base is not None else out.numpy()
     _compiled()._gta_combine(out.numpy(), b, base is not None, arrs, thr, w, consensus, normalize, div_mode, div_value,
-                 np.float32(lam), lam != 1)  # fmt: skip
+                             np.float32(lam), lam != 1, zero_sign < 0)  # fmt: skip
     return out
 
 

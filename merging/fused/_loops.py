@@ -51,7 +51,7 @@ def _band(keys, klo, khi, buf):
 
 
 @_njit
-def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode, div_value, lam, scale):
+def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode, div_value, lam, scale, zero_neg):
     # Mirrors merging.methods._gta.combine op by op (see its docstring): every value is float32, the additions run in
     # the reference's order (model 0, 1, ...), and each step is a loop over one block of elements, written
     # with selects instead of branches so that LLVM vectorises it.
@@ -83,8 +83,10 @@ def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode
             for i in range(m):
                 mx[i] = mx[i] + xt[i]
         if consensus:
+            zs = _SIGN if zero_neg else np.int32(0)  # the sign bit of an exactly-zero sum's elected sign
             for i in range(m):  # the elected sign, copysign(1, sum): +1 where the sum is >= +0 (as bits: vectorises)
-                sgi[i] = (mxi[i] & _SIGN) | _ONE_BITS
+                b = mxi[i]
+                sgi[i] = (b & _SIGN) | (zs if (b & _ABS) == 0 else np.int32(0)) | _ONE_BITS
             for t in range(T):
                 xt = x[t]
                 wt = w[t]

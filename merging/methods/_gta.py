@@ -4,7 +4,9 @@ Per tensor, with task vectors τ_t = θ_t − θ_0 and per-model weights w_t (me
 
     τ̂_t = sparsify(τ_t)             none | magnitude trim (TIES) | random drop + rescale (DARE)
     x_t = w_t · τ̂_t
-    with consensus (TIES "elect"):  γ = +1 where Σ_t x_t >= 0 else −1;  a_t = [sign(x_t) == γ]
+    with consensus (TIES "elect"):  γ = sign(Σ_t x_t), a_t = [sign(x_t) == γ]; where the sum is exactly 0, γ is +1
+                                    (mergekit, PEFT) or the model-wide majority sign (`zero_sign: majority`, the
+                                    official TIES code)
     mixed = Σ_t a_t x_t,  divisor = Σ_t a_t w_t (0 -> 1);   without consensus a_t = 1, divisor = Σ_t w_t
     θ = θ_0 + λ · (mixed / divisor if normalize else mixed)
 
@@ -143,6 +145,7 @@ def combine(
     consensus: bool,
     normalize: bool,
     lam: float,
+    zero_sign: float = 1.0,
 ) -> torch.Tensor:
     """`θ_0 + λ · mix(x_1..x_T)` (module docstring) for flat chunks `xs` = w_t · τ̂_t, which it overwrites.
 
@@ -150,6 +153,7 @@ def combine(
         base: (n,) the base chunk, or None to return the merged delta.
         xs: T tensors (n,): the weighted, sparsified task vectors.
         weights: the T weights w_t (for the divisor).
+        zero_sign: the elected sign where Σ_t x_t is exactly 0 (+1 or −1).
     Returns:
         (n,) float32.
     """
@@ -162,13 +166,7 @@ def combine(
             if abs(div) >= 1e-8:  # mergekit leaves the sum undivided when the weights cancel
                 mixed.div_(div)
     else:
-        S = xs[0].clone()
-        for x in xs[1:]:
-            S.add_(x)
-        # γ = +1 where S >= 0 (mergekit/peft: a zero sum elects +). copysign maps +0 -> +1 and -0 -> -1; S is
-        # -0 only when every x_t is ±0, and then no entry agrees with either sign, so the results coincide.
-        sgn = torch.copysign(torch.ones((), dtype=S.dtype), S)
-        del S
+        sgn = elected_sign(xs, zero_sign)
         mixed = div = None
         for x, w in zip(xs, weights, strict=True):
             agree = F.relu_(x.mul_(sgn))  # |x_t| where sign(x_t) == γ, else 0
@@ -186,6 +184,25 @@ def combine(
     if lam != 1:
         mixed.mul_(lam)
     return mixed if base is None else mixed.add_(base)
+
+
+def elected_sign(xs: Sequence[torch.Tensor], zero_sign: float = 1.0) -> torch.Tensor:
+    """TIES's elected sign γ = sign(Σ_t x_t) as ±1 floats; where the sum is exactly 0, `zero_sign`.
+
+    copysign maps +0 -> +1 and -0 -> -1; the sum is -0 only when every x_t is ±0, and then no entry agrees with
+    either sign, so `zero_sign = +1` is mergekit's and PEFT's rule (a zero sum elects +)."""
+    S = xs[0].clone()
+    for x in xs[1:]:
+        S.add_(x)
+    sgn = torch.copysign(torch.ones((), dtype=S.dtype), S)
+    if zero_sign < 0:
+        sgn.masked_fill_(S == 0, -1.0)
+    return sgn
+
+
+def agreeing(xs: Sequence[torch.Tensor], sgn: torch.Tensor) -> list[torch.Tensor]:
+    """Each x_t where its sign agrees with γ, else 0 (TIES's "disjoint" selection, before any division)."""
+    return [F.relu(x * sgn).mul_(sgn) for x in xs]
 
 
 def hardshrink_at_least(x: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -261,16 +278,27 @@ class GTAMethod(MergeMethod):
     def __init__(self, params: Any = None):
         super().__init__(params)
         self._global_thr: list[float] | None = None
+        self._zero_sign = 1.0  # the elected sign of an exactly-zero sum (zero_sign: majority sets it in prepare)
 
-    # -- whole-model statistics (TIES with trim_scope=global) -------------------------------------------
-    def prepare(self, inputs: MergeInputs) -> None:
+    @property
+    def global_thresholds(self) -> list[float] | None:
+        """Per model, the magnitude threshold of a global trim (after `prepare`; None in tensor scope)."""
+        return self._global_thr
+
+    # -- whole-model statistics (TIES with trim_scope=global, zero_sign=majority) -----------------------
+    def prepare(self, inputs: MergeInputs, names: Sequence[str] | None = None) -> None:
+        """Global thresholds and the majority sign, streamed over the model (or over `names` only: AdaMerging++
+        leaves its per-task heads out)."""
         if self.sparsify != "magnitude" or getattr(self.params, "trim_scope", "tensor") != "global":
             return
+        if names is None:
+            names = [n for n, leaf in inputs.base.items() if leaf.dtype.is_floating_point]
         dens = [p.density for p in inputs.model_params]
-        total = sum(leaf.numel for leaf in inputs.base.values() if leaf.dtype.is_floating_point)
-        # a missed bracket costs another pass over the model: bracket 4x wider than for one tensor (the
-        # counts are histograms of bit patterns, so a wider bracket costs almost nothing)
-        sels = {t: KthLargest(total, max(1, int(d * total)), z=24.0) for t, d in enumerate(dens) if d < 1 and total}
+        total = sum(inputs.base[n].numel for n in names)
+        # the official rule: keep |τ| >= kthvalue(|τ|, N − ⌊d·N⌋), the (⌊d·N⌋ + 1)-th largest, ties included. A
+        # missed bracket costs another pass over the model: bracket 4x wider than for one tensor (the counts are
+        # histograms of bit patterns, so a wider bracket costs almost nothing)
+        sels = {t: KthLargest(total, min(int(d * total) + 1, total), z=24.0) for t, d in enumerate(dens) if d < 1 and total}
 
         def sample(job, start, base, chunks):
             for t, sel in sels.items():
@@ -281,16 +309,34 @@ class GTAMethod(MergeMethod):
                 sel.count_abs(chunks[t])
 
         if sels:
-            inputs.scan(sample, kind=SAMPLE)
+            inputs.scan(sample, kind=SAMPLE, names=names)
             for sel in sels.values():
                 sel.bracket()
             todo = dict(sels)
             while todo:
                 for sel in todo.values():
                     sel.begin_count()
-                inputs.scan(count, kind=FULL)
+                inputs.scan(count, kind=FULL, names=names)
                 todo = {t: s for t, s in todo.items() if not s.resolve()}
         self._global_thr = [sels[t].threshold if t in sels else 0.0 for t in range(len(dens))]
+        if getattr(self.params, "zero_sign", "plus") == "majority":
+            self._zero_sign = self._majority_sign(inputs, names)
+
+    def _majority_sign(self, inputs: MergeInputs, names: Sequence[str]) -> float:
+        """sign(Σ over every parameter of sign(Σ_t w_t τ̂_t)): the official code's sign for zero sums (its
+        "majority" rule; a model-wide tie counts as −1, as the official selection `τ < 0` then applies)."""
+        weights = [p.weight for p in inputs.model_params]
+        total = [0.0]
+
+        def add(job, start, base, chunks):
+            xs = [hardshrink_at_least(x, th).mul_(w) for x, th, w in zip(chunks, self._global_thr, weights, strict=True)]
+            S = xs[0]
+            for x in xs[1:]:
+                S.add_(x)
+            total[0] += float(torch.sign(S).sum(dtype=torch.float64))
+
+        inputs.scan(add, kind=FULL, names=names)
+        return 1.0 if total[0] > 0 else -1.0
 
     # -- per-tensor statistics ------------------------------------------------------------------------
     def next_pass(self, job: TensorJob, index: int) -> str | None:
@@ -380,9 +426,17 @@ class GTAMethod(MergeMethod):
         dare_drop(tau, g, d, apply=True, sums=False, op=op, factor=factor)
         return tau
 
+    def _weighted(self, job: TensorJob, start: int, tensors) -> list[torch.Tensor]:
+        """x_t = w_t · sparsify(τ_t), in place on the chunks."""
+        xs = []
+        for t, (tau, p) in enumerate(zip(tensors, job.model_params, strict=True)):
+            x = self._sparsified(job, t, start, tau)
+            xs.append(x.mul_(p.weight) if p.weight != 1 else x)
+        return xs
+
     def merge_chunk(self, job, start, base, tensors) -> torch.Tensor:
         weights = [p.weight for p in job.model_params]
-        if fused.available() and (self.consensus or self.sparsify != "none"):  # one pass (merging/fused.py); a
+        if fused.available() and (self.consensus or self.sparsify != "none"):  # one pass (merging/fused/); a
             # plain weighted sum (task arithmetic) is as fast in torch's vectorised ops
             if self.sparsify == "magnitude":
                 thr = [self._threshold(job, t, tau) for t, tau in enumerate(tensors)]
@@ -390,19 +444,14 @@ class GTAMethod(MergeMethod):
             else:
                 thr = [0.0] * len(tensors)
                 xs = [self._sparsified(job, t, start, tau) for t, tau in enumerate(tensors)]
-            return fused.gta_combine(base, xs, thr, weights, consensus=self.consensus,
-                                     normalize=self.params.normalize, lam=self.params.lambda_)  # fmt: skip
-        xs = []
-        for t, tau in enumerate(tensors):
-            x = self._sparsified(job, t, start, tau)
-            if weights[t] != 1:
-                x = x.mul_(weights[t])
-            xs.append(x)
-        return combine(
-            base,
-            xs,
-            weights,
-            consensus=self.consensus,
-            normalize=self.params.normalize,
-            lam=self.params.lambda_,
-        )
+            return fused.gta_combine(base, xs, thr, weights, consensus=self.consensus, normalize=self.params.normalize,
+                                     lam=self.params.lambda_, zero_sign=self._zero_sign)  # fmt: skip
+        return combine(base, self._weighted(job, start, tensors), weights, consensus=self.consensus,
+                       normalize=self.params.normalize, lam=self.params.lambda_, zero_sign=self._zero_sign)  # fmt: skip
+
+    def components(self, job: TensorJob, start: int, tensors) -> list[torch.Tensor]:
+        """Per model, what it contributes to the consensus merge: x_t = w_t · sparsify(τ_t) where its sign agrees
+        with the elected sign, else 0 (their plain sum is TIES's "dis-sum"). AdaMerging++ learns coefficients
+        over these. Modifies the chunks."""
+        xs = self._weighted(job, start, tensors)
+        return agreeing(xs, elected_sign(xs, self._zero_sign))

@@ -5,11 +5,13 @@
     merge:  θ = θ_0 + λ · Σ_t [sign(w_t τ̂_t) = γ] w_t τ̂_t / Σ_t [sign(w_t τ̂_t) = γ] w_t   (no division unless
             `normalize`)
 
-`trim_scope: tensor` trims each tensor on its own (mergekit, peft); `global` ranks |τ_t| over the whole
-model, as the official code does (computed exactly by streaming statistic passes, never by flattening the
-model). With weights 1 and `normalize: true` the merge step is the official "dis-mean"; `normalize: false`
-is "dis-sum". Deviations from the official code: the elected sign of an exactly-zero sum is + (mergekit/peft)
-instead of the model-wide majority sign, and k is floor(density·n) where the official code keeps one more.
+`trim_scope: tensor` trims each tensor on its own (mergekit, peft): k = floor(density·n) per tensor. `global`
+ranks |τ_t| over the whole model with the official code's rule: keep |τ_t| >= its (floor(density·N) + 1)-th
+largest magnitude, ties included (computed exactly by streaming statistic passes, never by flattening the
+model). `zero_sign` is the elected sign where the weighted sum is exactly 0: `plus` (mergekit, peft) or
+`majority` (the official code: the sign of the sum of all elected signs over the model; needs `global`). With
+weights 1 and `normalize: true` the merge step is the official "dis-mean"; `normalize: false` is "dis-sum"; so
+`trim_scope: global, zero_sign: majority` is the official TIES.
 """
 
 from __future__ import annotations
@@ -18,21 +20,29 @@ from dataclasses import dataclass, field
 
 from merging.base import METHODS
 from merging.methods._gta import TRIM_SCOPES, GTAMethod, check_bool, check_choice, check_finite
+from peft_lab.errors import UserError
 
 
 @dataclass(frozen=True)
 class TiesParams:
-    """λ (recipe key `lambda`), `normalize` (disjoint mean), `trim_scope` (`tensor` | `global`). The
-    per-model `weight` and `density` may also be given here as defaults for every model."""
+    """λ (recipe key `lambda`), `normalize` (disjoint mean), `trim_scope` (`tensor` | `global`), `zero_sign`
+    (`plus` | `majority`). The per-model `weight` and `density` may also be given here as defaults for every model."""
 
     lambda_: float = field(default=1.0, metadata={"key": "lambda"})
     normalize: bool = True
     trim_scope: str = "tensor"
+    zero_sign: str = "plus"
 
     def __post_init__(self):
         check_finite("lambda", self.lambda_)
         check_bool("normalize", self.normalize)
         check_choice("trim_scope", self.trim_scope, TRIM_SCOPES)
+        check_choice("zero_sign", self.zero_sign, ("plus", "majority"))
+        if self.zero_sign == "majority" and self.trim_scope != "global":
+            raise UserError(
+                "Parameter zero_sign=majority is the official TIES rule, a model-wide statistic computed with "
+                "trim_scope=global; set trim_scope=global too (or zero_sign=plus, mergekit's rule)."
+            )
 
 
 @METHODS.register("ties")

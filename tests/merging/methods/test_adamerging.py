@@ -2,6 +2,7 @@
 through its `prepare`/`merge_tensor` interface, the saved coefficients and bad input."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -11,17 +12,10 @@ from hypothesis import strategies as st
 from torch.func import functional_call
 
 from merging.base import METHODS, MergeInputs
-from merging.methods.adamerging import (
-    AdaMerging,
-    AdaMergingParams,
-    adamerge,
-    entropy,
-    merged_params,
-    ties_thresholds,
-    ties_vectors,
-)
+from merging.datadriven.adamerging import adamerge, entropy, merged_params
+from merging.methods.adamerging import AdaMerging, AdaMergingParams, official_ties, ties_task_vectors
+from merging.sources import in_memory
 from peft_lab.errors import UserError
-from peft_lab.tree import Tree
 
 
 class Net(torch.nn.Module):
@@ -130,7 +124,7 @@ def test_training_lowers_entropy_and_keeps_lambda_in_the_box(granularity):
 def test_adamerging_pp_with_unit_lambdas_is_ties_dis_sum():
     _, base, deltas, _, _ = _setting(T=3, seed=4)
     density = 0.3
-    tv = ties_vectors(deltas, BODY, density)
+    tv = ties_task_vectors(_inputs(base, deltas, {}), BODY, density)
     # an independent global computation on the flattened model (official TIES, "dis-sum")
     flat = torch.stack([torch.cat([d[n].reshape(-1) for n in BODY]) for d in deltas])
     N = flat.shape[1]
@@ -142,7 +136,9 @@ def test_adamerging_pp_with_unit_lambdas_is_ties_dis_sum():
     ref = kept.sum(0)
     ours = torch.cat([sum(v[n] for v in tv).reshape(-1) for n in BODY])
     torch.testing.assert_close(ours, ref)
-    assert ties_thresholds(deltas, BODY, 1.0) == [0.0, 0.0, 0.0]
+    ties, mp = official_ties(1.0, 3)  # density 1 trims nothing
+    ties.prepare(dataclasses.replace(_inputs(base, deltas, {}), model_params=mp), names=BODY)
+    assert ties.global_thresholds == [0.0, 0.0, 0.0]
     # through the method: AdaMerging++ at λ ≡ 1 merges to base + dis-sum, tensor by tensor
     m = AdaMerging(AdaMergingParams(ties=True, density=density, granularity="task"))
     m.prepare(_inputs(base, deltas, extra={"lambdas": [[1.0] * 3]}))
@@ -151,10 +147,11 @@ def test_adamerging_pp_with_unit_lambdas_is_ties_dis_sum():
 
 
 def _inputs(base, deltas, extra):
-    bt = Tree({**base, "classifier.weight": torch.zeros(3, 6)})
-    dts = [Tree({**d, "classifier.weight": torch.full((3, 6), float(k))}) for k, d in enumerate(deltas)]
-    return MergeInputs(base=bt, models=[], deltas=dts, model_params=[None] * len(deltas),
-                       labels=[f"t{k}" for k in range(len(deltas))], extra=extra)
+    """In-memory MergeInputs (with the streaming `scan`) of a base with a head and per-task deltas."""
+    bt = {**base, "classifier.weight": torch.zeros(3, 6)}
+    dts = [{**d, "classifier.weight": torch.full((3, 6), float(k))} for k, d in enumerate(deltas)]
+    inputs = in_memory(AdaMerging(), bt, dts, deltas=True).merge_inputs(extra)
+    return dataclasses.replace(inputs, labels=[f"t{k}" for k in range(len(deltas))])
 
 
 def test_method_keeps_first_head_and_writes_coefficients():
