@@ -135,6 +135,7 @@ class Fisher(MergeMethod):
     needs_base = False
     uses_deltas = False
     min_models = 1
+    streaming = True
 
     def __init__(self, params: FisherParams | None = None):
         super().__init__(params)
@@ -211,22 +212,17 @@ class Fisher(MergeMethod):
 
     # -- per tensor ---------------------------------------------------------------------------------
     def merge_chunk(self, job, start: int, base: torch.Tensor | None, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The executor's streaming form: element-wise, on the matching flat slice of each Fisher."""
-        return self._merge(job.name, tensors, job.model_params, slice(start, start + tensors[0].numel()))
-
-    def merge_tensor(self, name: str, base: torch.Tensor | None, tensors: Sequence[torch.Tensor], model_params: Sequence[Any]) -> torch.Tensor:
-        return self._merge(name, tensors, model_params, None)
-
-    def _merge(self, name: str, tensors: Sequence[torch.Tensor], model_params: Sequence[Any], flat: slice | None) -> torch.Tensor:
-        if self._is_head(name):
-            return tensors[0].float()
-        fishers = self.fishers or [None] * len(tensors)  # not prepared: no Fisher anywhere
-        fs = [None if (f is None or name not in f) else f[name].dense(torch.float32) for f in fishers]
-        if flat is not None:
-            fs = [None if x is None else x.reshape(-1)[flat] for x in fs]
+        """Element-wise, on the matching flat slice of each model's Fisher (read once per tensor)."""
+        if self._is_head(job.name):
+            return tensors[0]
+        if "fishers" not in job.state:
+            fishers = self.fishers or [None] * len(tensors)  # not prepared: no Fisher anywhere
+            job.state["fishers"] = [None if (f is None or job.name not in f) else f[job.name].dense(torch.float32).reshape(-1)
+                                    for f in fishers]  # fmt: skip
+        fs = [None if x is None else x[start : start + tensors[0].numel()] for x in job.state["fishers"]]
         if all(x is None for x in fs):
-            w = torch.tensor(self.coeffs_raw(model_params))
-            return sum(wj * t.float() for wj, t in zip(w.tolist(), tensors, strict=True)) / w.sum()
+            w = self.coeffs_raw(job.model_params)
+            return sum(wj * t for wj, t in zip(w, tensors, strict=True)) / sum(w)
         return fisher_merge(tensors, fs, self.coeffs, floor=self.params.floor, favor_target=self.params.favor_target)
 
     @staticmethod
