@@ -51,77 +51,107 @@ def _band(keys, klo, khi, buf):
 
 
 @_njit
+def _trim_weight(src, xt, th, wt, m):
+    # hardshrink keeps |v| >= thr (and NaN); a trimmed entry is +0; then the weight
+    zero = np.float32(0.0)
+    for i in range(m):
+        v = src[i]
+        xt[i] = (zero if abs(v) < th else v) * wt
+
+
+@_njit
+def _sum_models(x, mx, T, m):
+    # the sum over models, in model order (the merge without consensus; the election's input)
+    x0 = x[0]
+    for i in range(m):
+        mx[i] = x0[i]
+    for t in range(1, T):
+        xt = x[t]
+        for i in range(m):
+            mx[i] = mx[i] + xt[i]
+
+
+@_njit
+def _elect(mxi, sgi, zs, m):
+    # the elected sign, copysign(1, sum): +1 where the sum is >= +0, and the sign bit `zs` where it is ±0 (as
+    # bits: vectorises)
+    for i in range(m):
+        b = mxi[i]
+        sgi[i] = (b & _SIGN) | (zs if (b & _ABS) == 0 else np.int32(0)) | _ONE_BITS
+
+
+@_njit
+def _disjoint(x, w, sg, mx, dv, T, m):
+    # Σ_t relu(x_t·γ) (mx is overwritten at t = 0: the sum is no longer needed) and the agreeing weights Σ_t a_t w_t
+    zero = np.float32(0.0)
+    one = np.float32(1.0)
+    for t in range(T):
+        xt = x[t]
+        wt = w[t]
+        for i in range(m):
+            a = xt[i] * sg[i]
+            a = zero if a < zero else a  # relu keeps -0 and NaN as they are
+            mx[i] = a if t == 0 else mx[i] + a
+            ind = one if a > zero else (a if a != a else zero)  # sign(a), a >= 0 or NaN
+            dv[i] = ind * wt if t == 0 else dv[i] + ind * wt
+    for i in range(m):
+        mx[i] = mx[i] * sg[i]
+
+
+@_njit
+def _divide(mx, dv, div_mode, div_value, m):
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    if div_mode == 0:  # all weights positive: a floor below the smallest weight
+        for i in range(m):
+            d = dv[i]
+            mx[i] = mx[i] / (div_value if d < div_value else d)
+    else:  # signed weights: mergekit's 0 -> 1
+        for i in range(m):
+            d = dv[i]
+            mx[i] = mx[i] / (one if d == zero else d)
+
+
+@_njit
+def _finish(mx, ob, bb, has_base, lam, scale, m):
+    # · λ, + base, into the output block
+    if scale:
+        for i in range(m):
+            mx[i] = mx[i] * lam
+    if has_base:
+        for i in range(m):
+            ob[i] = mx[i] + bb[i]
+    else:
+        for i in range(m):
+            ob[i] = mx[i]
+
+
+@_njit
 def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode, div_value, lam, scale, zero_neg):
     # Mirrors merging.methods._gta.combine op by op (see its docstring): every value is float32, the additions run in
     # the reference's order (model 0, 1, ...), and each step is a loop over one block of elements, written
     # with selects instead of branches so that LLVM vectorises it.
     T = len(xs)
     n = out.size
-    zero = np.float32(0.0)
-    one = np.float32(1.0)
     x = np.empty((T, _BLOCK), dtype=np.float32)
     sg = np.empty(_BLOCK, dtype=np.float32)
-    sgi = sg.view(np.int32)
     mx = np.empty(_BLOCK, dtype=np.float32)
-    mxi = mx.view(np.int32)
     dv = np.empty(_BLOCK, dtype=np.float32)
+    zs = _SIGN if zero_neg else np.int32(0)  # the sign bit of an exactly-zero sum's elected sign
     for b0 in range(0, n, _BLOCK):
         m = min(_BLOCK, n - b0)
-        for t in range(T):  # trim (hardshrink keeps |v| >= thr, and NaN; a trimmed entry is +0), then weight
-            src = xs[t][b0 : b0 + m]  # slices, not xs[t][b0 + i]: a non-negative index lets LLVM vectorise
-            xt = x[t]
-            th = thr[t]
-            wt = w[t]
-            for i in range(m):
-                v = src[i]
-                xt[i] = (zero if abs(v) < th else v) * wt
-        x0 = x[0]  # the sum over models, in model order (the merge without consensus; the election's input)
-        for i in range(m):
-            mx[i] = x0[i]
-        for t in range(1, T):
-            xt = x[t]
-            for i in range(m):
-                mx[i] = mx[i] + xt[i]
+        for t in range(T):  # slices, not xs[t][b0 + i]: a non-negative index lets LLVM vectorise
+            _trim_weight(xs[t][b0 : b0 + m], x[t], thr[t], w[t], m)
+        _sum_models(x, mx, T, m)
         if consensus:
-            zs = _SIGN if zero_neg else np.int32(0)  # the sign bit of an exactly-zero sum's elected sign
-            for i in range(m):  # the elected sign, copysign(1, sum): +1 where the sum is >= +0 (as bits: vectorises)
-                b = mxi[i]
-                sgi[i] = (b & _SIGN) | (zs if (b & _ABS) == 0 else np.int32(0)) | _ONE_BITS
-            for t in range(T):
-                xt = x[t]
-                wt = w[t]
-                for i in range(m):  # mx is overwritten at t = 0: the sum is no longer needed
-                    a = xt[i] * sg[i]
-                    a = zero if a < zero else a  # relu keeps -0 and NaN as they are
-                    mx[i] = a if t == 0 else mx[i] + a
-                    ind = one if a > zero else (a if a != a else zero)  # sign(a), a >= 0 or NaN
-                    dv[i] = ind * wt if t == 0 else dv[i] + ind * wt
-            for i in range(m):
-                mx[i] = mx[i] * sg[i]
+            _elect(mx.view(np.int32), sg.view(np.int32), zs, m)
+            _disjoint(x, w, sg, mx, dv, T, m)
             if normalize:
-                if div_mode == 0:  # all weights positive: a floor below the smallest weight
-                    for i in range(m):
-                        d = dv[i]
-                        mx[i] = mx[i] / (div_value if d < div_value else d)
-                else:  # signed weights: mergekit's 0 -> 1
-                    for i in range(m):
-                        d = dv[i]
-                        mx[i] = mx[i] / (one if d == zero else d)
-        else:
-            if normalize and div_mode == 1:
-                for i in range(m):
-                    mx[i] = mx[i] / div_value
-        if scale:
+                _divide(mx, dv, div_mode, div_value, m)
+        elif normalize and div_mode == 1:
             for i in range(m):
-                mx[i] = mx[i] * lam
-        ob = out[b0 : b0 + m]
-        if has_base:
-            bb = base[b0 : b0 + m]
-            for i in range(m):
-                ob[i] = mx[i] + bb[i]
-        else:
-            for i in range(m):
-                ob[i] = mx[i]
+                mx[i] = mx[i] / div_value
+        _finish(mx, out[b0 : b0 + m], base[b0 : b0 + m], has_base, lam, scale, m)
 
 
 @_njit
@@ -259,6 +289,42 @@ def _store(mx, out16, out32, to_bf16, b0, check):
 
 
 @_njit
+def _raw_accumulate(x, b, mx, wt, t, mode, m):
+    # one model's block into the running sum: linear (mode 0) m = x_0·w_0 (x_0 when w_0 == 1), then fma(w_t, x_t, m);
+    # task arithmetic (mode 1) m += (x_t − b)·w_t
+    one = np.float32(1.0)
+    if mode == 0:
+        if t == 0:
+            if wt == one:
+                for i in range(m):
+                    mx[i] = x[i]
+            else:
+                for i in range(m):
+                    mx[i] = x[i] * wt
+        else:
+            for i in range(m):
+                mx[i] = _fma(wt, x[i], mx[i])
+    else:
+        for i in range(m):
+            d = (x[i] - b[i]) * wt
+            mx[i] = d if t == 0 else mx[i] + d
+
+
+@_njit
+def _raw_finish(mx, b, mode, div_value, divide, lam, scale, m):
+    # / div (normalize), · λ, + b (task arithmetic)
+    if divide:
+        for i in range(m):
+            mx[i] = mx[i] / div_value
+    if scale:
+        for i in range(m):
+            mx[i] = mx[i] * lam
+    if mode == 1:
+        for i in range(m):
+            mx[i] = mx[i] + b[i]
+
+
+@_njit
 def _raw_merge(out16, out32, to_bf16, xs, base, has_base, mode, w, div_value, divide, lam, scale, check):
     # Linear (mode 0) or task arithmetic (mode 1) straight from bfloat16 bits (xs: (T, n) uint16, one row per
     # model; base: (n,) uint16), mirroring the torch path op by op in float32:
@@ -268,7 +334,6 @@ def _raw_merge(out16, out32, to_bf16, xs, base, has_base, mode, w, div_value, di
     # Returns 0, or 1 when an input (`check`) or the result holds NaN/inf: the caller then reruns the chunk on
     # the torch path, which names the tensor and element in its error.
     T, n = xs.shape
-    one = np.float32(1.0)
     u = np.empty(_BLOCK, dtype=np.uint32)
     x = u.view(np.float32)
     bu = np.empty(_BLOCK, dtype=np.uint32)
@@ -283,35 +348,12 @@ def _raw_merge(out16, out32, to_bf16, xs, base, has_base, mode, w, div_value, di
             bad |= check and _nonfinite16(src)
         for t in range(T):
             src = xs[t, b0 : b0 + m]
-            wt = w[t]
             _decode(src, u)
             bad |= check and _nonfinite16(src)
-            if mode == 0:
-                if t == 0:
-                    if wt == one:
-                        for i in range(m):
-                            mx[i] = x[i]
-                    else:
-                        for i in range(m):
-                            mx[i] = x[i] * wt
-                else:
-                    for i in range(m):
-                        mx[i] = _fma(wt, x[i], mx[i])
-            else:
-                for i in range(m):
-                    d = (x[i] - b[i]) * wt
-                    mx[i] = d if t == 0 else mx[i] + d
+            _raw_accumulate(x, b, mx, w[t], t, mode, m)
         if bad:
             return 1
-        if divide:
-            for i in range(m):
-                mx[i] = mx[i] / div_value
-        if scale:
-            for i in range(m):
-                mx[i] = mx[i] * lam
-        if mode == 1:
-            for i in range(m):
-                mx[i] = mx[i] + b[i]
+        _raw_finish(mx, b, mode, div_value, divide, lam, scale, m)
         if _store(mx[:m], out16, out32, to_bf16, b0, check):
             return 1
     return 0
