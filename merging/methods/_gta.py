@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from merging import fused
 from merging.base import FULL, SAMPLE, MergeInputs, MergeMethod, ModelParams, TensorJob
-from merging.methods._kth_largest import KthLargest, kth_largest
+from merging.methods._kth_largest import KthLargest, select_kth
 from peft_lab.errors import UserError
 
 __all__ = [
@@ -391,15 +391,36 @@ class GTAMethod(MergeMethod):
 
     # -- merge -----------------------------------------------------------------------------------------
     def _threshold(self, job: TensorJob, t: int, tau: torch.Tensor) -> float:
-        """TIES: keep |τ_t| >= this (0 keeps everything)."""
+        """TIES: keep |τ_t| >= this (0 keeps everything). In tensor scope exactly k = floor(d·n) entries are kept:
+        when more than k lie at or above the threshold (tied magnitudes, common in bfloat16 deltas), the tied
+        entries past the first k − #{|τ| > thr} in index order are dropped (`_drop_excess_ties`)."""
         d = job.model_params[t].density
         if self.sparsify != "magnitude" or d >= 1:
             return 0.0
         if self._global_thr is not None:
             return self._global_thr[t]
-        if job.chunked:
-            return job.state["sel"][t].threshold
-        return kth_largest(tau, max(1, int(d * tau.numel())), absolute=True)
+        k = max(1, int(d * job.numel))
+        sel = job.state["sel"][t] if job.chunked else select_kth(tau, k, absolute=True)
+        if ("ties_kept", t) not in job.state:  # how many tied entries may still be kept (None: all of them)
+            excess = sel.count_ge - k
+            job.state[("ties_kept", t)] = sel.count_eq - excess if excess > 0 else None
+        return sel.threshold
+
+    def _drop_excess_ties(self, job: TensorJob, t: int, tau: torch.Tensor, thr: float) -> None:
+        """Zero the entries of this chunk tied at `thr` beyond the ones still to keep (chunks come in order)."""
+        left = job.state.get(("ties_kept", t))
+        if left is None or thr <= 0:
+            return
+        tied = torch.nonzero(tau.abs() == thr).reshape(-1)
+        if tied.numel() > left:
+            tau[tied[left:]] = 0.0
+        job.state[("ties_kept", t)] = max(left - tied.numel(), 0)
+
+    def _trim_threshold(self, job: TensorJob, t: int, tau: torch.Tensor) -> float:
+        """The threshold, with the chunk's excess ties already dropped."""
+        thr = self._threshold(job, t, tau)
+        self._drop_excess_ties(job, t, tau, thr)
+        return thr
 
     def _sparsified(self, job: TensorJob, t: int, start: int, tau: torch.Tensor) -> torch.Tensor:
         if self.sparsify == "none":
@@ -408,7 +429,7 @@ class GTAMethod(MergeMethod):
         if d >= 1:
             return tau
         if self.sparsify == "magnitude":
-            return hardshrink_at_least(tau, self._threshold(job, t, tau))
+            return hardshrink_at_least(tau, self._trim_threshold(job, t, tau))
         g = self._generator(job, t, start)
         rescale = self.params.rescale
         if rescale == "l1" and not job.chunked:  # drop, then scale by the norms just measured
@@ -439,7 +460,7 @@ class GTAMethod(MergeMethod):
         if fused.available() and (self.consensus or self.sparsify != "none"):  # one pass (merging/fused/); a
             # plain weighted sum (task arithmetic) is as fast in torch's vectorised ops
             if self.sparsify == "magnitude":
-                thr = [self._threshold(job, t, tau) for t, tau in enumerate(tensors)]
+                thr = [self._trim_threshold(job, t, tau) for t, tau in enumerate(tensors)]
                 xs = tensors
             else:
                 thr = [0.0] * len(tensors)

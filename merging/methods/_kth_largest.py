@@ -14,8 +14,8 @@ whole vector in memory; the threshold alone is much cheaper to get exactly (~3 n
    sample that does not represent the data), the counts say on which side and exactly how many values lie
    there; the sample restricted to that side brackets again and step 2 repeats.
 
-The result is exact for any input; the kept set is `{x >= threshold}` (every value tied at the threshold is
-kept, as in the official TIES code).
+The result is exact for any input. `count_ge` and `count_eq` say how many values are >= and == the threshold,
+so a caller can keep exactly k (mergekit, PEFT) or every value tied at the threshold (the official TIES code).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 from merging import fused
 
-__all__ = ["KthLargest", "kth_largest"]
+__all__ = ["KthLargest", "kth_largest", "select_kth"]
 
 _SAMPLE_CAP = 1 << 18  # values kept from the sample pass (more are thinned)
 _HIST_BINS = 1 << 22  # widest bracket counted by a histogram of bit patterns (32 MB of int64 counts)
@@ -80,6 +80,7 @@ class KthLargest:
         self._below_L = self._above_U = 0  # ... with these many values outside it
         self.lo, self.hi = 0.0, math.inf  # this round's bracket: lo <= x <= hi counted, x > hi above
         self.threshold: float | None = None
+        self.count_ge = self.count_eq = 0  # once resolved: how many values are >= / == the threshold
         self.rounds = 0
 
     # -- pass 1: sample -------------------------------------------------------------------------------
@@ -211,13 +212,19 @@ class KthLargest:
                 from_top = torch.cumsum(self._hist.flip(0), 0)
                 i = int(torch.searchsorted(from_top, torch.tensor(need)))
                 self.threshold = _value(self._klo + self._hist.numel() - 1 - i)
+                self.count_ge = self._above + int(from_top[i])
+                self.count_eq = int(self._hist[self._hist.numel() - 1 - i])
                 return True
             if self.lo == self.hi:  # every counted value is the same
                 self.threshold = self.lo
+                self.count_ge = self._above + self._ncand
+                self.count_eq = self._ncand
                 return True
             if self._thin == 1:
                 cand = torch.cat(cands) if len(cands) > 1 else cands[0]
                 self.threshold = float(torch.kthvalue(cand, self._ncand - need + 1).values)
+                self.count_ge = self._above + int(torch.count_nonzero(cand >= self.threshold))
+                self.count_eq = int(torch.count_nonzero(cand == self.threshold))
                 return True
             # inside, but too many values to hold: bracket again from the thinned ones
             self.L, self.U = self.lo, self.hi
@@ -242,6 +249,11 @@ def kth_largest(x: torch.Tensor, k: int, *, absolute: bool = False) -> float:
     """The k-th largest value of the non-negative tensor `x` (of `|x|` with `absolute=True`), exact, from a
     strided sample and one or two counting passes over `x` in memory: several times faster than
     `torch.kthvalue` for large `x`."""
+    return select_kth(x, k, absolute=absolute).threshold  # type: ignore[return-value]
+
+
+def select_kth(x: torch.Tensor, k: int, *, absolute: bool = False) -> KthLargest:
+    """`kth_largest`, returning the resolved selection (its `threshold`, `count_ge`, `count_eq`)."""
     n = x.numel()
     flat = x.reshape(-1)
     sel = KthLargest(n, k, collect=True)
@@ -257,4 +269,4 @@ def kth_largest(x: torch.Tensor, k: int, *, absolute: bool = False) -> float:
         else:
             sel.count(flat)
         if sel.resolve():
-            return sel.threshold  # type: ignore[return-value]
+            return sel

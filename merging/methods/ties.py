@@ -5,7 +5,9 @@
     merge:  θ = θ_0 + λ · Σ_t [sign(w_t τ̂_t) = γ] w_t τ̂_t / Σ_t [sign(w_t τ̂_t) = γ] w_t   (no division unless
             `normalize`)
 
-`trim_scope: tensor` trims each tensor on its own (mergekit, peft): k = floor(density·n) per tensor. `global`
+`trim_scope: tensor` trims each tensor on its own (mergekit, peft) and keeps exactly k = max(1, floor(density·n))
+entries: where magnitudes tie at the threshold (common in bfloat16 deltas) the tied entries with the lowest
+indices are kept (mergekit keeps k too, choosing among ties in the order of torch's unstable argsort). `global`
 ranks |τ_t| over the whole model with the official code's rule: keep |τ_t| >= its (floor(density·N) + 1)-th
 largest magnitude, ties included (computed exactly by streaming statistic passes, never by flattening the
 model). `zero_sign` is the elected sign where the weighted sum is exactly 0: `plus` (mergekit, peft) or

@@ -97,3 +97,31 @@ def test_majority_needs_the_global_scope():
         TiesParams(trim_scope="tensor", zero_sign="majority")
     with pytest.raises(UserError, match="zero_sign"):
         TiesParams(zero_sign="minus")
+
+
+@pytest.mark.parametrize("fused_on", [True, False])
+@pytest.mark.parametrize("chunk", [1 << 22, 50, 7])
+def test_tensor_scope_keeps_exactly_k_with_ties_broken_by_index(fused_on, chunk, monkeypatch):
+    """Magnitudes tied at the threshold (as bfloat16 deltas have): exactly k = int(d·n) entries are kept, the
+    tied ones with the lowest indices, whether the tensor arrives whole or in chunks, fused or not."""
+    from merging import fused
+    from merging.base import TensorJob
+    from merging.stream import drive
+
+    monkeypatch.setattr(fused, "ENABLED", fused_on)
+    g = torch.Generator().manual_seed(3)
+    tau = (torch.randint(-4, 5, (400,), generator=g) * 0.25).float()  # 9 levels: many ties
+    base = torch.zeros(400)
+    m = Ties(TiesParams(normalize=True))
+    pm = [GTAModelParams(density=0.3)]
+    k = int(0.3 * 400)
+    job = TensorJob("w", (400,), pm, chunked=400 > chunk)
+    out = torch.cat(list(drive(m, job, lambda s, e: (base[s:e].clone(), [tau[s:e].clone()]), chunk, sample_block=16,
+                                sample_every=4)))
+    kept = out != 0
+    assert int(kept.sum()) == k
+    thr = tau.abs().topk(k).values[-1]
+    assert bool((out[tau.abs() > thr] == tau[tau.abs() > thr]).all())  # everything above the threshold kept
+    tied = torch.nonzero(tau.abs() == thr).reshape(-1)
+    n_tied_kept = k - int((tau.abs() > thr).sum())
+    assert torch.equal(torch.nonzero(kept & (tau.abs() == thr)).reshape(-1), tied[:n_tied_kept])  # lowest indices
