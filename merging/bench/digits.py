@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from merging.datadriven.adamerging import shuffled_batches
+
 __all__ = ["DigitsConfig", "DigitsSuite", "DIGIT_TASKS", "make_tasks", "probe_head"]
 
 Params = dict[str, torch.Tensor]
@@ -242,9 +244,8 @@ class DigitsSuite(SuiteBase):
         self.module.load_state_dict({**params, **self.heads[k]}, strict=False)
         return self.module
 
-    def sampler(self, k: int, split: str, batch_size: int, gen: torch.Generator) -> Callable[[], dict]:
-        x = self.inputs(k, split)["x"]
-        return lambda: {"x": x[torch.randint(len(x), (batch_size,), generator=gen)]}
+    def sampler(self, k: int, split: str, batch_size: int, gen: torch.Generator, per_step: int = 1) -> Callable[[], dict]:
+        return shuffled_batches(self.inputs(k, split), batch_size, per_step, gen)
 
     def finetune(self, k: int, seed: int) -> Params:
         """The whole encoder fine-tuned on task k under its frozen head (Adam, constant lr, epochs over train)."""

@@ -198,7 +198,8 @@ def run_seed(cfg: BenchConfig, seed: int, progress=print) -> tuple[list[dict], d
         for variant, lr in (("paper", cfg.ada_lr), ("tuned", cfg.ada_tuned_lr)):
             c0 = _cpu()
             g = torch.Generator().manual_seed(seed)
-            samplers = [suite.sampler(k, "test", cfg.ada_batch, g) for k in range(T)]  # unlabeled test inputs, as the paper
+            samplers = [suite.sampler(k, "test", cfg.ada_batch, g, cfg.ada_batches_per_step)
+                        for k in range(T)]  # unlabeled test inputs, as the paper  # fmt: skip
             ckpts = {}
             every = max(cfg.ada_steps // 4, 1)
 

@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from merging.bench.digits import SuiteBase
 from merging.bench.text_tasks import build_texts
+from merging.datadriven.adamerging import shuffled_batches
 
 __all__ = ["SuiteConfig", "Suite", "TaskData"]
 
@@ -133,15 +134,8 @@ class Suite(SuiteBase):
         self.module.load_state_dict({**params, **self.heads[k]}, strict=False)
         return self.module
 
-    def sampler(self, k: int, split: str, batch_size: int, gen: torch.Generator) -> Callable[[], dict]:
-        x = self.inputs(k, split)
-        n = x["input_ids"].shape[0]
-
-        def draw() -> dict:
-            idx = torch.randint(n, (batch_size,), generator=gen)
-            return {kk: v[idx] for kk, v in x.items()}
-
-        return draw
+    def sampler(self, k: int, split: str, batch_size: int, gen: torch.Generator, per_step: int = 1) -> Callable[[], dict]:
+        return shuffled_batches(self.inputs(k, split), batch_size, per_step, gen)
 
     # -- building --------------------------------------------------------------------------------------
     def finetune(self, k: int, seed: int) -> Params:

@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.func import functional_call
 
-from merging.datadriven.examples import batches, load_examples, model_dir, name_map, parse_data
+from merging.datadriven.examples import (
+    batches,
+    load_classifier,
+    load_examples,
+    load_tokenizer,
+    model_dir,
+    name_map,
+    parse_data,
+)
 from merging.datadriven.fisher import logits_of
 from peft_lab.errors import UserError
 
@@ -29,7 +37,7 @@ if TYPE_CHECKING:
     from merging.base import MergeInputs
     from merging.methods.adamerging import AdaMergingParams
 
-__all__ = ["AdaResult", "adamerge", "merged_params", "entropy", "learn_from_data"]
+__all__ = ["AdaResult", "adamerge", "merged_params", "entropy", "learn_from_data", "shuffled_batches"]
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -199,11 +207,12 @@ def learn_from_data(inputs: MergeInputs, params: AdaMergingParams, vectors: Sequ
         heads: the tree names of the per-task heads (frozen, each task's own).
     """
     data = parse_data(inputs.extra.get("data"), len(inputs.labels))
-    model, tok, nmap = _load_module_base(inputs)
+    model, tok, nmap = _load_module_base(inputs, names)
     base = {nmap[n]: inputs.base[n].dense(torch.float32) for n in names}
     vecs = [{nmap[n]: v[n] for n in names if n in v} for v in vectors]
     head_params, samplers = [], []
     gen = torch.Generator().manual_seed(int(params.seed))
+    batch_size = data.batch_size or params.batch_size  # the data config's batch size wins, as for Fisher
     for j in range(len(inputs.deltas)):
         delta = inputs.deltas[j]
         head_params.append({nmap[n]: inputs.base[n].dense(torch.float32) + delta[n].dense(torch.float32)
@@ -212,29 +221,54 @@ def learn_from_data(inputs: MergeInputs, params: AdaMergingParams, vectors: Sequ
         texts = texts[: data.num_examples] if data.num_examples else texts
         where = data.tasks[j].dataset or data.tasks[j].path
         pool = list(batches(tok, texts, None, len(texts), data.max_length, model.config.num_labels, where))[0]
-        samplers.append(_sampler(pool, params.batch_size, gen))
+        samplers.append(shuffled_batches(pool, batch_size, params.batches_per_step, gen))
     res = adamerge(model, base, vecs, head_params, samplers, params, names=list(base))
     inv = {m: t for t, m in nmap.items()}
     res.names = [inv[n] for n in res.names]
     return res
 
 
-def _load_module_base(inputs):
-    import transformers
-
+def _load_module_base(inputs: MergeInputs, names: Sequence[str]):
+    """The base model as an HF sequence classifier, its tokenizer and the tree-name -> module-name map; refused
+    when the checkpoint has merged tensors the model class lacks (no coefficient could be learned for them)."""
     src = model_dir(inputs.base)
     if src is None:
         raise UserError(f"adamerging: the base {inputs.base.source} is not a model dir with a config.json.")
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(src)).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
-    return model, tokenizer, name_map(model, list(inputs.base))
+    model = load_classifier(src, "adamerging")
+    tokenizer, _ = load_tokenizer([src], "adamerging")
+    nmap = name_map(model, list(inputs.base))
+    missing = [n for n in names if n not in nmap]
+    if missing:
+        raise UserError(
+            f"adamerging: {src} holds {len(missing)} tensor(s) that {type(model).__name__} (from its config.json) "
+            f"does not have: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. AdaMerging runs the model to "
+            "learn a coefficient per tensor; remove those tensors, or name them in `heads` to keep the first "
+            "model's copy unmerged."
+        )
+    return model, tokenizer, nmap
 
 
-def _sampler(pool: Mapping[str, torch.Tensor], batch_size: int, gen: torch.Generator) -> Callable[[], dict]:
+def shuffled_batches(pool: Mapping[str, torch.Tensor], batch_size: int, per_step: int, gen: torch.Generator) -> Callable[[], dict]:
+    """A sampler drawing batches the way the official AdaMerging loop does: every step starts a fresh shuffle of
+    the task's examples and takes its first `per_step` batches (no repeats within a step, a new order each step).
+    When the examples run out within a step, another shuffle continues it (the official loader would stop).
+
+    Args:
+        pool: name -> (N, ...) tensors of the task's encoded examples.
+        batch_size: examples per batch (the last batch of a shuffle may be smaller).
+        per_step: calls per optimisation step (`batches_per_step`).
+    Returns:
+        draw() -> one batch (name -> tensor).
+    """
     n = next(iter(pool.values())).shape[0]
+    state = {"perm": torch.empty(0, dtype=torch.long), "at": 0, "calls": 0}
 
     def draw() -> dict:
-        idx = torch.randint(n, (min(batch_size, n),), generator=gen)
+        if state["calls"] % per_step == 0 or state["at"] >= n:
+            state["perm"], state["at"] = torch.randperm(n, generator=gen), 0
+        state["calls"] += 1
+        idx = state["perm"][state["at"] : state["at"] + batch_size]
+        state["at"] += batch_size
         return {k: v[idx] for k, v in pool.items()}
 
     return draw

@@ -134,21 +134,56 @@ def model_dir(tree: Tree) -> Path | None:
     return d if (d / "config.json").exists() else None
 
 
-def _load_module(inputs, j: int):
-    """Model j as an HF sequence classifier in eval mode, plus its tokenizer and the tree-name -> module-name map."""
+# files any of which makes a dir hold a tokenizer (fast, WordPiece, SentencePiece, BPE)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
+
+
+def load_classifier(src: Path, what: str) -> torch.nn.Module:
+    """The HF sequence classifier in `src` (eval mode); transformers' load errors become a UserError naming it."""
     import transformers
 
+    try:
+        return transformers.AutoModelForSequenceClassification.from_pretrained(str(src)).eval()
+    except (ValueError, OSError, KeyError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"{what}: transformers cannot load {src} as a sequence classifier ({first}). A data-driven merge runs "
+            "each model on examples, so its config.json must name an architecture this transformers knows."
+        ) from None
+
+
+def load_tokenizer(dirs: Sequence[Path | None], what: str):
+    """The tokenizer of the first dir that holds tokenizer files; refused when none does (transformers would
+    build a tokenizer that knows only its special tokens and encode every word as unknown)."""
+    import transformers
+
+    searched = list(dict.fromkeys(d for d in dirs if d is not None))
+    for d in searched:
+        if any((d / f).exists() for f in TOKENIZER_FILES):
+            try:
+                return transformers.AutoTokenizer.from_pretrained(str(d)), d
+            except (ValueError, OSError) as e:
+                raise UserError(f"{what}: the tokenizer files in {d} cannot be loaded ({e}).") from None
+    raise UserError(
+        f"{what}: no tokenizer in {' or '.join(map(str, searched)) or 'the inputs'} (looked for "
+        f"{', '.join(TOKENIZER_FILES)}). The examples cannot be encoded without the models' tokenizer: copy its "
+        "files into the model dir or the base model's dir."
+    )
+
+
+def _load_module(inputs, j: int):
+    """Model j as an HF sequence classifier in eval mode, plus its tokenizer and the tree-name -> module-name map."""
     tree = inputs.models[j] if inputs.models else inputs.deltas[j]
     delta = inputs.deltas[j] if (inputs.deltas and is_delta(inputs.deltas[j])) else None
-    src = model_dir(inputs.base) if (delta is not None and inputs.base is not None) else model_dir(tree)
+    base_dir = model_dir(inputs.base) if inputs.base is not None else None
+    src = base_dir if delta is not None else model_dir(tree)
     if src is None:
         raise UserError(
             f"data-driven merge: {inputs.labels[j]} is not a model dir with a config.json, so it cannot be run on "
             "examples; give HF model dirs (or adapters on an HF base dir)."
         )
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(src)).eval()
-    tok_dir = src if (src / "tokenizer_config.json").exists() else (model_dir(inputs.base) if inputs.base is not None else src)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    model = load_classifier(src, f"data-driven merge of {inputs.labels[j]}")
+    tokenizer, _ = load_tokenizer([src, base_dir], f"data-driven merge of {inputs.labels[j]}")
     names = name_map(model, list(inputs.base or tree))
     if delta is not None:
         apply_to_module(model, Tree({names[n]: leaf for n, leaf in delta.items() if n in names}, source=delta.source))
@@ -177,12 +212,29 @@ def batches(tokenizer, texts, labels, batch_size: int, max_length: int, num_clas
             raise UserError(f"data: {where} has labels {bad[:5]} but the model has {num_classes} classes; the data does not fit the model.")
     if not all(isinstance(t, str) for t in texts[:8]):
         raise UserError(f"data: {where}: the input column does not hold text, but the model is a text model.")
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
         b = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        _check_encoded(b, special, texts, i, where)
         if labels is not None:
             b["labels"] = torch.tensor([int(y) for y in labels[i : i + batch_size]])
         yield b
+
+
+def _check_encoded(b: dict, special: torch.Tensor, texts, offset: int, where: str) -> None:
+    """Refuse examples that encode to nothing but special/unknown tokens (a tokenizer that does not fit the data)."""
+    content = ~torch.isin(b["input_ids"], special)
+    if "attention_mask" in b:
+        content &= b["attention_mask"].bool()
+    empty = torch.nonzero(~content.any(1)).reshape(-1)
+    if empty.numel():
+        i = offset + int(empty[0])
+        raise UserError(
+            f"data: {where}: {empty.numel()} example(s) encode to nothing but special or unknown tokens, e.g. example "
+            f"{i} ({str(texts[i])[:60]!r}). The tokenizer does not fit the text (or the text is empty); check the "
+            "tokenizer files of the models and the text column."
+        )
 
 
 def fishers_from_data(inputs, params, which: Sequence[int]) -> list[Tree]:

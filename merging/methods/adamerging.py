@@ -8,7 +8,9 @@ the elected sign with the model-wide majority for zero sums, the sign-agreeing e
 by the same streamed TIES as `peft-lab merge` (`merging.methods._gta`). λ is learned in `prepare` by minimising
 the entropy of each task's predictions on unlabeled examples (`merging.datadriven.adamerging`); official defaults
 (EnnengYang/AdaMerging): λ init 0.3, clamp [0, 1], Adam lr 1e-3, betas (0.9, 0.999), 500 steps, 2 batches of 16
-per task per step. The merge itself then streams: every operation is element-wise once λ is known.
+per task per step, drawn as the official loop does: a fresh shuffle of the task's examples every step, its first
+batches (`data.batch_size`, when the data config sets it, overrides `batch_size`, as for Fisher). The merge
+itself then streams: every operation is element-wise once λ is known.
 Per-task heads (`heads` patterns) are not merged: the output keeps the first model's head.
 """
 

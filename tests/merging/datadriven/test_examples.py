@@ -152,3 +152,96 @@ def test_data_driven_merge_without_data_is_refused(dirs, tmp_path, cli):
     r = cli("merge", "method=adamerging", f"base={paths[0]}", f"models=[{paths[1]},{paths[2]}]", f"out={tmp_path / 'o'}")
     assert r.returncode == 2 and "needs a `data` config" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inputs a data-driven merge cannot run on: refused before anything is written
+# ---------------------------------------------------------------------------------------------------------
+def _copy_without_tokenizer(paths, root):
+    out = []
+    for p in paths:
+        d = root / p.name
+        shutil.copytree(p, d)
+        for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+            (d / f).unlink(missing_ok=True)
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("method", ["fisher", "adamerging"])
+def test_models_without_a_tokenizer_are_refused(dirs, tmp_path, method):
+    """Without tokenizer files transformers builds a tokenizer that knows only its special tokens and every word
+    becomes [UNK]: the merge used to run on that and exit 0."""
+    from merging import run_merge
+
+    paths, csv = dirs
+    bare = _copy_without_tokenizer(paths, tmp_path)
+    params = {"steps": 1, "batch_size": 4, "batches_per_step": 1} if method == "adamerging" else {}
+    recipe = {"merge_method": method, "base_model": str(bare[0]), "models": [str(bare[1]), str(bare[2])],
+              "parameters": params, "data": {"path": str(csv), "num_examples": 6}}  # fmt: skip
+    with pytest.raises(UserError, match=r"no tokenizer in .*m0") as e:
+        run_merge(recipe, tmp_path / "out")
+    assert "tokenizer.json" in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_examples_that_encode_to_nothing_but_special_tokens_are_refused(dirs, tmp_path):
+    _, csv = dirs
+    blank = tmp_path / "blank.csv"
+    blank.write_text("text,label\nreal words here,0\n☃ ☃,1\n")  # ☃ is [UNK] to this WordPiece vocab
+    with pytest.raises(UserError, match=r"nothing but special or unknown tokens, e.g. example 1"):
+        Fisher().prepare(_inputs(dirs, {"path": str(blank)}))
+
+
+def test_a_config_transformers_does_not_know_is_a_user_error(dirs, tmp_path):
+    import json
+
+    paths, csv = dirs
+    odd = tmp_path / "odd"
+    shutil.copytree(paths[1], odd)
+    cfg = json.loads((odd / "config.json").read_text())
+    cfg["model_type"] = "no-such-architecture"
+    (odd / "config.json").write_text(json.dumps(cfg))
+    inp = _inputs(([paths[0], odd, paths[2]], csv), {"path": str(csv)})
+    with pytest.raises(UserError, match=r"cannot load .*odd as a sequence classifier"):
+        Fisher().prepare(inp)
+
+
+def test_adamerging_refuses_tensors_the_model_class_lacks(dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    paths, csv = dirs
+    extra = []
+    for p in paths:
+        d = tmp_path / p.name
+        shutil.copytree(p, d)
+        sd = load_file(d / "model.safetensors")
+        sd["cls.extra.weight"] = torch.ones(4, 4)
+        save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+        extra.append(d)
+    m = AdaMerging(AdaMergingParams(steps=1, batch_size=4, batches_per_step=1))
+    with pytest.raises(UserError, match=r"cls\.extra\.weight.*heads"):
+        m.prepare(_inputs((extra, csv), {"path": str(csv)}))
+
+
+def test_adamerging_follows_the_data_config_batch_size_and_the_official_sampling(dirs, monkeypatch):
+    """`data.batch_size` sets AdaMerging's batches (as it does Fisher's); each step draws its batches from a
+    fresh shuffle, without repeats inside a step (the official loop's DataLoader), not with replacement."""
+    import merging.datadriven.adamerging as ada
+
+    _, csv = dirs
+    seen = []
+
+    def spy(module, base, vectors, heads, samplers, params, names=None, on_step=None):
+        for _ in range(3):  # three steps of the official loop's draws
+            step = [samplers[0]() for _ in range(params.batches_per_step)]
+            seen.append(torch.cat([b["input_ids"] for b in step]))
+        return ada.AdaResult(torch.full((1, len(vectors)), params.init), list(names))
+
+    monkeypatch.setattr(ada, "adamerge", spy)
+    m = AdaMerging(AdaMergingParams(granularity="task", batch_size=16, batches_per_step=2))
+    m.prepare(_inputs(dirs, {"path": str(csv), "batch_size": 3}))
+    assert all(s.shape[0] == 6 for s in seen)  # 2 batches of data.batch_size = 3
+    for s in seen:  # 12 distinct examples: no example twice within a step
+        assert len({tuple(r.tolist()) for r in s}) == 6
+    assert len({tuple(s.flatten().tolist()) for s in seen}) > 1  # a new shuffle each step
