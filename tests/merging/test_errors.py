@@ -286,31 +286,41 @@ def test_cli_errors_are_one_paragraph_without_traceback(files, tmp_path, cli):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_merge_leaves_nothing_behind(tmp_path, sig):
-    """A merge slow enough to interrupt (many small chunks), stopped once it has started writing."""
+    """A merge paused by a hook while its third tensor is being computed (two are written into the temporary
+    dir), then interrupted: no sleeps, no race with the merge's speed."""
     g = torch.Generator().manual_seed(0)
-    names = [f"t{i}" for i in range(12)]
-    base = {n: torch.randn(512, 512, generator=g) for n in names}
+    names = [f"t{i}" for i in range(6)]
+    base = {n: torch.randn(64, 64, generator=g) for n in names}
     save_file(base, tmp_path / "base.safetensors")
     for j in range(2):
         save_file({n: v + 0.01 * torch.randn(v.shape, generator=g) for n, v in base.items()}, tmp_path / f"m{j}.safetensors")
     out = tmp_path / "out"
-    code = (
-        "import sys; from peft_lab.cli import main; sys.exit(main(['merge', '--config', 'r.yaml', '--out', 'out', "
-        "'chunk_size=512', 'hash=none']))"
-    )
+    code = """
+import pathlib, sys, time
+from merging import sources
+real, calls = sources.MergeStreams.tensor_chunks, []
+def paused(self, name, dtype):
+    calls.append(name)
+    if len(calls) == 3:  # tell the test where we are, then wait for its signal
+        pathlib.Path("paused").write_text(name)
+        while True:
+            time.sleep(1)
+    yield from real(self, name, dtype)
+sources.MergeStreams.tensor_chunks = paused
+from peft_lab.cli import main
+sys.exit(main(["merge", "--config", "r.yaml", "--out", "out", "chunk_size=512", "hash=none"]))
+"""
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({
         "merge_method": "dare_ties", "base_model": "base.safetensors", "parameters": {"density": 0.5, "rescale": "l1"},
         "models": [{"model": "m0.safetensors"}, {"model": "m1.safetensors"}]}))  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     before = file_digests(tmp_path)
     p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and p.poll() is None:
-        if any(f.stat().st_size > 0 for f in tmp_path.glob(".out.tmp-*/*.safetensors")):
-            break
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not (tmp_path / "paused").exists():
         time.sleep(0.05)
-    assert p.poll() is None, f"the merge ended before it could be interrupted: {p.stderr.read()}"
-    time.sleep(0.2)
+    assert p.poll() is None, f"the merge ended before reaching the pause: {p.stderr.read()}"
+    assert list(tmp_path.glob(".out.tmp-*")), "the merge is paused inside its temporary output dir"
     p.send_signal(sig)
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 130, err
