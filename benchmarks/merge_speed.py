@@ -1,6 +1,8 @@
 """Merge speed: `peft-lab merge` vs the plainest streaming merge (the floor) vs mergekit, side by side.
 
     python benchmarks/merge_speed.py --root /tmp/merge_bench [--mergekit /tmp/mk/bin/mergekit-yaml]
+    python benchmarks/merge_speed.py --pairs 3 --mergekit ...     # paired runs, each tool with its default settings
+    python benchmarks/merge_speed.py --contention --runs ties     # threads=1 vs auto, with and without a busy core
 
 Generates (once, seeded, sharded, bfloat16) a Llama-style base from a config and 3 variants (base + small
 noise), for two model sizes, then runs every merge as a subprocess (one thread: OMP_NUM_THREADS=1) and reports
@@ -31,6 +33,8 @@ SIZES = {  # TinyLlama-1.1B's shape, and the same with fewer layers
                  num_key_value_heads=4, vocab_size=32000),
     "0.4B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000),
+    "smoke": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=4096),  # a few seconds: checks the script itself
 }  # fmt: skip
 RUNS = {  # name -> (merge_method, parameters, per-model parameters, number of models)
     "linear": ("linear", {}, {"weight": 1.0}, 3),
@@ -135,8 +139,14 @@ def floor(base: str, models: list[str], out: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # timing one subprocess
 # ---------------------------------------------------------------------------------------------------------
-def timed(cmd: list[str], cwd: Path | None = None, timeout: float = 3600) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+def timed(cmd: list[str], cwd: Path | None = None, timeout: float = 3600, one_thread: bool = True) -> dict:
+    """Run `cmd`; its wall time, CPU time and peak RSS. `one_thread`: OMP_NUM_THREADS=1 (else the tool's defaults)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if one_thread:
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    else:
+        env.pop("OMP_NUM_THREADS", None)
+        env.pop("MKL_NUM_THREADS", None)
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # peak RSS: the child's VmHWM, polled. (wait4's ru_maxrss would not do: Linux carries the parent's RSS
@@ -186,7 +196,7 @@ def recipe_for(run: str, base: Path, models: list[Path]) -> dict:
     return r
 
 
-def main() -> None:
+def _parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", type=Path, default=Path("/tmp/merge_bench"), help="where inputs/outputs go (~20 GB)")
     ap.add_argument("--sizes", default="1.1B,0.4B")
@@ -195,69 +205,193 @@ def main() -> None:
     ap.add_argument("--mergekit-sizes", default="1.1B", help="sizes to run mergekit on (it is slow)")
     ap.add_argument("--hash-cost", action="store_true", help="also time linear with hash=none")
     ap.add_argument("--repeats", type=int, default=3, help="timings of each peft-lab merge (the median is used)")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="instead: N paired runs (peft-lab, then mergekit) per method, each tool with its default "
+                         "settings (no OMP_NUM_THREADS); reports the range of times and of the ratios")  # fmt: skip
+    ap.add_argument("--contention", action="store_true",
+                    help="instead: peft-lab with threads=1 and threads=auto, on an idle machine and beside a "
+                         "CPU-bound process on one core")  # fmt: skip
     ap.add_argument("--floor", nargs="+", help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _inputs(a: argparse.Namespace, size: str) -> tuple[Path, list[Path]]:
+    print(f"== {size}: inputs", flush=True)
+    base, models = make_models(a.root, size)
+    gb = warm([base, *models])
+    load = os.getloadavg()
+    mem = {k: v for k, v in (line.split(":") for line in open("/proc/meminfo").read().splitlines()[:5])}
+    print(f"  {gb:.1f} GB of inputs read into the page cache; load average {load[0]:.1f}; "
+          f"MemAvailable {mem['MemAvailable'].strip()}", flush=True)  # fmt: skip
+    return base, models
+
+
+def _peft_lab(rec: Path, out: Path, opts: dict | None = None, one_thread: bool = True) -> dict:
+    extra = [f"{k}={v}" for k, v in (opts or {}).items()]
+    res = timed([sys.executable, "-m", "peft_lab", "merge", "--config", str(rec), "--out", str(out), "--no-progress",
+                 *extra], cwd=REPO, one_thread=one_thread)  # fmt: skip
+    shutil.rmtree(out)
+    return res
+
+
+def _mergekit_recipe(run: str, base: Path, models: list[Path]) -> dict:
+    mk = dict(recipe_for(run, base, models))
+    if mk["merge_method"] == "ties":
+        mk["parameters"] = {}  # mergekit's TIES trims per tensor (its only mode)
+    mk["dtype"] = "float32"  # compute in float32 as peft-lab does ...
+    mk["out_dtype"] = "bfloat16"  # ... and write bfloat16
+    return mk
+
+
+def standard(a, size: str, base: Path, models: list[Path], runs: list[str]) -> list[dict]:
+    """Every run timed `--repeats` times with one thread, the floor three times, mergekit once."""
+    import yaml
+
+    results = []
+    out = a.root / size / "out"
+    shutil.rmtree(out, ignore_errors=True)
+
+    def run_floor():  # timed three times (first, middle, last): the ratios use the median
+        r = timed([sys.executable, __file__, "--floor", str(base), *map(str, models), str(out)])
+        shutil.rmtree(out)
+        results.append({"size": size, "run": "floor", "tool": "floor", **r})
+        print(f"  floor: {r['wall']:.1f} s wall, {r['cpu']:.1f} CPU-s, {r['rss_gb']:.2f} GB", flush=True)
+
+    run_floor()
+    todo = [(x, {}) for x in runs] + ([("linear", {"hash": "none"})] if a.hash_cost else [])
+    for i, (run, opts) in enumerate(todo):
+        if i == len(todo) // 2:
+            run_floor()
+        rec = a.root / size / "recipe.yaml"
+        rec.write_text(yaml.safe_dump({**recipe_for(run, base, models), **opts}))
+        label = run + (" hash=none" if opts else "")
+        tries = []
+        for _ in range(a.repeats):  # write speed into fresh page-cache pages varies run to run: the median
+            res = _peft_lab(rec, out)
+            tries.append(res)
+            print(f"  peft-lab {label}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB", flush=True)
+        res = sorted(tries, key=lambda r: r["wall"])[len(tries) // 2]
+        results.append({"size": size, "run": label, "tool": "peft-lab", **res, "walls": [r["wall"] for r in tries]})
+        if a.mergekit and run in MERGEKIT and size in a.mergekit_sizes.split(",") and not opts:
+            rec.write_text(yaml.safe_dump(_mergekit_recipe(run, base, models)))
+            res = timed([a.mergekit, str(rec), str(out), "--no-cuda", "--quiet"])
+            shutil.rmtree(out)
+            results.append({"size": size, "run": run, "tool": "mergekit", **res})
+            print(f"  mergekit {run}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB", flush=True)
+    run_floor()
+    return results
+
+
+def paired(a, size: str, base: Path, models: list[Path], runs: list[str]) -> list[dict]:
+    """`--pairs N` rounds; in each, every run once with peft-lab then once with mergekit, back to back, each with
+    its default settings: the ratio of a pair is measured under the same machine state."""
+    import yaml
+
+    out, rec, mkrec = a.root / size / "out", a.root / size / "recipe.yaml", a.root / size / "mergekit.yaml"
+    shutil.rmtree(out, ignore_errors=True)
+    results = []
+    for i in range(a.pairs):
+        for run in runs:
+            rec.write_text(yaml.safe_dump(recipe_for(run, base, models)))
+            ours = _peft_lab(rec, out, one_thread=False)
+            row = {"size": size, "run": run, "pair": i, "peft-lab": ours}
+            if a.mergekit and run in MERGEKIT:
+                mkrec.write_text(yaml.safe_dump(_mergekit_recipe(run, base, models)))
+                row["mergekit"] = timed([a.mergekit, str(mkrec), str(out), "--no-cuda", "--quiet"], one_thread=False)
+                shutil.rmtree(out)
+            results.append(row)
+            mk = row.get("mergekit")
+            print(f"  pair {i} {run}: peft-lab {ours['wall']:.1f} s ({ours['rss_gb']:.2f} GB)"
+                  + (f", mergekit {mk['wall']:.1f} s ({mk['rss_gb']:.2f} GB), {mk['wall'] / ours['wall']:.1f}x" if mk else ""),
+                  flush=True)  # fmt: skip
+    return results
+
+
+def _hog() -> subprocess.Popen:
+    """A CPU-bound process on one core (pure Python: no threads of its own)."""
+    return subprocess.Popen([sys.executable, "-c", "while True:\n    pass"])
+
+
+def contention(a, size: str, base: Path, models: list[Path], runs: list[str]) -> list[dict]:
+    """peft-lab with threads=1 (the default) and threads=auto (torch's default: one per core), on the idle
+    machine and beside a busy core; `--repeats` runs each, alternating the settings."""
+    import yaml
+
+    out, rec = a.root / size / "out", a.root / size / "recipe.yaml"
+    shutil.rmtree(out, ignore_errors=True)
+    results = []
+    for run in runs:
+        rec.write_text(yaml.safe_dump(recipe_for(run, base, models)))
+        for busy in (False, True):
+            for rep in range(a.repeats):
+                for threads in (1, "auto"):
+                    hog = _hog() if busy else None
+                    try:
+                        res = _peft_lab(rec, out, {"threads": threads}, one_thread=False)
+                    finally:
+                        if hog is not None:
+                            hog.kill()
+                            hog.wait()
+                    results.append({"size": size, "run": run, "busy": busy, "threads": threads, "rep": rep, **res})
+                    print(f"  {run} threads={threads} {'busy' if busy else 'idle'}: {res['wall']:.1f} s wall, "
+                          f"{res['cpu']:.1f} CPU-s", flush=True)  # fmt: skip
+    return results
+
+
+def main() -> None:
+    a = _parse()
     if a.floor:
         return floor(a.floor[0], a.floor[1:-1], a.floor[-1])
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(REPO))
     runs = [r.strip() for r in a.runs.split(",") if r.strip()]
     # numba compiles the fused merge loops on their first use on a machine and caches them on disk: do it
     # before timing anything (a one-off of a few seconds, not a per-merge cost)
-    subprocess.run([sys.executable, "-c", "from merging import fused; fused.warm()"], check=True,
-                   cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    subprocess.run([sys.executable, "-c", "from merging import fused; fused.warm()"], check=True, cwd=REPO)
+    mode = paired if a.pairs else contention if a.contention else standard
     results = []
     for size in a.sizes.split(","):
-        print(f"== {size}: inputs", flush=True)
-        base, models = make_models(a.root, size)
-        gb = warm([base, *models])
-        load = os.getloadavg()
-        mem = {k: v for k, v in (line.split(":") for line in open("/proc/meminfo").read().splitlines()[:5])}
-        print(f"  {gb:.1f} GB of inputs read into the page cache; load average {load[0]:.1f}; "
-              f"MemAvailable {mem['MemAvailable'].strip()}", flush=True)  # fmt: skip
-        out = a.root / size / "out"
-        shutil.rmtree(out, ignore_errors=True)
-
-        def run_floor():  # timed three times (first, middle, last): the ratios use the median
-            r = timed([sys.executable, __file__, "--floor", str(base), *map(str, models), str(out)])
-            shutil.rmtree(out)
-            results.append({"size": size, "run": "floor", "tool": "floor", **r})
-            print(f"  floor: {r['wall']:.1f} s wall, {r['cpu']:.1f} CPU-s, {r['rss_gb']:.2f} GB", flush=True)
-
-        run_floor()
-        extra = [("linear", {"hash": "none"})] if a.hash_cost else []
-        todo = [(x, {}) for x in runs] + extra
-        for i, (run, opts) in enumerate(todo):
-            if i == len(todo) // 2:
-                run_floor()
-            rec = a.root / size / "recipe.yaml"
-            import yaml
-
-            rec.write_text(yaml.safe_dump({**recipe_for(run, base, models), **opts}))
-            label = run + (" hash=none" if opts else "")
-            tries = []
-            for _ in range(a.repeats):  # write speed into fresh page-cache pages varies run to run: the median
-                res = timed([sys.executable, "-m", "peft_lab", "merge", "--config", str(rec), "--out", str(out),
-                             "--no-progress"], cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
-                shutil.rmtree(out)
-                tries.append(res)
-                print(f"  peft-lab {label}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB", flush=True)
-            res = sorted(tries, key=lambda r: r["wall"])[len(tries) // 2]
-            results.append({"size": size, "run": label, "tool": "peft-lab", **res, "walls": [r["wall"] for r in tries]})
-            if a.mergekit and run in MERGEKIT and size in a.mergekit_sizes.split(",") and not opts:
-                mk = {k: v for k, v in recipe_for(run, base, models).items()}
-                if mk["merge_method"] == "ties":
-                    mk["parameters"] = {}  # mergekit's TIES trims per tensor (its only mode)
-                mk["dtype"] = "float32"  # compute in float32 as peft-lab does ...
-                mk["out_dtype"] = "bfloat16"  # ... and write bfloat16
-                rec.write_text(yaml.safe_dump(mk))
-                res = timed([a.mergekit, str(rec), str(out), "--no-cuda", "--quiet"])
-                shutil.rmtree(out)
-                results.append({"size": size, "run": run, "tool": "mergekit", **res})
-                print(f"  mergekit {run}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB", flush=True)
-        run_floor()
-    report(results)
+        base, models = _inputs(a, size)
+        results += mode(a, size, base, models, runs)
+    {paired: report_pairs, contention: report_contention, standard: report}[mode](results)
     (a.root / "results.json").write_text(json.dumps(results, indent=1))
+
+
+def _range(xs: list[float], fmt: str = "{:.1f}") -> str:
+    lo, hi = min(xs), max(xs)
+    return fmt.format(lo) if len(xs) == 1 or fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}-{fmt.format(hi)}"
+
+
+def report_pairs(results: list[dict]) -> None:
+    print("\n| size | run | pairs | peft-lab wall s | peak RSS GB | mergekit wall s | peak RSS GB | mergekit / peft-lab |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in dict.fromkeys(r["size"] for r in results):
+        for run in dict.fromkeys(r["run"] for r in results if r["size"] == size):
+            rows = [r for r in results if r["size"] == size and r["run"] == run]
+            ours = [r["peft-lab"] for r in rows]
+            cols = f"{_range([o['wall'] for o in ours])} | {_range([o['rss_gb'] for o in ours], '{:.2f}')}"
+            mk = [r["mergekit"] for r in rows if "mergekit" in r]
+            if mk:
+                ratios = [r["mergekit"]["wall"] / r["peft-lab"]["wall"] for r in rows if "mergekit" in r]
+                cols += (f" | {_range([m['wall'] for m in mk])} | {_range([m['rss_gb'] for m in mk], '{:.2f}')}"
+                         f" | {_range(ratios)}x")  # fmt: skip
+            else:
+                cols += " | | | "
+            print(f"| {size} | {run} | {len(rows)} | {cols} |")
+
+
+def report_contention(results: list[dict]) -> None:
+    print("\n| size | run | machine | threads | wall s (range) | CPU-s (range) |")
+    print("|---|---|---|---|---|---|")
+    for size in dict.fromkeys(r["size"] for r in results):
+        for run in dict.fromkeys(r["run"] for r in results if r["size"] == size):
+            for busy in (False, True):
+                for threads in (1, "auto"):
+                    rows = [r for r in results if (r["size"], r["run"], r["busy"], r["threads"]) == (size, run, busy, threads)]
+                    print(f"| {size} | {run} | {'one core busy' if busy else 'idle'} | {threads} | "
+                          f"{_range([r['wall'] for r in rows])} | {_range([r['cpu'] for r in rows])} |")  # fmt: skip
 
 
 def report(results: list[dict]) -> None:

@@ -29,7 +29,7 @@ from peft_lab.errors import UserError
 __all__ = ["main"]
 
 # overrides that do not change what is merged, left out of a sweep job's output dir name
-_NOT_IN_DIRNAME = {"out", "base", "models", "overwrite", "progress", "hash", "max_shard_size", "chunk_size",
+_NOT_IN_DIRNAME = {"out", "base", "models", "overwrite", "progress", "hash", "max_shard_size", "chunk_size", "threads",
                    "allow_pickle", "allow_nonfinite"}  # fmt: skip
 
 

@@ -66,6 +66,10 @@ class Options:
         max_shard_size: output shard size ("5GB", "500MB", bytes).
         hash: content hash of the input files recorded in the recipe (`sha256`, or `none` to skip it).
         chunk_size: elements per streamed chunk (memory is a few chunks of float32 per input).
+        threads: torch intra-op threads while tensors stream (`auto`: leave torch's setting). The streaming loops
+            are memory-bound: one thread is as fast as several on an idle machine and much faster on a busy one,
+            where spinning worker threads compete for the cores (a data-driven method's model runs are not
+            affected).
     """
 
     overwrite: bool = False
@@ -75,6 +79,7 @@ class Options:
     max_shard_size: int | str = "5GB"
     hash: str = "sha256"
     chunk_size: int = 1 << 22
+    threads: int | str = 1
 
     def __post_init__(self):
         for k in ("overwrite", "allow_pickle", "allow_nonfinite"):
@@ -86,6 +91,8 @@ class Options:
             raise UserError(f"Option hash={self.hash!r} must be one of: {', '.join(HASHES)}.")
         if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 16:
             raise UserError(f"Option chunk_size={self.chunk_size!r} must be an integer >= 16.")
+        if self.threads != "auto" and (not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1):
+            raise UserError(f"Option threads={self.threads!r} must be a positive integer, or auto for torch's default.")
         if self.chunk_size % 2:  # DARE's random stream is drawn two values at a time
             object.__setattr__(self, "chunk_size", self.chunk_size + 1)
 

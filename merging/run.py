@@ -38,7 +38,7 @@ from merging.provenance import (
 )
 from merging.recipe import DTYPE_NAMES, Recipe, load_recipe
 from merging.sources import Input, MergeStreams
-from merging.stream import tuned_malloc
+from merging.stream import intra_op_threads, tuned_malloc
 from peft_lab.errors import UserError
 from peft_lab.tree import Thunk, Tree, atomic_output_dir, copy_files, is_delta, load_tree, mismatches, save_tree
 
@@ -85,6 +85,7 @@ class _Merge:
         self.r = recipe
         self.method = recipe.method
         self.opts = recipe.options
+        self.threads = None if recipe.options.threads == "auto" else recipe.options.threads
 
     def open(self) -> MergeStreams:
         r, allow = self.r, self.opts.allow_pickle
@@ -104,7 +105,7 @@ class _Merge:
                 )
             inputs.append(Input(m.path, tree, is_delta(tree), m.params))
         return MergeStreams(self.method, base, inputs, base_label=r.base, chunk_size=self.opts.chunk_size,
-                            allow_nonfinite=self.opts.allow_nonfinite, bar=self.bar)  # fmt: skip
+                            allow_nonfinite=self.opts.allow_nonfinite, bar=self.bar, threads=self.threads)  # fmt: skip
 
     def check(self, streams: MergeStreams, out: Path) -> None:
         lines: list[str] = []
@@ -161,7 +162,7 @@ class _Merge:
                 if hasher is not None:
                     hasher.start()
                 m.prepare(streams.merge_inputs({} if self.r.data is None else {"data": self.r.data}))
-                with self.bar(total, f"{m.name} -> {out.name}") as bar:
+                with intra_op_threads(self.threads), self.bar(total, f"{m.name} -> {out.name}") as bar:
                     written = save_tree(merged, tmp, metadata={RECIPE_KEY: placeholder}, max_shard_size=self.opts.max_shard_size,
                                         stem=self.weight_stem(config_src), on_tensor=lambda _k, nbytes: bar.update(nbytes))  # fmt: skip
                 for fname, text in m.artifacts().items():  # files a method writes beside the model

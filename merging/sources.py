@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from merging.base import MergeInputs, MergeMethod, TensorJob
-from merging.stream import FULL, SAMPLE, chunk_ranges, drive, sample_ranges
+from merging.stream import FULL, SAMPLE, chunk_ranges, drive, intra_op_threads, sample_ranges
 from peft_lab.errors import UserError
 from peft_lab.tree import Lazy, Leaf, Tree, apply, delta, read_header
 from peft_lab.tree.io import TREE_KIND_KEY
@@ -155,10 +155,11 @@ class MergeStreams:
     """
 
     def __init__(self, method: MergeMethod, base: Tree | None, inputs: Sequence[Input], *, base_label: str | None = None,
-                 chunk_size: int = DEFAULT_CHUNK, allow_nonfinite: bool = False, bar: Callable | None = None):  # fmt: skip
+                 chunk_size: int = DEFAULT_CHUNK, allow_nonfinite: bool = False, bar: Callable | None = None,
+                 threads: int | None = None):  # fmt: skip
         self.method, self.base, self.inputs = method, base, list(inputs)
         self.base_label = base_label or (base.source if base is not None else None)
-        self.chunk_size, self.allow_nonfinite = chunk_size, allow_nonfinite
+        self.chunk_size, self.allow_nonfinite, self.threads = chunk_size, allow_nonfinite, threads
         self.files = FileTable()
         self.labels = [i.path for i in self.inputs]
         self.ref = base if base is not None else next(i.tree for i in self.inputs if not i.is_delta)
@@ -217,7 +218,8 @@ class MergeStreams:
         """Stream every float tensor (or those in `names`) into `fn(job, start, base, chunks)`: chunk by chunk, or
         1/64 samples for SAMPLE."""
         names = self.float_names() if names is None else list(names)
-        with self.bar(len(names), f"{self.method.name} statistics ({kind} pass)", unit="tensor") as bar:
+        bar_ = self.bar(len(names), f"{self.method.name} statistics ({kind} pass)", unit="tensor")
+        with intra_op_threads(self.threads), bar_ as bar:
             for name in names:
                 numel = self.ref[name].numel
                 if kind == SAMPLE:

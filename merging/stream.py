@@ -33,7 +33,7 @@ import torch
 if TYPE_CHECKING:
     from merging.base import MergeMethod, TensorJob
 
-__all__ = ["SAMPLE", "FULL", "Reader", "drive", "chunk_ranges", "sample_ranges", "tuned_malloc"]
+__all__ = ["SAMPLE", "FULL", "Reader", "drive", "chunk_ranges", "sample_ranges", "tuned_malloc", "intra_op_threads"]
 
 # statistic pass kinds (see MergeMethod.next_pass)
 SAMPLE = "sample"  # a representative subset of each tensor's elements (blocks), enough to estimate quantiles
@@ -97,6 +97,19 @@ def drive(
         base, chunks = cached if cached is not None else read(s, e)
         cached = None
         yield method.merge_chunk(job, s, base, chunks)
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None):
+    """torch's intra-op thread count set to `n` while the block runs (None: unchanged), restored afterwards."""
+    saved = torch.get_num_threads()
+    if n is not None and n != saved:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != saved:
+            torch.set_num_threads(saved)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4

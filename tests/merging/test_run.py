@@ -320,3 +320,30 @@ def test_diffusers_model_dirs_merge_into_a_loadable_dir(tmp_path):
     a = UNet2DModel.from_pretrained(tmp_path / "a")
     for (k, v), (_, w) in zip(merged.state_dict().items(), a.state_dict().items(), strict=True):
         torch.testing.assert_close(v, w + 0.05, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_threads_option_sets_torch_threads_while_streaming_and_restores_them(llama32, tmp_path, monkeypatch):
+    from merging.methods.task_arithmetic import TaskArithmetic
+    from peft_lab.errors import UserError
+
+    base, fts = llama32
+    seen = []
+    real = TaskArithmetic.merge_chunk
+
+    def spy(self, job, start, b, tensors):
+        seen.append(torch.get_num_threads())
+        return real(self, job, start, b, tensors)
+
+    monkeypatch.setattr(TaskArithmetic, "merge_chunk", spy)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_merge(recipe("task_arithmetic", base, fts), tmp_path / "one")  # default: 1 thread while streaming
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        run_merge(recipe("task_arithmetic", base, fts), tmp_path / "keep", threads="auto")  # torch's setting
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(saved)
+    with pytest.raises(UserError, match="threads=0 must be a positive integer"):
+        run_merge(recipe("task_arithmetic", base, fts), tmp_path / "bad", threads=0)
