@@ -285,6 +285,37 @@ def test_backend_selection(monkeypatch):
         assert op.backend_for(t) == "triton"
 
 
+def test_a_broken_triton_is_reported_once_when_cuda_tensors_fall_back(monkeypatch, caplog):
+    """The fallback to the slow reference on CUDA used to be silent; it now logs why, once."""
+    import sys
+
+    class FakeCuda:  # what backend_for looks at on a CUDA tensor (no GPU here)
+        device = torch.device("cuda")
+        is_cuda = True
+        dtype = torch.float16
+
+        def is_floating_point(self):
+            return True
+
+    monkeypatch.delenv(op.BACKEND_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "peft_lab.kernels.sparse.triton_kernels", None)  # the import fails
+    monkeypatch.delattr("peft_lab.kernels.sparse.triton_kernels", raising=False)
+    for cached in (op._triton_module, op._warn_reference_on_cuda):
+        cached.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=op.__name__):
+            assert op.backend_for(FakeCuda()) == "reference"
+            assert op.backend_for(FakeCuda()) == "reference"
+        warnings = [r for r in caplog.records if "Triton kernels could not be imported" in r.getMessage()]
+        assert len(warnings) == 1 and "ModuleNotFoundError" in warnings[0].getMessage()
+        monkeypatch.setenv(op.BACKEND_ENV, "triton")
+        with pytest.raises(UserError, match=r"could not be imported \(ModuleNotFoundError"):
+            op.backend_for(FakeCuda())
+    finally:
+        for cached in (op._triton_module, op._warn_reference_on_cuda):
+            cached.cache_clear()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The CPU sparse-BLAS backend against the reference
 # ---------------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ The environment variable PEFT_LAB_SPARSE_BACKEND=auto|triton|csr|reference (read
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import weakref
 from types import ModuleType
@@ -31,18 +32,35 @@ from peft_lab.kernels.sparse.pattern import SparsePattern
 
 __all__ = ["BACKEND_ENV", "BACKENDS", "backend_for", "pattern_linear", "sparse_linear", "scatter_add_"]
 
+log = logging.getLogger(__name__)
+
 BACKEND_ENV = "PEFT_LAB_SPARSE_BACKEND"
 BACKENDS = ("auto", "triton", "csr", "reference")
+
+
+_triton_error: list[str] = []  # why the Triton backend could not be imported (set by _triton_module)
 
 
 @functools.lru_cache(maxsize=1)
 def _triton_module() -> ModuleType | None:
     """The Triton backend, imported on first use; None when Triton is missing or broken (e.g. no CUDA build)."""
+    _triton_error.clear()
     try:
         from peft_lab.kernels.sparse import triton_kernels
-    except Exception:  # ImportError, or a Triton that fails at import on this platform
+    except Exception as e:  # ImportError, or a Triton that fails at import on this platform: kept to be reported
+        _triton_error.append(f"{type(e).__name__}: {e}")
         return None
     return triton_kernels
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_reference_on_cuda() -> None:
+    """Once per process: CUDA tensors take the slow reference path because Triton is unavailable, and why."""
+    log.warning(
+        "sparse_linear: the Triton kernels could not be imported (%s); CUDA tensors use the pure-PyTorch reference, "
+        "which is much slower. Install Triton (pip install 'peft-lab[kernels]') to use the kernels.",
+        _triton_error[0] if _triton_error else "unknown reason",
+    )
 
 
 def backend_for(*tensors: torch.Tensor) -> str:
@@ -58,12 +76,14 @@ def backend_for(*tensors: torch.Tensor) -> str:
         if not all(t.is_cuda for t in tensors):
             return "reference"
         tk = _triton_module()
-        ok = tk is not None and all(t.dtype in tk.DTYPES for t in tensors if t.is_floating_point())
-        return "triton" if ok else "reference"
+        if tk is None:
+            _warn_reference_on_cuda()
+            return "reference"
+        return "triton" if all(t.dtype in tk.DTYPES for t in tensors if t.is_floating_point()) else "reference"
     if _triton_module() is None:
         raise UserError(
-            f"{BACKEND_ENV}=triton but Triton could not be imported; install it (pip install 'peft-lab[kernels]') "
-            "or use the reference backend."
+            f"{BACKEND_ENV}=triton but Triton could not be imported ({_triton_error[0] if _triton_error else 'unknown'}); "
+            "install it (pip install 'peft-lab[kernels]') or use the reference backend."
         )
     return "triton"
 
