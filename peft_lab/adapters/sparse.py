@@ -6,9 +6,12 @@ The forward and backward run through `peft_lab.kernels.sparse_linear`, which nev
 and computes the values' gradient at the k positions only (an SDDMM), unlike PEFT's SHiRA, which densifies W on
 every forward (ALGORITHMS.md A5.2, A5.5).
 
-Budget per layer: k = r·(out + in), the number of parameters of a rank-r LoRA (SHiRA's rule, so `adapter.r`
-sweeps compare like with like), or k = round(density·out·in) when `density` is given (SpIEL's density, spread
-over the targets in proportion to their size).
+Budget: k = r·(out + in) per layer, the number of parameters of a rank-r LoRA (SHiRA's rule, so `adapter.r`
+sweeps compare like with like), or, when `density` is given, by `density_scope`:
+- `layer` (default): k = round(density·out·in) in every target layer (a fraction of each target weight);
+- `model`: SpIEL's density (https://arxiv.org/abs/2401.16405, its `SftConfig.density`): K = round(density·N) entries
+  for N the parameters of the WHOLE model, spread over the targets in proportion to their size. At the same number
+  this trains about N / Σ(target sizes) times more entries than `layer`.
 Index selection:
 - random: k distinct uniform positions (SHiRA's random mask; SpIEL's init);
 - magnitude: the k smallest |W| (SaRA, https://arxiv.org/abs/2409.06633: "temporarily ineffective" weights; a
@@ -45,7 +48,9 @@ SAVED_INPUT_DTYPES = {None: None, "bfloat16": torch.bfloat16, "float16": torch.f
 class SparseConfig(AdapterConfig):
     """Attributes:
     r: LoRA-equivalent budget: k = r·(out + in) entries per layer.
-    density: if set, k = round(density·out·in) per layer instead (0 < density <= 1).
+    density: if set, the budget is this fraction (0 < density <= 1) instead of r, of ...
+    density_scope: ... each target layer ("layer": k = round(density·out·in) per layer), or of the whole model's
+        parameters spread over the targets by size ("model": SpIEL's density).
     selection: "random", "magnitude" or "grow_drop".
     seed: seed of the random selection (null = torch's global generator).
     reselection_steps: grow_drop: a selection phase starts every this many steps (SpIEL's SftConfig default 20;
@@ -60,6 +65,7 @@ class SparseConfig(AdapterConfig):
 
     r: int = 8
     density: float | None = None
+    density_scope: str = "layer"
     selection: str = "random"
     seed: int | None = None
     reselection_steps: int = 20
@@ -74,6 +80,10 @@ class SparseConfig(AdapterConfig):
             raise UserError(f"adapter.r must be a positive integer, got {self.r!r}.")
         if self.density is not None and not 0 < self.density <= 1:
             raise UserError(f"adapter.density must be in (0, 1] (or null to use r), got {self.density!r}.")
+        if self.density_scope not in ("layer", "model"):
+            raise UserError(f"adapter.density_scope must be 'layer' or 'model', got {self.density_scope!r}.")
+        if self.density_scope == "model" and self.density is None:
+            raise UserError("adapter.density_scope=model spreads adapter.density over the model: set adapter.density too.")
         if self.selection not in SELECTIONS:
             raise UserError(f"adapter.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}.")
         if not 1 <= self.selection_accumulation_steps < self.reselection_steps:
@@ -181,6 +191,7 @@ class SparseFT(OwnAdapter):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._budgets: dict[str, int] = {}  # density_scope=model: entries per target layer
         self._generator: torch.Generator | None = None
         self._selections = 0  # grow_drop selections done
         if self.config.seed is not None:
@@ -188,7 +199,7 @@ class SparseFT(OwnAdapter):
 
     def make_layer(self, name: str, module: nn.Module) -> AdapterLayer:
         out_f, in_f = module.weight.shape
-        k = self.config.budget(out_f, in_f)
+        k = self._budgets.get(name) or self.config.budget(out_f, in_f)
         if k > out_f * in_f:
             raise UserError(
                 f"sparse: budget r={self.config.r} gives k = r·(out+in) = {k} entries, more than layer {name} "
@@ -198,7 +209,22 @@ class SparseFT(OwnAdapter):
         idx = select_indices(module.weight, k, self.config.selection, self._generator)
         return SparseLayer(module, idx, SAVED_INPUT_DTYPES[self.config.saved_input_dtype])
 
+    def model_budgets(self, model: nn.Module) -> dict[str, int]:
+        """density_scope=model: K = round(density·N) entries (N: every parameter of `model`) spread over the target
+        layers in proportion to their size (each at least 1, at most its size); logged."""
+        _, targets = self._resolve(model)
+        n_model = sum(p.numel() for p in model.parameters())
+        sizes = {t: model.get_submodule(t).weight.numel() for t in targets}
+        total = max(1, round(self.config.density * n_model))
+        budgets = {t: min(n, max(1, round(total * n / sum(sizes.values())))) for t, n in sizes.items()}
+        log.info("sparse: density %.4g of %d model parameters = %d entries over %d target layers (%.3g%% of them)",
+                 self.config.density, n_model, sum(budgets.values()), len(budgets),
+                 100 * sum(budgets.values()) / sum(sizes.values()))  # fmt: skip
+        return budgets
+
     def attach(self, model: nn.Module) -> nn.Module:
+        if self.config.density is not None and self.config.density_scope == "model":
+            self._budgets = self.model_budgets(model)
         out = super().attach(model)
         if self.config.selection == "grow_drop":
             self._start_phase()  # SpIEL: the first selection phase starts at step 0

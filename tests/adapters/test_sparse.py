@@ -24,6 +24,25 @@ def test_budget_matches_lora_parameters_or_density():
     assert {n: layer.values.numel() for n, layer in d.layers().items()} == {"fc1": 56, "fc2": 56, "head": 16}
 
 
+def test_density_scope_model_is_spiels_fraction_of_the_whole_model():
+    """SpIEL's density counts every parameter of the model and spreads that many entries over the targets by
+    size; the layer scope takes the fraction of each target weight (fewer entries at the same number)."""
+    model = MLP()
+    n_model = sum(p.numel() for p in model.parameters())  # weights and biases of all three layers
+    a = build_adapter("sparse", density=0.1, density_scope="model", target_modules=["fc1", "fc2"], modules_to_save=[])
+    a.attach(model)
+    k = {n: layer.values.numel() for n, layer in a.layers().items()}
+    assert sum(k.values()) == round(0.1 * n_model)  # 1342 parameters -> 134 entries, split evenly (17x33, 33x17)
+    assert k["fc1"] == k["fc2"] == round(0.1 * n_model / 2)
+    layer = build_adapter("sparse", density=0.1, target_modules=["fc1", "fc2"], modules_to_save=[])
+    layer.attach(MLP())
+    assert sum(x.values.numel() for x in layer.layers().values()) == 2 * 56 < sum(k.values())
+    with pytest.raises(UserError, match="density_scope=model .* set adapter.density"):
+        build_adapter("sparse", density_scope="model")
+    with pytest.raises(UserError, match="density_scope must be 'layer' or 'model'"):
+        build_adapter("sparse", density=0.1, density_scope="global")
+
+
 def test_indices_are_int32_unique_and_the_leaf_is_sparse():
     a = build_adapter("sparse", r=3)
     model = a.attach(MLP())
