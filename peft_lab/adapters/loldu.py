@@ -31,6 +31,7 @@ from torch import nn
 from peft_lab.adapters._own import AdapterLayer, OwnAdapter
 from peft_lab.adapters.base import ADAPTERS, AdapterConfig
 from peft_lab.errors import UserError
+from peft_lab.params import param
 from peft_lab.tree import LDU, Leaf
 
 __all__ = ["LoLDU", "LoLDUConfig", "LoLDULayer", "truncated_ldu"]
@@ -44,16 +45,9 @@ class LoLDUConfig(AdapterConfig):
     train_scale: also train σ (one more parameter per layer).
     """
 
-    r: int = 8
-    alpha: float | None = None
+    r: int = param(8, within="[1, inf)")
+    alpha: float | None = param(None, within="(0, inf)", help="null for σ = 1")
     train_scale: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise UserError(f"adapter.r must be a positive integer, got {self.r!r}.")
-        if self.alpha is not None and not self.alpha > 0:
-            raise UserError(f"adapter.alpha must be positive (or null for σ = 1), got {self.alpha!r}.")
 
     @property
     def sigma(self) -> float:

@@ -17,6 +17,7 @@ import numpy as np
 
 from peft_lab.data.base import DATASETS, DataConfig, check_fractions, stratified_split
 from peft_lab.errors import UserError
+from peft_lab.params import param
 
 __all__ = ["Digits", "TRANSFORMS", "apply_transform", "load_raw"]
 
@@ -77,7 +78,7 @@ class Digits(DataConfig):
     """
 
     name = "digits"
-    classes: list[int] | None = None
+    classes: list[int] | None = param(None, within="[0, 9]")
     relabel: bool = False
     transform: str = "identity"
     transform_seed: int = 0
@@ -88,8 +89,7 @@ class Digits(DataConfig):
         super().__post_init__()
         check_fractions(validation_fraction=self.validation_fraction, test_fraction=self.test_fraction)
         if self.classes is not None:
-            bad = [c for c in self.classes if not 0 <= int(c) <= 9]
-            if bad or not self.classes or len(set(self.classes)) != len(self.classes):
+            if not self.classes or len(set(self.classes)) != len(self.classes):
                 raise UserError(f"data.classes={list(self.classes)}: give distinct digits in 0..9.")
         for part in self.transform.split("+"):
             if part not in TRANSFORMS:

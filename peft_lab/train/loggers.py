@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, param
 from peft_lab.registry import Registry
 
 __all__ = ["LOGGERS", "Logger", "Session", "NoLogger", "CSVLogger", "JSONLLogger", "WandbLogger", "wandb_mode"]
@@ -46,7 +47,7 @@ class Session:
 
 
 @dataclasses.dataclass(frozen=True)
-class Logger:
+class Logger(Checked):
     """A logger's settings (its fields = `conf/logger/<name>.yaml`); `open` starts logging one run."""
 
     name: ClassVar[str]
@@ -154,11 +155,7 @@ class WandbLogger(Logger):
     group: str | None = None
     tags: list[str] = dataclasses.field(default_factory=list)
     run_name: str | None = None
-    mode: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in (None, "online", "offline", "disabled"):
-            raise UserError(f"logger.mode={self.mode!r}: one of online, offline, disabled (or null for automatic).")
+    mode: str | None = param(None, choices=("online", "offline", "disabled"), help="or null for automatic")
 
     def open(self, run_dir, config, resume_step=0, state=None):
         try:

@@ -105,7 +105,7 @@ def test_wandb_offline_without_key_never_prompts(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["adapter=nope"], "adapter=nope: no such option. Available adapter options:"),
-    (["trainer.max_steps=-5"], "trainer.max_steps=-5: must be >= 0"),
+    (["trainer.max_steps=-5"], "trainer.max_steps=-5 is out of range: must be >= 0"),
     (["model=hf", "model.path=/does/not/exist"], "model.path=/does/not/exist: no such directory"),
     (["adapter=lora", "adapter.target_modules=[nowhere]"], "'nowhere' match(es) no module"),
 ])

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, build
 from peft_lab.registry import Registry
 
 __all__ = ["MODELS", "ModelConfig", "BuiltModel", "DataInfo", "build_model", "quiet_hf", "new_modules_from_keys", "TASK_NAMES"]
@@ -75,7 +76,7 @@ def _takes_safe(model: nn.Module) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Checked):
     """Fields every model takes.
 
     Attributes:
@@ -88,6 +89,7 @@ class ModelConfig:
     init_seed: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.task not in self.tasks():
             raise UserError(f"model={self.name} does not support model.task={self.task!r}; it supports: {', '.join(self.tasks())}.")
 
@@ -100,12 +102,7 @@ class ModelConfig:
 
 def build_model(name: str, info: DataInfo, **params: Any) -> BuiltModel:
     """The registered model `name` built with `params` for data described by `info`."""
-    cls = MODELS.get(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise UserError(f"model {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {', '.join(sorted(fields))}.")
-    return cls(**params).build(info)
+    return build(MODELS.get(name), params, where=f"model={name}", prefix="model.").build(info)
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from peft_lab.errors import UserError
+from peft_lab.params import param
 from peft_lab.train.models.base import (
     MODELS,
     BuiltModel,
@@ -78,12 +79,7 @@ class _TextConfig(ModelConfig):
         max_length: tokens per example (longer texts are truncated; batches are padded to their longest).
     """
 
-    max_length: int = 128
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_length < 2:
-            raise UserError(f"model.max_length={self.max_length}: must be at least 2 tokens.")
+    max_length: int = param(128, within="[2, inf)")
 
     def tasks(self) -> tuple[str, ...]:
         return TEXT_TASKS
@@ -146,12 +142,12 @@ class _Tiny(_TextConfig):
         dropout: hidden and attention dropout (BERT's default 0.1).
     """
 
-    max_length: int = 64
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 2
-    intermediate_size: int = 64
-    dropout: float = 0.1
+    max_length: int = param(64, within="[2, inf)")
+    hidden_size: int = param(32, within="[1, inf)")
+    num_layers: int = param(2, within="[1, inf)")
+    num_heads: int = param(2, within="[1, inf)")
+    intermediate_size: int = param(64, within="[1, inf)")
+    dropout: float = param(0.1, within="[0, 1)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
