@@ -115,7 +115,20 @@ def test_user_errors(tmp_path, args, message):
     assert r.returncode == 2
     assert message in " ".join(r.stderr.split())
     assert "Traceback" not in r.stderr and r.stderr.count("peft-lab: error:") == 1
+    assert "Error executing job" not in r.stderr
     assert not (out / "checkpoints").exists()
+
+
+def test_a_failing_sweep_job_is_named_and_the_others_run(tmp_path):
+    """In a sweep, a job's UserError is Hydra's to report: it names the job's overrides, the other jobs of the
+    batch still run, and the command ends with the error (exit 2, one paragraph, no traceback)."""
+    r = run_cli("train", "-m", "adapter.target_modules=[nowhere],[query]", *TINY, "trainer.max_steps=1",
+                f"output_dir={tmp_path}")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "Error executing job with overrides: ['++adapter.target_modules=[nowhere]'" in r.stderr
+    assert r.stderr.count("peft-lab: error:") == 1 and "'nowhere' match(es) no module" in " ".join(r.stderr.split())
+    (ok,) = [p for p in tmp_path.iterdir() if (p / "metrics.json").exists()]
+    assert ok.name.startswith("1_") and "adapter.target_modules=[query]" in ok.name
 
 
 def test_two_processes_match_one(tmp_path):
