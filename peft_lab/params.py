@@ -39,7 +39,7 @@ import numbers
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union
 
 from peft_lab.errors import UserError
@@ -238,45 +238,66 @@ def _to_union(tp: Any, value: Any, finite: bool) -> Any:
     raise _Mismatch
 
 
+def _to_literal(tp: Any, value: Any, finite: bool) -> Any:
+    if any(value == c and type(value) is type(c) for c in typing.get_args(tp)):
+        return value
+    raise _Mismatch
+
+
+def _to_mapping(tp: Any, value: Any, finite: bool) -> dict:
+    if not isinstance(value, Mapping):
+        raise _Mismatch
+    vt = typing.get_args(tp)[1] if typing.get_args(tp) else Any
+    return {k: _convert(vt, v, finite) for k, v in value.items()}
+
+
+def _to_instance(tp: Any, value: Any, finite: bool) -> Any:
+    """A value of a class: itself if it is one; a dataclass is also built from a mapping."""
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(value, Mapping):
+        return build(tp, value)
+    raise _Mismatch
+
+
+def _exactly(kind: type) -> Callable[[Any, Any, bool], Any]:
+    def convert(tp: Any, value: Any, finite: bool) -> Any:
+        if type(value) is kind or (kind is str and isinstance(value, str)):
+            return value
+        raise _Mismatch
+
+    return convert
+
+
+_SCALARS: dict[Any, Callable[[Any, Any, bool], Any]] = {
+    bool: _exactly(bool),
+    str: _exactly(str),
+    int: lambda tp, v, finite: _to_int(v),
+    float: lambda tp, v, finite: _to_float(v, finite),
+}
+
+
+def _converter(tp: Any) -> Callable[[Any, Any, bool], Any]:
+    """The conversion function for an annotation."""
+    if tp in _SCALARS:
+        return _SCALARS[tp]
+    if _is_union(tp):
+        return _to_union
+    if typing.get_origin(tp) is Literal:
+        return _to_literal
+    if _is_sequence(tp):
+        return _to_sequence
+    if typing.get_origin(tp) in (dict, Mapping) or tp in (dict, Mapping):
+        return _to_mapping
+    return _to_instance
+
+
 def _convert(tp: Any, value: Any, finite: bool = True) -> Any:
     """`value` as the annotation `tp` says, or _Mismatch."""
     value = _plain(value)
     if tp is Any or tp is object:
         return value
-    if _is_union(tp):
-        return _to_union(tp, value, finite)
-    if typing.get_origin(tp) is Literal:
-        if any(value == c and type(value) is type(c) for c in typing.get_args(tp)):
-            return value
-        raise _Mismatch
-    if _is_sequence(tp):
-        return _to_sequence(tp, value, finite)
-    if tp is bool:
-        if type(value) is bool:
-            return value
-        raise _Mismatch
-    if tp is int:
-        return _to_int(value)
-    if tp is float:
-        return _to_float(value, finite)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _Mismatch
-    if typing.get_origin(tp) in (dict, Mapping) or tp in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise _Mismatch
-        vt = typing.get_args(tp)[1] if typing.get_args(tp) else Any
-        return {k: _convert(vt, v, finite) for k, v in value.items()}
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, Mapping):
-            raise _Mismatch
-        return build(tp, value)
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise _Mismatch
+    return _converter(tp)(tp, value, finite)
 
 
 def describe(tp: Any, finite: bool = True) -> str:

@@ -55,13 +55,15 @@ class AdaMergingParams(Checked):
     # TIES trim: keep the top 20% magnitudes of each task vector (global over the model)
     density: float = param(0.2, within="(0, 1]")
     seed: int = 0
-    heads: tuple[str, ...] = param(("classifier.*", "score.*"), aliases={None: ()})  # per-task heads: frozen, never merged
+    # per-task heads: frozen, never merged (null = none)
+    heads: tuple[str, ...] = param(("classifier.*", "score.*"), aliases={None: ()})
 
     def __post_init__(self):
         super().__post_init__()
         if not self.clamp_min <= self.init <= self.clamp_max:
             raise UserError(
-                f"adamerging: init={self.init} must lie in [clamp_min, clamp_max] = [{self.clamp_min}, {self.clamp_max}]."
+                f"adamerging: init={self.init} must lie in [clamp_min, clamp_max] = "
+                f"[{self.clamp_min}, {self.clamp_max}]."
             )
 
 
