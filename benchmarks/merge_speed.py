@@ -75,7 +75,8 @@ def make_models(root: Path, size: str) -> tuple[Path, list[Path]]:
             continue
         tmp = d.with_name(d.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        tree = Tree({k: Thunk(lambda k=k, i=i: tensor(k, i - 1), [], s, torch.bfloat16, name=k) for k, s in shapes.items()})
+        tree = Tree({k: Thunk(lambda k=k, i=i: tensor(k, i - 1), [], s, torch.bfloat16, name=k)
+                     for k, s in shapes.items()})  # fmt: skip
         t0 = time.time()
         save_tree(tree, tmp, max_shard_size="500MB")
         cfg.save_pretrained(tmp)
@@ -136,7 +137,8 @@ def floor(base: str, models: list[str], out: str) -> None:
 # timing one subprocess
 # ---------------------------------------------------------------------------------------------------------
 def timed(cmd: list[str], cwd: Path | None = None, timeout: float = 3600) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     # peak RSS: the child's VmHWM, polled. (wait4's ru_maxrss would not do: Linux carries the parent's RSS
@@ -241,7 +243,8 @@ def main() -> None:
                              "--no-progress"], cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
                 shutil.rmtree(out)
                 tries.append(res)
-                print(f"  peft-lab {label}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB", flush=True)
+                print(f"  peft-lab {label}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB",
+                      flush=True)  # fmt: skip
             res = sorted(tries, key=lambda r: r["wall"])[len(tries) // 2]
             results.append({"size": size, "run": label, "tool": "peft-lab", **res, "walls": [r["wall"] for r in tries]})
             if a.mergekit and run in MERGEKIT and size in a.mergekit_sizes.split(",") and not opts:
@@ -254,14 +257,16 @@ def main() -> None:
                 res = timed([a.mergekit, str(rec), str(out), "--no-cuda", "--quiet"])
                 shutil.rmtree(out)
                 results.append({"size": size, "run": run, "tool": "mergekit", **res})
-                print(f"  mergekit {run}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB", flush=True)
+                print(f"  mergekit {run}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB",
+                      flush=True)  # fmt: skip
         run_floor()
     report(results)
     (a.root / "results.json").write_text(json.dumps(results, indent=1))
 
 
 def report(results: list[dict]) -> None:
-    print("\n| size | run | peft-lab wall s | CPU-s | peak RSS GB | / floor (wall) | mergekit wall s | CPU-s | peak RSS GB | mergekit / peft-lab (wall) |")
+    print("\n| size | run | peft-lab wall s | CPU-s | peak RSS GB | / floor (wall) | mergekit wall s | CPU-s "
+          "| peak RSS GB | mergekit / peft-lab (wall) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in dict.fromkeys(r["size"] for r in results):
         floors = [r for r in results if r["size"] == size and r["tool"] == "floor"]
@@ -272,11 +277,15 @@ def report(results: list[dict]) -> None:
         for r in results:
             if r["size"] != size or r["tool"] != "peft-lab":
                 continue
-            mk = next((m for m in results if m["size"] == size and m["tool"] == "mergekit" and m["run"] == r["run"]), None)
-            mkcols = f"{mk['wall']:.1f} | {mk['cpu']:.1f} | {mk['rss_gb']:.2f} | {mk['wall'] / r['wall']:.1f}x" if mk else " | | | "
+            mk = next((m for m in results if m["size"] == size and m["tool"] == "mergekit" and m["run"] == r["run"]),
+                      None)  # fmt: skip
+            mkcols = " | | | "
+            if mk:
+                mkcols = f"{mk['wall']:.1f} | {mk['cpu']:.1f} | {mk['rss_gb']:.2f} | {mk['wall'] / r['wall']:.1f}x"
             walls = r.get("walls", [r["wall"]])
             label = r["run"] + (f" (median of {'/'.join(f'{w:.1f}' for w in walls)})" if len(walls) > 1 else "")
-            print(f"| {size} | {label} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rss_gb']:.2f} | {r['wall'] / fl['wall']:.2f} | {mkcols} |")
+            print(f"| {size} | {label} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rss_gb']:.2f} | "
+                  f"{r['wall'] / fl['wall']:.2f} | {mkcols} |")
 
 
 if __name__ == "__main__":

@@ -46,20 +46,28 @@ def _yaml_value(text: str) -> Any:
         return text
 
 
+def _config_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peft-lab merge", description="Merge models as a mergekit-style YAML recipe says.")
+    flag = {"action": "store_true", "default": None}
+    p.add_argument("--config", required=True,
+                   help="mergekit-style recipe (merge_method, base_model, models, parameters, dtype)")
+    p.add_argument("--out", required=True, help="output dir (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", **flag, help="replace OUT once the new merge is complete")
+    p.add_argument("--allow-pickle", **flag, help="load .bin/.pt inputs (can run code from them)")
+    p.add_argument("--allow-nonfinite", **flag, help="merge inputs holding NaN/inf")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on a terminal)")
+    p.add_argument("--max-shard-size", default=None, help="output shard size, e.g. 5GB (default) or 500MB")
+    p.add_argument("--hash", default=None, choices=["sha256", "none"], help="input content hash recorded in the recipe")
+    p.add_argument("options", nargs="*", metavar="KEY=VALUE",
+                   help="run options as in the Hydra form, e.g. overwrite=true")
+    return p  # fmt: skip
+
+
 def _config_form(argv: list[str]) -> int:
     from merging.run import run_merge
 
-    p = argparse.ArgumentParser(prog="peft-lab merge", description="Merge models as a mergekit-style YAML recipe says.")
-    p.add_argument("--config", required=True, help="mergekit-style recipe (merge_method, base_model, models, parameters, dtype)")
-    p.add_argument("--out", required=True, help="output dir (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace OUT once the new merge is complete")
-    p.add_argument("--allow-pickle", action="store_true", default=None, help="load .bin/.pt inputs (can run code from them)")
-    p.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge inputs holding NaN/inf")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: on a terminal)")
-    p.add_argument("--max-shard-size", default=None, help="output shard size, e.g. 5GB (default) or 500MB")
-    p.add_argument("--hash", default=None, choices=["sha256", "none"], help="input content hash recorded in the recipe")
-    p.add_argument("options", nargs="*", metavar="KEY=VALUE", help="run options as in the Hydra form, e.g. overwrite=true")
-    a = p.parse_args(argv)
+    a = _config_parser().parse_args(argv)
     opts: dict[str, Any] = {
         "overwrite": a.overwrite, "allow_pickle": a.allow_pickle, "allow_nonfinite": a.allow_nonfinite,
         "progress": a.progress, "max_shard_size": a.max_shard_size, "hash": a.hash,
@@ -67,7 +75,9 @@ def _config_form(argv: list[str]) -> int:
     for item in a.options:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UserError(f"peft-lab merge --config: unexpected argument {item!r}; options are KEY=VALUE (e.g. overwrite=true).")
+            raise UserError(
+                f"peft-lab merge --config: unexpected argument {item!r}; options are KEY=VALUE (e.g. overwrite=true)."
+            )
         opts[key.replace("-", "_")] = _yaml_value(value)
     out = run_merge(a.config, a.out, **opts)
     print(out)
@@ -105,7 +115,9 @@ def _merge_job(cfg, *, multirun: bool, outs: list[Path]) -> None:
 
     raw_out = OmegaConf.to_container(cfg, resolve=False).get("out")
     if OmegaConf.is_missing(cfg, "out") or raw_out in (None, ""):
-        raise UserError("peft-lab merge: give the output dir, e.g. out=merged/ (or use --config RECIPE.yaml --out DIR).")
+        raise UserError(
+            "peft-lab merge: give the output dir, e.g. out=merged/ (or use --config RECIPE.yaml --out DIR)."
+        )
     d = OmegaConf.to_container(cfg, resolve=True)
     out = Path(str(d.pop("out")))
     if multirun and "${" not in str(raw_out):

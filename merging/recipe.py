@@ -141,10 +141,15 @@ def _same_path(a: str, b: str) -> bool:
 def _path(value: Any, where: str) -> str:
     if isinstance(value, Mapping) and "path" in value:  # mergekit's ModelReference {path: ..., lora: ...}
         if value.get("lora"):
-            raise UserError(f"{where}: mergekit's `lora:` model references are not supported; give the adapter dir itself as the model.")
+            raise UserError(
+                f"{where}: mergekit's `lora:` model references are not supported; give the adapter dir itself as "
+                "the model."
+            )
         value = value["path"]
     if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise UserError(f"{where}: a model must be a path (an HF model dir, a .safetensors file or an adapter dir), got {value!r}.")
+        raise UserError(
+            f"{where}: a model must be a path (an HF model dir, a .safetensors file or an adapter dir), got {value!r}."
+        )
     return str(value)
 
 
@@ -326,7 +331,9 @@ def _check_count(cls: type[MergeMethod], models: list[InputModel], base: str | N
 def load_recipe(recipe: str | os.PathLike | Mapping[str, Any], **options: Any) -> Recipe:
     """A recipe from a dict, a `Recipe`, or a path to a YAML file."""
     if isinstance(recipe, Recipe):
-        return recipe if not options else dataclasses.replace(recipe, options=_options(_fields_dict(recipe.options), options, "recipe"))
+        if not options:
+            return recipe
+        return dataclasses.replace(recipe, options=_options(_fields_dict(recipe.options), options, "recipe"))
     if isinstance(recipe, Mapping):
         return parse_recipe(recipe, **options)
     path = Path(recipe)

@@ -113,7 +113,8 @@ def test_refused_values_name_where_key_value_and_what_it_takes(key, given, messa
 
 
 def test_unknown_keys_list_the_known_ones():
-    with pytest.raises(UserError, match=r"^r\.yaml has no parameter\(s\) lamda, n_; it takes: anything, density, .*lambda"):
+    match = r"^r\.yaml has no parameter\(s\) lamda, n_; it takes: anything, density, .*lambda"
+    with pytest.raises(UserError, match=match):
         build(P, {"lamda": 1, "n_": 2, "n": 1}, where="r.yaml")
     with pytest.raises(UserError, match=r"^trainer has no parameter\(s\) x; it takes: size\.$"):
         build(Inner, {"x": 1}, prefix="trainer.")

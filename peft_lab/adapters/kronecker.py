@@ -241,7 +241,8 @@ class KronALayer(AdapterLayer):
             or leaf.B.shape != self.kron_B.shape
         ):
             raise UserError(
-                f"saved kronecker delta {leaf!r} does not fit factors {tuple(self.kron_A.shape)}, {tuple(self.kron_B.shape)}."
+                f"saved kronecker delta {leaf!r} does not fit factors {tuple(self.kron_A.shape)}, "
+                f"{tuple(self.kron_B.shape)}."
             )
         self.kron_A.copy_(leaf.A), self.kron_B.copy_(leaf.B)
         self.scale = leaf.scale

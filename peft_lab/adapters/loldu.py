@@ -78,8 +78,8 @@ def truncated_ldu(W: torch.Tensor, r: int, where: str) -> tuple[torch.Tensor, to
         i = int(bad[0]) if bad.numel() else 0
         raise UserError(
             f"loldu: the weight of {where} {tuple(W.shape)} is singular or badly scaled within its first r={r} LU "
-            f"pivots (pivot {i} is {float(D[i]):.3g}, the largest {float(dmax):.3g}); lower adapter.r below {max(i, 1)} "
-            "or exclude the layer."
+            f"pivots (pivot {i} is {float(D[i]):.3g}, the largest {float(dmax):.3g}); lower adapter.r below "
+            f"{max(i, 1)} or exclude the layer."
         )
     perm = P.argmax(dim=1)  # row i of P selects row perm[i]: (P @ M) == M[perm]
     return perm, L[:, :r].contiguous(), D[:r].clone(), (U[:r] / D[:r, None]).contiguous()
@@ -158,8 +158,8 @@ class LoLDU(OwnAdapter):
         k = min(w.shape[0], w[0].numel())
         if self.config.r > k:
             raise UserError(
-                f"loldu: rank r={self.config.r} exceeds what layer {name} {tuple(w.shape)} allows (at most {k} pivots); "
-                "lower adapter.r or exclude the layer."
+                f"loldu: rank r={self.config.r} exceeds what layer {name} {tuple(w.shape)} allows "
+                f"(at most {k} pivots); lower adapter.r or exclude the layer."
             )
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
             raise UserError(

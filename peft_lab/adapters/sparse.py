@@ -259,4 +259,5 @@ class SparseFT(OwnAdapter):
                 layer.candidates.steps = int(saved["steps"])
                 if "idx" in saved:
                     c = layer.candidates
-                    c.idx, c.step_sum, c.g_sum, c.g2_sum = saved["idx"], saved["step_sum"], saved["g_sum"], saved["g2_sum"]
+                    c.idx, c.step_sum = saved["idx"], saved["step_sum"]
+                    c.g_sum, c.g2_sum = saved["g_sum"], saved["g2_sum"]

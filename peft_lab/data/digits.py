@@ -50,7 +50,9 @@ def apply_transform(images: np.ndarray, transform: str, seed: int = 0) -> np.nda
     """`images` (N, 8, 8) in [0, 1] under `transform` (names from TRANSFORMS joined by `+`)."""
     for part in transform.split("+"):
         if part not in TRANSFORMS:
-            raise UserError(f"data.transform={transform!r}: unknown transform {part!r}. Available: {', '.join(TRANSFORMS)}.")
+            raise UserError(
+                f"data.transform={transform!r}: unknown transform {part!r}. Available: {', '.join(TRANSFORMS)}."
+            )
         images = TRANSFORMS[part](images, seed)
     return np.ascontiguousarray(images, dtype=np.float32)
 
@@ -94,7 +96,8 @@ class Digits(DataConfig):
         for part in self.transform.split("+"):
             if part not in TRANSFORMS:
                 raise UserError(
-                    f"data.transform={self.transform!r}: unknown transform {part!r}. Available: {', '.join(TRANSFORMS)}."
+                    f"data.transform={self.transform!r}: unknown transform {part!r}. "
+                    f"Available: {', '.join(TRANSFORMS)}."
                 )
 
     @property
@@ -121,7 +124,8 @@ class Digits(DataConfig):
         features = datasets.Features(
             {"image": datasets.Array2D((8, 8), "float32"), "label": datasets.ClassLabel(names=self.label_names)}
         )
-        parts = stratified_split(labels, {"validation": self.validation_fraction, "test": self.test_fraction}, self.seed)
+        fractions = {"validation": self.validation_fraction, "test": self.test_fraction}
+        parts = stratified_split(labels, fractions, self.seed)
         dd = datasets.DatasetDict()
         for split in ("train", "validation", "test"):
             idx = parts[split]

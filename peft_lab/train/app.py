@@ -93,7 +93,10 @@ def attach_adapter(run: RunConfig, built) -> tuple[torch.nn.Module, dict[str, to
     module = adapter.attach(model)
     trainable = dict(adapter.trainable_parameters())
     if not trainable:
-        raise UserError(f"adapter={run.adapter_name} attached to no parameter of {type(model).__name__}; check adapter.target_modules.")
+        raise UserError(
+            f"adapter={run.adapter_name} attached to no parameter of {type(model).__name__}; "
+            "check adapter.target_modules."
+        )
     return module, trainable, adapter
 
 
@@ -204,7 +207,8 @@ def _parameter_counts(run: RunConfig, module, trainable: dict, total_before: int
     n_total = sum(p.numel() for p in module.parameters())
     n_total += sum(p.numel() for p in trainable.values() if not any(p is q for q in module.parameters()))
     log.info("%s on %s with adapter=%s: %d trainable of %d parameters (%.3f%%); base model %d", run.model_name,
-             run.data_name, run.adapter_name, n_train, n_total, 100 * n_train / max(n_total, 1), total_before)  # fmt: skip
+             run.data_name, run.adapter_name, n_train, n_total, 100 * n_train / max(n_total, 1),
+             total_before)  # fmt: skip
     return n_train, n_total
 
 
@@ -256,5 +260,6 @@ def _save_outputs(out: Path, res, metrics: dict[str, Any], adapter, built, accel
             built.save_pretrained(tmp)
     _write_json(out / "metrics.json", metrics)
     res.session.finish({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-    eval_metrics = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, float))
+    evals = [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, float)]
+    eval_metrics = ", ".join(evals)
     log.info("done: %s -> %s", eval_metrics, out)

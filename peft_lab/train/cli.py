@@ -28,7 +28,8 @@ APP = HydraApp("peft-lab train", "train", sweep_errors="report")
 
 
 def _job_dirname(dirname: str) -> str:
-    """Hydra's override_dirname without the `++` this module adds (`++adapter.r=4,adapter=lora` -> `adapter.r=4,...`)."""
+    """Hydra's override_dirname without the `++` this module adds (`++adapter.r=4,adapter=lora` ->
+    `adapter.r=4,...`)."""
     return job_dirname(dirname.split(","), safe=False)
 
 

@@ -160,7 +160,9 @@ def _node_name(node: Mapping[str, Any], group: str, choices: Mapping[str, str] |
     if name is None and choices:
         name = choices.get(group)
     if name is None:
-        raise UserError(f"the {group} config names no {group} (add `name: <registry key>` to it or choose one with {group}=...).")
+        raise UserError(
+            f"the {group} config names no {group} (add `name: <registry key>` to it or choose one with {group}=...)."
+        )
     return str(name)
 
 
@@ -181,7 +183,9 @@ def resolve(cfg: Any, choices: Mapping[str, str] | None = None) -> RunConfig:
         try:
             cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except MissingMandatoryValue as e:
-            raise UserError(f"{e.full_key} must be set (e.g. {e.full_key}=...); its config leaves it open (???).") from None
+            raise UserError(
+                f"{e.full_key} must be set (e.g. {e.full_key}=...); its config leaves it open (???)."
+            ) from None
         except OmegaConfBaseException as e:
             raise UserError(f"the config does not resolve: {str(e).splitlines()[0]}") from None
     cfg = dict(cfg)
@@ -201,5 +205,7 @@ def resolve(cfg: Any, choices: Mapping[str, str] | None = None) -> RunConfig:
         out[group], out[f"{group}_name"] = obj, name
     extra = sorted(set(cfg) - set(GROUPS) - {"seed", "output_dir"})
     if extra:
-        raise UserError(f"unknown top-level key(s) {', '.join(extra)}; the config has: {', '.join(GROUPS)}, seed, output_dir.")
+        raise UserError(
+            f"unknown top-level key(s) {', '.join(extra)}; the config has: {', '.join(GROUPS)}, seed, output_dir."
+        )
     return RunConfig(seed=seed, output_dir=cfg.get("output_dir"), **out)

@@ -1,9 +1,9 @@
 """Where metrics go: `none`, `csv`, `jsonl`, `wandb` (`conf/logger/<name>.yaml`). Only the main process logs.
 
 A logger is opened with the resolved config (incl. the trainable-parameter count), then gets scalar metrics at
-`log`, images (diffusion sample grids) at `log_image`, and the final metrics at `finish`. On resume, `open(resume_step=k)`
-drops rows a killed run wrote after its last checkpoint (file loggers) or reattaches to the same run id (W&B),
-so the log reads like the uninterrupted run's.
+`log`, images (diffusion sample grids) at `log_image`, and the final metrics at `finish`. On resume,
+`open(resume_step=k)` drops rows a killed run wrote after its last checkpoint (file loggers) or reattaches to the
+same run id (W&B), so the log reads like the uninterrupted run's.
 
 W&B never asks for a login: with no API key configured (env `WANDB_API_KEY` or a netrc entry) it runs in offline
 mode (`WANDB_MODE=offline`), writing `DIR/wandb/offline-run-*` for a later `wandb sync`. Sweeps pass
@@ -67,7 +67,8 @@ class NoLogger(Logger):
 class _JSONLSession(Session):
     def __init__(self, path: Path, resume_step: int):
         self.path = path
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if resume_step and path.exists() else []
+        lines = path.read_text().splitlines() if resume_step and path.exists() else []
+        rows = [json.loads(x) for x in lines if x.strip()]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
 
     def log(self, metrics, step):
@@ -164,7 +165,10 @@ class WandbLogger(Logger):
             raise UserError("logger=wandb needs the package wandb: pip install wandb") from None
         mode = wandb_mode(self.mode)
         if mode == "online" and not _has_api_key():
-            raise UserError("logger.mode=online but no W&B API key is configured: run `wandb login`, set WANDB_API_KEY, or use offline mode.")
+            raise UserError(
+                "logger.mode=online but no W&B API key is configured: run `wandb login`, set WANDB_API_KEY, "
+                "or use offline mode."
+            )
         run_id = (state or {}).get("wandb_id") or secrets.token_hex(4)
         settings = wandb.Settings(silent=True, console="off", disable_git=True, save_code=False, x_disable_stats=True)
         run = wandb.init(

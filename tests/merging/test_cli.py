@@ -43,7 +43,8 @@ def test_a_run_and_a_sweep_leave_only_their_outputs(inputs, tmp_path, capsys):
         (["method=ties", "method.nope=1"], r"^peft-lab merge: the method has no parameter 'nope' \(see conf/method"),
         (["method=ties"], r"^peft-lab merge: give the output dir, e\.g\. out=merged/"),
         (["method=tiez", "out=o"], r"^Unknown merge method 'tiez'\. Available: .*ties"),
-        (["method=ties", "out=o", "method.density=[1,"], r"^peft-lab merge: cannot parse the override 'method\.density=\[1,'"),
+        (["method=ties", "out=o", "method.density=[1,"],
+         r"^peft-lab merge: cannot parse the override 'method\.density=\[1,'"),
         (["method=ties", "out=o", "method.density=0"], r"^overrides: parameters: density=0 is out of range"),
     ],
 )

@@ -25,7 +25,8 @@ def fisher_files(tmp_path):
     for j in range(2):
         model = {"body.weight": torch.randn(4, 3, generator=g), "classifier.weight": torch.randn(2, 4, generator=g)}
         save_file(model, tmp_path / f"m{j}.safetensors")
-        save_fisher({k: torch.rand(v.shape, generator=g) + 0.1 for k, v in model.items()}, tmp_path / f"f{j}.safetensors")
+        fisher = {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in model.items()}
+        save_fisher(fisher, tmp_path / f"f{j}.safetensors")
     return tmp_path
 
 

@@ -57,7 +57,8 @@ def run_train(out, overrides):
 
 
 def test_resume_after_kill_gives_the_same_metrics(tmp_path):
-    args = [*TINY, "adapter=lora", "trainer.max_steps=20", "trainer.save_every=5", "trainer.eval_every=10", "logger=jsonl"]
+    args = [*TINY, "adapter=lora", "trainer.max_steps=20", "trainer.save_every=5", "trainer.eval_every=10",
+            "logger=jsonl"]  # fmt: skip
     ref = run_train(tmp_path / "ref", args)  # uninterrupted, in this process
 
     out = tmp_path / "killed"
@@ -91,7 +92,8 @@ def test_wandb_offline_without_key_never_prompts(tmp_path):
     env.update(HOME=str(tmp_path / "home"), WANDB_SILENT="true")  # no netrc, no API key, no WANDB_MODE
     (tmp_path / "home").mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "peft_lab", "train", *TINY, "adapter=lora", "logger=wandb", f"output_dir={tmp_path / 'o'}"],
+        [sys.executable, "-m", "peft_lab", "train", *TINY, "adapter=lora", "logger=wandb",
+         f"output_dir={tmp_path / 'o'}"],
         env={**env, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -137,8 +139,8 @@ def test_two_processes_match_one(tmp_path):
     args = [*TINY, "model.dropout=0.0", "adapter=lora", "trainer.max_steps=4", "trainer.eval_every=2"]
     single = run_train(tmp_path / "one", [*args, "trainer.batch_size=4"])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peft_lab", "train",
-                        *args, "trainer.batch_size=2", f"output_dir={tmp_path / 'two'}"],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peft_lab",
+                        "train", *args, "trainer.batch_size=2", f"output_dir={tmp_path / 'two'}"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())

@@ -172,7 +172,8 @@ def test_values_are_typed_by_the_schema():
         ({"trainer": {"lr": "fast"}}, r"trainer\.lr='fast' must be a finite number"),
         ({"trainer": {"adam_betas": [0.9, 1.5]}}, r"trainer\.adam_betas=\[0\.9, 1\.5\] is out of range: .*\[0, 1\)"),
         ({"trainer": {"scheduler": "step"}}, r"trainer\.scheduler='step' must be one of: constant, linear, cosine"),
-        ({"adapter": {"target_modules": ["query", 1]}}, r"adapter\.target_modules=\['query', 1\] must be a list of str"),
+        ({"adapter": {"target_modules": ["query", 1]}},
+         r"adapter\.target_modules=\['query', 1\] must be a list of strings"),
         ({"adapter": {"r": "abc"}}, r"adapter=lora: adapter\.r='abc' must be an integer"),
         ({"model": {"max_length": "x"}}, r"model=tiny_bert: model\.max_length='x' must be an integer"),
     ]:

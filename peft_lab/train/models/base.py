@@ -17,7 +17,9 @@ from peft_lab.errors import UserError
 from peft_lab.params import Checked, build
 from peft_lab.registry import Registry
 
-__all__ = ["MODELS", "ModelConfig", "BuiltModel", "DataInfo", "build_model", "quiet_hf", "new_modules_from_keys", "TASK_NAMES"]
+__all__ = [
+    "MODELS", "ModelConfig", "BuiltModel", "DataInfo", "build_model", "quiet_hf", "new_modules_from_keys", "TASK_NAMES",
+]  # fmt: skip
 
 MODELS: Registry[type[ModelConfig]] = Registry("model", package="peft_lab.train.models")
 TASK_NAMES = ("sequence_classification", "causal_lm", "diffusion")
@@ -62,7 +64,10 @@ class BuiltModel:
     def save_pretrained(self, out_dir: str | Path) -> None:
         """An HF/diffusers model dir: config + safetensors weights (+ tokenizer / scheduler config)."""
         out = Path(out_dir)
-        self.model.save_pretrained(out, safe_serialization=True) if _takes_safe(self.model) else self.model.save_pretrained(out)
+        if _takes_safe(self.model):
+            self.model.save_pretrained(out, safe_serialization=True)
+        else:
+            self.model.save_pretrained(out)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out)
         if self.noise_scheduler is not None:
@@ -91,7 +96,9 @@ class ModelConfig(Checked):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.task not in self.tasks():
-            raise UserError(f"model={self.name} does not support model.task={self.task!r}; it supports: {', '.join(self.tasks())}.")
+            raise UserError(
+                f"model={self.name} does not support model.task={self.task!r}; it supports: {', '.join(self.tasks())}."
+            )
 
     def tasks(self) -> tuple[str, ...]:
         return TASK_NAMES
@@ -155,6 +162,8 @@ def check_local_path(path: str, what: str) -> Path | None:
             raise UserError(f"{what}={path}: is a file; give the model's directory (config.json + weights).")
         return p
     if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
-        raise UserError(f"{what}={path}: no such directory. Give a local model dir (config.json + safetensors) or a hub id.")
+        raise UserError(
+            f"{what}={path}: no such directory. Give a local model dir (config.json + safetensors) or a hub id."
+        )
     return None
 

@@ -34,7 +34,8 @@ def _labels_kw(info: DataInfo) -> dict:
     if info.label_names is None:
         raise UserError("sequence classification needs a dataset with a `label` column (data.label_column).")
     names = list(info.label_names)
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)}}  # fmt: skip
 
 
 def _fix_padding(tokenizer, model) -> None:
@@ -59,7 +60,9 @@ def load_text_model(path: str, task: str, info: DataInfo, *, revision: str | Non
     try:
         with quiet_hf():
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kw)
-            model, loading = auto.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **extra, **kw)
+            model, loading = auto.from_pretrained(
+                path, output_loading_info=True, ignore_mismatched_sizes=True, **extra, **kw
+            )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -108,7 +111,9 @@ class HFModel(_TextConfig):
         check_local_path(self.path, "model.path")
 
     def build(self, info: DataInfo) -> BuiltModel:
-        return load_text_model(self.path, self.task, info, revision=self.revision, trust_remote_code=self.trust_remote_code)
+        return load_text_model(
+            self.path, self.task, info, revision=self.revision, trust_remote_code=self.trust_remote_code
+        )
 
 
 @MODELS.register("minilm")
@@ -152,7 +157,9 @@ class _Tiny(_TextConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.hidden_size % self.num_heads:
-            raise UserError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}.")
+            raise UserError(
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}."
+            )
 
     def tokenizer(self):
         import transformers

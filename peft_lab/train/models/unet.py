@@ -49,7 +49,10 @@ class _UNetConfig(ModelConfig):
         if not self.block_out_channels or any(c % 32 for c in self.block_out_channels):
             raise UserError(f"model.block_out_channels={list(self.block_out_channels)}: give multiples of 32.")
         if not 1 <= self.sample_steps <= self.num_train_timesteps:
-            raise UserError(f"model.sample_steps={self.sample_steps}: must be in 1..num_train_timesteps ({self.num_train_timesteps}).")
+            raise UserError(
+                f"model.sample_steps={self.sample_steps}: must be in 1..num_train_timesteps "
+                f"({self.num_train_timesteps})."
+            )
 
     def tasks(self) -> tuple[str, ...]:
         return ("diffusion",)
@@ -105,7 +108,8 @@ class TinyUNet(_UNetConfig):
 @MODELS.register("tiny_unet_cond")
 @dataclasses.dataclass(frozen=True)
 class TinyUNetCond(_UNetConfig):
-    """Class-conditional `UNet2DConditionModel`: the label enters as a one-hot token (cross_attention_dim = #classes)."""
+    """Class-conditional `UNet2DConditionModel`: the label enters as a one-hot token (cross_attention_dim =
+    #classes)."""
 
     name = "tiny_unet_cond"
 
