@@ -79,7 +79,8 @@ def make_models(root: Path, size: str) -> tuple[Path, list[Path]]:
             continue
         tmp = d.with_name(d.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        tree = Tree({k: Thunk(lambda k=k, i=i: tensor(k, i - 1), [], s, torch.bfloat16, name=k) for k, s in shapes.items()})
+        tree = Tree({k: Thunk(lambda k=k, i=i: tensor(k, i - 1), [], s, torch.bfloat16, name=k)
+                     for k, s in shapes.items()})  # fmt: skip
         t0 = time.time()
         save_tree(tree, tmp, max_shard_size="500MB")
         cfg.save_pretrained(tmp)
@@ -395,7 +396,8 @@ def report_contention(results: list[dict]) -> None:
 
 
 def report(results: list[dict]) -> None:
-    print("\n| size | run | peft-lab wall s | CPU-s | peak RSS GB | / floor (wall) | mergekit wall s | CPU-s | peak RSS GB | mergekit / peft-lab (wall) |")
+    print("\n| size | run | peft-lab wall s | CPU-s | peak RSS GB | / floor (wall) | mergekit wall s | CPU-s "
+          "| peak RSS GB | mergekit / peft-lab (wall) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in dict.fromkeys(r["size"] for r in results):
         floors = [r for r in results if r["size"] == size and r["tool"] == "floor"]
@@ -406,11 +408,15 @@ def report(results: list[dict]) -> None:
         for r in results:
             if r["size"] != size or r["tool"] != "peft-lab":
                 continue
-            mk = next((m for m in results if m["size"] == size and m["tool"] == "mergekit" and m["run"] == r["run"]), None)
-            mkcols = f"{mk['wall']:.1f} | {mk['cpu']:.1f} | {mk['rss_gb']:.2f} | {mk['wall'] / r['wall']:.1f}x" if mk else " | | | "
+            mk = next((m for m in results if m["size"] == size and m["tool"] == "mergekit" and m["run"] == r["run"]),
+                      None)  # fmt: skip
+            mkcols = " | | | "
+            if mk:
+                mkcols = f"{mk['wall']:.1f} | {mk['cpu']:.1f} | {mk['rss_gb']:.2f} | {mk['wall'] / r['wall']:.1f}x"
             walls = r.get("walls", [r["wall"]])
             label = r["run"] + (f" (median of {'/'.join(f'{w:.1f}' for w in walls)})" if len(walls) > 1 else "")
-            print(f"| {size} | {label} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rss_gb']:.2f} | {r['wall'] / fl['wall']:.2f} | {mkcols} |")
+            print(f"| {size} | {label} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rss_gb']:.2f} | "
+                  f"{r['wall'] / fl['wall']:.2f} | {mkcols} |")
 
 
 if __name__ == "__main__":

@@ -226,7 +226,8 @@ def table(rows_by_seed: list[dict], cols: list[str]) -> tuple[str, list[list]]:
     for name in names:
         vals = np.array([[r[name][c] for c in cols] for r in rows_by_seed]) * 100  # (seeds, cols)
         corr = vals[:, 1:].mean(1)
-        cells = [f"{m:.1f} ± {s:.1f}" if len(vals) > 1 else f"{m:.1f}" for m, s in zip(vals.mean(0), vals.std(0), strict=True)]
+        cells = [f"{m:.1f} ± {s:.1f}" if len(vals) > 1 else f"{m:.1f}"
+                 for m, s in zip(vals.mean(0), vals.std(0), strict=True)]  # fmt: skip
         cm = f"{corr.mean():.1f} ± {corr.std():.1f}" if len(vals) > 1 else f"{corr.mean():.1f}"
         md.append(f"| {name} | " + " | ".join(cells) + f" | {cm} |")
         csv.append([name, *[f"{m:.2f}" for m in vals.mean(0)], f"{corr.mean():.2f}"])
@@ -235,12 +236,14 @@ def table(rows_by_seed: list[dict], cols: list[str]) -> tuple[str, list[list]]:
 
 def depth_table(depths: list[dict], ds) -> str:
     md = ["| weight layers kept | tensors kept | signature (float32) | clean test, mean of the three patched | "
-          + " | ".join(f"{c} test, clean + σ_{c}" for c in CORRUPTIONS) + " |", "|---|---|---:|---:|" + "---:|" * len(CORRUPTIONS)]
+          + " | ".join(f"{c} test, clean + σ_{c}" for c in CORRUPTIONS) + " |",
+          "|---|---|---:|---:|" + "---:|" * len(CORRUPTIONS)]  # fmt: skip
     for d in ds:
         clean = np.mean([[r[(d, c)]["clean"] for c in CORRUPTIONS] for r in depths]) * 100
         own = [np.mean([r[(d, c)][c] for r in depths]) * 100 for c in CORRUPTIONS]
         r0 = depths[0][(d, CORRUPTIONS[0])]
-        md.append(f"| {d}{' (default)' if d == 3 else ''} | {r0['layers']} (+ their BN) | {r0['bytes'] / 1024:.1f} KiB | "
+        md.append(f"| {d}{' (default)' if d == 3 else ''} | {r0['layers']} (+ their BN) | "
+                  f"{r0['bytes'] / 1024:.1f} KiB | "
                   f"{clean:.1f} | " + " | ".join(f"{x:.1f}" for x in own) + " |")
     return "\n".join(md)
 

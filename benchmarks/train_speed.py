@@ -57,7 +57,8 @@ def run_trainer(steps: int, threads: int, out: str) -> dict:
     path = minilm_path()
     tok = transformers.AutoTokenizer.from_pretrained(path)
     train_ds = build_dataset("bbc_news", seed=0)["train"]
-    train_ds = train_ds.map(lambda b: tok(b["text"], truncation=True, max_length=128), batched=True, remove_columns=["text"])
+    train_ds = train_ds.map(lambda b: tok(b["text"], truncation=True, max_length=128), batched=True,
+                            remove_columns=["text"])  # fmt: skip
     model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=5)
     # SEQ_CLS adds the classifier to modules_to_save; the default run also trains MiniLM's pooler (model.train_pooler)
     lora = LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=8, target_modules=["query", "value"],
@@ -73,14 +74,16 @@ def run_trainer(steps: int, threads: int, out: str) -> dict:
 
     clock = Clock()
     args = transformers.TrainingArguments(
-        output_dir=out, per_device_train_batch_size=16, max_steps=steps, learning_rate=default_lr(), lr_scheduler_type="linear",
-        warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=steps, save_strategy="no", eval_strategy="no",
+        output_dir=out, per_device_train_batch_size=16, max_steps=steps, learning_rate=default_lr(),
+        lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, logging_steps=steps,
+        save_strategy="no", eval_strategy="no",
         report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train_ds,
                                    data_collator=transformers.DataCollatorWithPadding(tok), callbacks=[clock])
     result = trainer.train()
-    return {"samples_per_s": steps * 16 / clock.t, "cpu_s_per_step": clock.c / steps, "train_loss": result.training_loss}
+    return {"samples_per_s": steps * 16 / clock.t, "cpu_s_per_step": clock.c / steps,
+            "train_loss": result.training_loss}  # fmt: skip
 
 
 VARIANTS = {"peft-lab train": run_ours, "PEFT + Trainer": run_trainer}
@@ -106,7 +109,8 @@ def main() -> None:
     results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for r in range(a.repeats):
         for v in VARIANTS:
-            proc = subprocess.run([sys.executable, __file__, "--child", v, "--steps", str(a.steps), "--threads", str(a.threads)],
+            proc = subprocess.run([sys.executable, __file__, "--child", v, "--steps", str(a.steps),
+                                   "--threads", str(a.threads)],
                                   capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
             if proc.returncode or not line:
@@ -119,10 +123,12 @@ def main() -> None:
     print(f"{'variant':16} {'samples/s':>10} {'CPU-s/step':>11} {'peak RSS MB':>12} {'train loss':>11}")
     med = {v: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for v, rs in results.items()}
     for v, m in med.items():
-        print(f"{v:16} {m['samples_per_s']:10.2f} {m['cpu_s_per_step']:11.3f} {m['peak_rss_mb']:12.0f} {m['train_loss']:11.4f}")
+        print(f"{v:16} {m['samples_per_s']:10.2f} {m['cpu_s_per_step']:11.3f} {m['peak_rss_mb']:12.0f} "
+              f"{m['train_loss']:11.4f}")
     ours, base = med["peft-lab train"], med["PEFT + Trainer"]
     print(f"ratio (ours / Trainer): samples/s {ours['samples_per_s'] / base['samples_per_s']:.2f}x, CPU-s/step "
-          f"{ours['cpu_s_per_step'] / base['cpu_s_per_step']:.2f}x, peak RSS {ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}x")
+          f"{ours['cpu_s_per_step'] / base['cpu_s_per_step']:.2f}x, "
+          f"peak RSS {ours['peak_rss_mb'] / base['peak_rss_mb']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The merge-operator interface.
 
 A method is one file under `merging/methods/` (module name = registry key = `conf/method/<name>.yaml`): a
-frozen parameters dataclass (its Hydra schema, validated in `__post_init__` with `UserError`), an optional
+frozen parameters dataclass (its Hydra schema: a `peft_lab.params.Checked` whose annotations and `param(...)`
+metadata say what each value takes; the recipe builds it with `peft_lab.params.build`), an optional
 per-model parameters dataclass (mergekit's `models[i].parameters`: weight, density, ...), and a per-tensor
 function computed in float32. Methods that need a view of the whole model first (a global TIES threshold,
 Fisher information, AdaMerging's learned coefficients) implement `prepare`, whose result the per-tensor
@@ -32,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from merging.stream import FULL, SAMPLE, drive
+from peft_lab.params import Checked, param_key
 from peft_lab.registry import Registry
 from peft_lab.tree import Tree
 
@@ -40,13 +42,8 @@ __all__ = ["METHODS", "MergeMethod", "MergeInputs", "ModelParams", "TensorJob", 
 METHODS: Registry[type[MergeMethod]] = Registry("merge method", package="merging.methods")
 
 
-def param_key(f: dataclasses.Field) -> str:
-    """The recipe key of a dataclass field: its name, or `metadata["key"]` (`lambda_` is written `lambda`)."""
-    return f.metadata.get("key", f.name)
-
-
 @dataclass(frozen=True)
-class ModelParams:
+class ModelParams(Checked):
     """Per-model parameters (mergekit `models[i].parameters`). Methods extend this with their own fields."""
 
     weight: float = 1.0

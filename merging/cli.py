@@ -14,23 +14,29 @@ something itself (e.g. `out='runs/d${method.density}'`).
 from __future__ import annotations
 
 import argparse
-import contextlib
+import functools
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from peft_lab.errors import UserError
+from peft_lab.hydra_app import HydraApp, is_multirun, job_dirname, split_args
 
 __all__ = ["main"]
 
 # overrides that do not change what is merged, left out of a sweep job's output dir name
 _NOT_IN_DIRNAME = {"out", "base", "models", "overwrite", "progress", "hash", "max_shard_size", "chunk_size", "threads",
                    "allow_pickle", "allow_nonfinite"}  # fmt: skip
+# Hydra runs in a scratch dir (outputs go to `out`); a sweep job's UserError ends the sweep at once
+APP = HydraApp(
+    "peft-lab merge", "merge", scratch=True, prefix="peft-lab merge: ",
+    hints=((r"Could not override 'method\.([^']+)'",
+            r"the method has no parameter '\1' (see conf/method/<name>.yaml for its parameters; per-model values go "
+            r"in models=[{model: PATH, parameters: {...}}])."),),
+)  # fmt: skip
 
 
 def _yaml_value(text: str) -> Any:
@@ -40,20 +46,28 @@ def _yaml_value(text: str) -> Any:
         return text
 
 
+def _config_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peft-lab merge", description="Merge models as a mergekit-style YAML recipe says.")
+    flag = {"action": "store_true", "default": None}
+    p.add_argument("--config", required=True,
+                   help="mergekit-style recipe (merge_method, base_model, models, parameters, dtype)")
+    p.add_argument("--out", required=True, help="output dir (must not exist or be empty, unless --overwrite)")
+    p.add_argument("--overwrite", **flag, help="replace OUT once the new merge is complete")
+    p.add_argument("--allow-pickle", **flag, help="load .bin/.pt inputs (can run code from them)")
+    p.add_argument("--allow-nonfinite", **flag, help="merge inputs holding NaN/inf")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: on a terminal)")
+    p.add_argument("--max-shard-size", default=None, help="output shard size, e.g. 5GB (default) or 500MB")
+    p.add_argument("--hash", default=None, choices=["sha256", "none"], help="input content hash recorded in the recipe")
+    p.add_argument("options", nargs="*", metavar="KEY=VALUE",
+                   help="run options as in the Hydra form, e.g. overwrite=true")
+    return p  # fmt: skip
+
+
 def _config_form(argv: list[str]) -> int:
     from merging.run import run_merge
 
-    p = argparse.ArgumentParser(prog="peft-lab merge", description="Merge models as a mergekit-style YAML recipe says.")
-    p.add_argument("--config", required=True, help="mergekit-style recipe (merge_method, base_model, models, parameters, dtype)")
-    p.add_argument("--out", required=True, help="output dir (must not exist or be empty, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace OUT once the new merge is complete")
-    p.add_argument("--allow-pickle", action="store_true", default=None, help="load .bin/.pt inputs (can run code from them)")
-    p.add_argument("--allow-nonfinite", action="store_true", default=None, help="merge inputs holding NaN/inf")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: on a terminal)")
-    p.add_argument("--max-shard-size", default=None, help="output shard size, e.g. 5GB (default) or 500MB")
-    p.add_argument("--hash", default=None, choices=["sha256", "none"], help="input content hash recorded in the recipe")
-    p.add_argument("options", nargs="*", metavar="KEY=VALUE", help="run options as in the Hydra form, e.g. overwrite=true")
-    a = p.parse_args(argv)
+    a = _config_parser().parse_args(argv)
     opts: dict[str, Any] = {
         "overwrite": a.overwrite, "allow_pickle": a.allow_pickle, "allow_nonfinite": a.allow_nonfinite,
         "progress": a.progress, "max_shard_size": a.max_shard_size, "hash": a.hash,
@@ -61,24 +75,13 @@ def _config_form(argv: list[str]) -> int:
     for item in a.options:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UserError(f"peft-lab merge --config: unexpected argument {item!r}; options are KEY=VALUE (e.g. overwrite=true).")
+            raise UserError(
+                f"peft-lab merge --config: unexpected argument {item!r}; options are KEY=VALUE (e.g. overwrite=true)."
+            )
         opts[key.replace("-", "_")] = _yaml_value(value)
     out = run_merge(a.config, a.out, **opts)
     print(out)
     return 0
-
-
-def _dirname(overrides: list[str]) -> str:
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in _NOT_IN_DIRNAME]
-    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(keep))
-
-
-class _Abort(BaseException):
-    """Carries a UserError out of a Hydra job: Hydra logs and wraps `Exception`s, not this."""
-
-    def __init__(self, error: UserError):
-        super().__init__(str(error))
-        self.error = error
 
 
 def _check_method_names(argv: list[str], conf: Path) -> None:
@@ -93,68 +96,49 @@ def _check_method_names(argv: list[str], conf: Path) -> None:
                     raise UserError(f"Method {name!r} has no config conf/method/{name}.yaml.")
 
 
-def _hydra_form(argv: list[str]) -> int:
-    import hydra
+def _defer_method_values(overrides: list[str]) -> list[str]:
+    """In a sweep over methods, Hydra composes the sweep's base config with the default method, where method.X may
+    not exist: a one-value `method.X=V` becomes `method.X=choice(V)`, applied per job after its method is chosen."""
+    if not any(a.startswith("method=") and "," in a for a in overrides):
+        return overrides
+    return [f"{k}=choice({v})" if k.startswith("method.") and not re.search(r"[,(\[{]", v) else a
+            for a in overrides for k, _, v in [a.partition("=")]]  # fmt: skip
+
+
+def _merge_job(cfg, *, multirun: bool, outs: list[Path]) -> None:
+    """One Hydra job: the composed config as a recipe, merged into `out` (in a sweep: its subdir for the job)."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     from merging.recipe import hydra_to_dict, parse_recipe
     from merging.run import run_merge
-    from peft_lab.config import conf_dir, hydra_argv
 
-    multirun = any(a in ("-m", "--multirun") for a in argv)
-    outs: list[Path] = []
+    raw_out = OmegaConf.to_container(cfg, resolve=False).get("out")
+    if OmegaConf.is_missing(cfg, "out") or raw_out in (None, ""):
+        raise UserError(
+            "peft-lab merge: give the output dir, e.g. out=merged/ (or use --config RECIPE.yaml --out DIR)."
+        )
+    d = OmegaConf.to_container(cfg, resolve=True)
+    out = Path(str(d.pop("out")))
+    if multirun and "${" not in str(raw_out):
+        hc = HydraConfig.get()
+        out = out / (job_dirname(list(hc.overrides.task), _NOT_IN_DIRNAME, unplus=False) or f"job{hc.job.num}")
+    outs.append(run_merge(parse_recipe(hydra_to_dict(d), where="overrides"), out))
 
-    def task(cfg) -> None:
-        raw_out = OmegaConf.to_container(cfg, resolve=False).get("out")
-        if OmegaConf.is_missing(cfg, "out") or raw_out in (None, ""):
-            raise UserError("peft-lab merge: give the output dir, e.g. out=merged/ (or use --config RECIPE.yaml --out DIR).")
-        d = OmegaConf.to_container(cfg, resolve=True)
-        out = Path(str(d.pop("out")))
-        if multirun and "${" not in str(raw_out):
-            hc = HydraConfig.get()
-            out = out / (_dirname(list(hc.overrides.task)) or f"job{hc.job.num}")
-        try:
-            outs.append(run_merge(parse_recipe(hydra_to_dict(d), where="overrides"), out))
-        except UserError as e:
-            raise _Abort(e) from None
+
+def _hydra_form(argv: list[str]) -> int:
+    from peft_lab.config import conf_dir
 
     _check_method_names(argv, conf_dir())
-    if multirun and any(a.startswith("method=") and "," in a for a in argv):
-        # Hydra composes a sweep's base config with the default method, where method.X may not exist:
-        # a one-value sweep (choice) is applied per job instead, after the job's method is chosen
-        argv = [f"{k}=choice({v})" if k.startswith("method.") and not re.search(r"[,(\[{]", v) else a
-                for a in argv for k, _, v in [a.partition("=")]]  # fmt: skip
-    scratch = tempfile.mkdtemp(prefix="peft-lab-hydra-")
-    hydra_args = [
-        *argv,
-        f"hydra.run.dir={scratch}",
-        f"hydra.sweep.dir={scratch}",
-        "hydra.output_subdir=null",
-        "hydra/job_logging=none",  # leave the logging of the process as it is
-        "hydra/hydra_logging=none",
-    ]
-    app = hydra.main(config_path=str(conf_dir()), config_name="merge", version_base="1.3")(task)
-    try:
-        with hydra_argv("peft-lab merge", hydra_args):  # exceptions reach peft_lab.cli (UserError: one paragraph)
-            app()
-    except _Abort as e:
-        raise e.error from None
-    except (HydraException, OmegaConfBaseException) as e:
-        msg = str(e).strip()
-        m = re.search(r"Could not override 'method\.([^']+)'", msg)
-        if m:
-            msg = (f"the method has no parameter {m.group(1)!r} (see conf/method/<name>.yaml for its parameters; "
-                   "per-model values go in models=[{model: PATH, parameters: {...}}]).")
-        raise UserError(f"peft-lab merge: {msg}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(scratch)
+    flags, overrides = split_args(argv)
+    multirun = is_multirun(flags)
+    if multirun:
+        overrides = _defer_method_values(overrides)
+    outs: list[Path] = []
+    code = APP.run(functools.partial(_merge_job, multirun=multirun, outs=outs), [*flags, *overrides])
     for o in outs:
         print(o)
-    return 0
+    return code
 
 
 def main(argv: list[str]) -> int:

@@ -25,13 +25,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
 
-from merging.base import METHODS, MergeMethod, param_key
+from merging.base import METHODS, MergeMethod
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, build, param, param_key, specs
 
 __all__ = ["Recipe", "InputModel", "Options", "parse_recipe", "load_recipe", "hydra_to_dict", "DTYPES", "OPTION_KEYS"]
 
@@ -43,6 +44,7 @@ DTYPES = {
 }  # fmt: skip
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 HASHES = ("sha256", "none")
+RECIPE_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
 
 # keys peft-lab writes into merge_recipe.yaml besides the recipe; accepted (and ignored) when it is re-run
 RECORD_KEYS = ("inputs", "tool")
@@ -55,7 +57,7 @@ UNSUPPORTED = {
 
 
 @dataclass(frozen=True)
-class Options:
+class Options(Checked):
     """How to run a merge (not part of what is merged).
 
     Attributes:
@@ -77,22 +79,12 @@ class Options:
     allow_nonfinite: bool = False
     progress: bool | None = None
     max_shard_size: int | str = "5GB"
-    hash: str = "sha256"
-    chunk_size: int = 1 << 22
-    threads: int | str = 1
+    hash: str = param("sha256", choices=HASHES)
+    chunk_size: int = param(1 << 22, within="[16, inf)")
+    threads: int | Literal["auto"] = param(1, within="[1, inf)", help="a positive integer, or auto for torch's default")
 
     def __post_init__(self):
-        for k in ("overwrite", "allow_pickle", "allow_nonfinite"):
-            if not isinstance(getattr(self, k), bool):
-                raise UserError(f"Option {k}={getattr(self, k)!r} must be true or false.")
-        if self.progress is not None and not isinstance(self.progress, bool):
-            raise UserError(f"Option progress={self.progress!r} must be true, false or null (auto).")
-        if self.hash not in HASHES:
-            raise UserError(f"Option hash={self.hash!r} must be one of: {', '.join(HASHES)}.")
-        if not isinstance(self.chunk_size, int) or isinstance(self.chunk_size, bool) or self.chunk_size < 16:
-            raise UserError(f"Option chunk_size={self.chunk_size!r} must be an integer >= 16.")
-        if self.threads != "auto" and (not isinstance(self.threads, int) or isinstance(self.threads, bool) or self.threads < 1):
-            raise UserError(f"Option threads={self.threads!r} must be a positive integer, or auto for torch's default.")
+        super().__post_init__()
         if self.chunk_size % 2:  # DARE's random stream is drawn two values at a time
             object.__setattr__(self, "chunk_size", self.chunk_size + 1)
 
@@ -147,43 +139,6 @@ def _fields_dict(obj: Any) -> dict[str, Any]:
     return {param_key(f): getattr(obj, f.name) for f in dataclasses.fields(obj)}
 
 
-def _keys(cls: type) -> dict[str, str]:
-    """recipe key -> field name of a parameters dataclass."""
-    return {param_key(f): f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-
-
-def _list_keys(cls: type) -> set[str]:
-    """Recipe keys of fields that take a list (their annotation or default is a sequence), e.g. AdaMerging's heads."""
-    if not dataclasses.is_dataclass(cls):
-        return set()
-    out = set()
-    for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if isinstance(default, (list, tuple)) or any(t in str(f.type) for t in ("tuple", "list", "Sequence")):
-            out.add(param_key(f))
-    return out
-
-
-def _scalar(method: str, key: str, value: Any, where: str, lists: set[str] = frozenset()) -> Any:
-    if key in lists and isinstance(value, (list, tuple)):
-        return tuple(value)
-    if isinstance(value, (list, tuple, Mapping)):
-        raise UserError(
-            f"{where}: parameter {key} of {method} is given as {type(value).__name__} ({value!r}); peft-lab merge "
-            "takes one value per parameter (mergekit's per-layer gradients and filters are not supported)."
-        )
-    return value
-
-
-def _build(cls: type, values: dict[str, Any], where: str, method: str) -> Any:
-    try:
-        return cls(**values)
-    except TypeError as e:  # a required field missing, or a wrong keyword (already filtered)
-        raise UserError(f"{where}: invalid parameters for {method}: {e}.") from None
-    except UserError as e:
-        raise UserError(f"{where}: {e}") from None
-
-
 def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
 
@@ -191,129 +146,199 @@ def _same_path(a: str, b: str) -> bool:
 def _path(value: Any, where: str) -> str:
     if isinstance(value, Mapping) and "path" in value:  # mergekit's ModelReference {path: ..., lora: ...}
         if value.get("lora"):
-            raise UserError(f"{where}: mergekit's `lora:` model references are not supported; give the adapter dir itself as the model.")
+            raise UserError(
+                f"{where}: mergekit's `lora:` model references are not supported; give the adapter dir itself as "
+                "the model."
+            )
         value = value["path"]
     if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise UserError(f"{where}: a model must be a path (an HF model dir, a .safetensors file or an adapter dir), got {value!r}.")
+        raise UserError(
+            f"{where}: a model must be a path (an HF model dir, a .safetensors file or an adapter dir), got {value!r}."
+        )
     return str(value)
 
 
 def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: Any) -> Recipe:
     """Validate a mergekit-style recipe dict (plus peft-lab's run options, as keys or keywords)."""
+    raw = _without_extras(raw, where)
+    opts = _options(raw, options, where)
+    data = _data(raw.pop("data", None), where)
+    _check_keys(raw, where)
+    cls = _method_class(raw, where)
+    dtype = _dtype(raw.get("out_dtype") or raw.get("dtype"), where)
+    params, defaults = _parameters(cls, raw.get("parameters"), where)
+    method = cls(params)
+    base = raw.get("base_model")
+    base = None if base is None else _path(base, f"{where}: base_model")
+    models = _models(cls, raw.get("models"), base, defaults, where)
+    _check_count(cls, models, base, where)
+    method.check_models([m.params for m in models], [m.path for m in models])
+    return Recipe(method=method, base=base, models=tuple(models), dtype=dtype, options=opts,
+                  data=None if data is None else dict(data))  # fmt: skip
+
+
+def _without_extras(raw: Any, where: str) -> dict[str, Any]:
+    """The recipe as a dict without the keys peft-lab ignores; mergekit features it does not support refused."""
     if not isinstance(raw, Mapping):
         raise UserError(f"{where}: a recipe is a mapping with merge_method, models, ...; got {type(raw).__name__}.")
     raw = dict(raw)
     for key, what in UNSUPPORTED.items():
         if raw.get(key):
-            raise UserError(f"{where}: `{key}` ({what}) is a mergekit feature peft-lab merge does not support; list whole models under `models:`.")
+            raise UserError(
+                f"{where}: `{key}` ({what}) is a mergekit feature peft-lab merge does not support; "
+                "list whole models under `models:`."
+            )
         raw.pop(key, None)
     ts = raw.pop("tokenizer_source", None)
     if ts not in (None, "base"):
-        raise UserError(f"{where}: tokenizer_source={ts!r} is not supported; the tokenizer is copied from the base model.")
-    opts = {k: raw.pop(k) for k in OPTION_KEYS if k in raw}
+        raise UserError(
+            f"{where}: tokenizer_source={ts!r} is not supported; the tokenizer is copied from the base model."
+        )
     for k in RECORD_KEYS:
         raw.pop(k, None)
-    opts.update({k: v for k, v in options.items() if v is not None})
-    unknown_opts = [k for k in opts if k not in OPTION_KEYS]
-    if unknown_opts:
-        raise UserError(f"Unknown option(s) {', '.join(unknown_opts)}; options are: {', '.join(OPTION_KEYS)}.")
-    data = raw.pop("data", None)
+    return raw
+
+
+def _options(raw: dict[str, Any], given: Mapping[str, Any], where: str) -> Options:
+    """The run options: the recipe's option keys (popped from `raw`), overridden by keywords that are not None."""
+    opts = {k: raw.pop(k) for k in OPTION_KEYS if k in raw}
+    opts.update({k: v for k, v in given.items() if v is not None})
+    unknown = [k for k in opts if k not in OPTION_KEYS]
+    if unknown:
+        raise UserError(f"Unknown option(s) {', '.join(unknown)}; options are: {', '.join(OPTION_KEYS)}.")
+    return build(Options, opts, where=f"{where}: run options")
+
+
+def _data(data: Any, where: str) -> Mapping[str, Any] | None:
     if data is not None and not isinstance(data, Mapping):
         raise UserError(f"{where}: `data` must be a mapping (the examples a data-driven method needs), got {data!r}.")
-    known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
-    unknown = [k for k in raw if k not in known]
+    return data
+
+
+def _check_keys(raw: Mapping[str, Any], where: str) -> None:
+    unknown = [k for k in raw if k not in RECIPE_KEYS]
     if unknown:
         raise UserError(
             f"{where}: unknown key(s) {', '.join(map(str, unknown))}. A recipe has merge_method, base_model, models, "
-            f"parameters, dtype (and run options {', '.join(OPTION_KEYS)})."
+            f"parameters, dtype, data (and run options {', '.join(OPTION_KEYS)})."
         )
+
+
+def _method_class(raw: Mapping[str, Any], where: str) -> type[MergeMethod]:
     if not raw.get("merge_method"):
         raise UserError(f"{where}: merge_method is missing (one of: {', '.join(METHODS.names())}).")
-    cls: type[MergeMethod] = METHODS.get(str(raw["merge_method"]))
-    name = cls.name
+    return METHODS.get(str(raw["merge_method"]))
 
-    # dtype: mergekit's `dtype` is its compute dtype and `out_dtype` the output's; peft-lab computes in float32
-    dtype_name = raw.get("out_dtype") or raw.get("dtype")
-    dtype = None
-    if dtype_name is not None:
-        if str(dtype_name) not in DTYPES:
-            raise UserError(f"{where}: dtype {dtype_name!r} is not one of: {', '.join(sorted(DTYPE_NAMES.values()))}.")
-        dtype = DTYPES[str(dtype_name)]
 
-    top = raw.get("parameters") or {}
+def _dtype(name: Any, where: str) -> torch.dtype | None:
+    """mergekit's `dtype` is its compute dtype and `out_dtype` the output's; peft-lab computes in float32."""
+    if name is None:
+        return None
+    if str(name) not in DTYPES:
+        raise UserError(f"{where}: dtype {name!r} is not one of: {', '.join(sorted(DTYPE_NAMES.values()))}.")
+    return DTYPES[str(name)]
+
+
+def _no_schedules(cls: type, method: str, values: Mapping[str, Any], where: str) -> None:
+    """A list or mapping for a one-value parameter is mergekit's per-layer gradient or filter: refused."""
+    fields = specs(cls)
+    for key, value in values.items():
+        if isinstance(value, (list, tuple, Mapping)) and not fields[key].takes_list:
+            raise UserError(
+                f"{where}: parameter {key} of {method} is given as {type(value).__name__} ({value!r}); peft-lab "
+                "merge takes one value per parameter (mergekit's per-layer gradients and filters are not supported)."
+            )
+
+
+def _build(cls: type, method: str, values: Mapping[str, Any], where: str) -> Any:
+    _no_schedules(cls, method, values, where)
+    return build(cls, values, where=where)
+
+
+def _parameters(cls: type[MergeMethod], top: Any, where: str) -> tuple[Any, dict[str, Any]]:
+    """The method's parameters (built) and the per-model defaults of the top-level `parameters` (checked)."""
+    top = top or {}
     if not isinstance(top, Mapping):
         raise UserError(f"{where}: `parameters` must be a mapping, got {top!r}.")
-    shared_keys, model_keys = _keys(cls.Params), _keys(cls.ModelParams)
-    bad = [k for k in top if k not in shared_keys and k not in model_keys]
+    shared, per_model = specs(cls.Params), specs(cls.ModelParams)
+    bad = [k for k in top if k not in shared and k not in per_model]
     if bad:
-        allowed = sorted(set(shared_keys) | set(model_keys))
+        allowed = sorted(set(shared) | set(per_model))
         raise UserError(
-            f"{where}: {name} has no parameter {', '.join(map(str, bad))}; its parameters are: {', '.join(allowed) or '(none)'}."
+            f"{where}: {cls.name} has no parameter {', '.join(map(str, bad))}; "
+            f"its parameters are: {', '.join(allowed) or '(none)'}."
         )
-    params = _build(
-        cls.Params,
-        {shared_keys[k]: _scalar(name, k, v, where, _list_keys(cls.Params)) for k, v in top.items() if k in shared_keys},
-        where,
-        name,
-    )
-    method = cls(params)
+    params = _build(cls.Params, cls.name, {k: v for k, v in top.items() if k in shared}, f"{where}: parameters")
+    defaults = {k: v for k, v in top.items() if k in per_model}
+    _build(cls.ModelParams, cls.name, defaults, f"{where}: parameters")
+    return params, defaults
 
-    base = raw.get("base_model")
-    base = None if base is None else _path(base, f"{where}: base_model")
-    entries = raw.get("models")
+
+def _models(
+    cls: type[MergeMethod], entries: Any, base: str | None, defaults: Mapping[str, Any], where: str
+) -> list[InputModel]:
+    """The `models` entries with their per-model parameters (own values over the top-level defaults)."""
     if entries is None or isinstance(entries, (str, Mapping)) or not hasattr(entries, "__iter__"):
         raise UserError(f"{where}: `models` must be a list of {{model: PATH, parameters: {{...}}}} entries.")
     models: list[InputModel] = []
-    lists = _list_keys(cls.ModelParams)
     for i, entry in enumerate(entries):
-        ewhere = f"{where}: models[{i}]"
-        if isinstance(entry, (str, os.PathLike)):
-            entry = {"model": entry}
-        if not isinstance(entry, Mapping) or "model" not in entry:
-            raise UserError(f"{ewhere}: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}.")
-        extra = [k for k in entry if k not in ("model", "parameters")]
-        if extra:
-            raise UserError(f"{ewhere}: unknown key(s) {', '.join(map(str, extra))} (an entry has model and parameters).")
-        path = _path(entry["model"], ewhere)
-        if base is not None and cls.needs_base and not cls.base_is_input and _same_path(path, base):
-            continue  # the base model listed among the inputs (mergekit style): it is the base, not a task
-        own = entry.get("parameters") or {}
-        if not isinstance(own, Mapping):
-            raise UserError(f"{ewhere}: `parameters` must be a mapping, got {own!r}.")
-        bad = [k for k in own if k not in model_keys]
-        if bad:
-            raise UserError(
-                f"{ewhere}: {name} has no per-model parameter {', '.join(map(str, bad))}"
-                + (f"; per-model parameters are: {', '.join(model_keys)}." if model_keys else " (it takes none).")
-            )
-        values = {model_keys[k]: _scalar(name, k, v, where, lists) for k, v in top.items() if k in model_keys}
-        values.update({model_keys[k]: _scalar(name, k, v, ewhere, lists) for k, v in own.items()})
-        models.append(InputModel(path, _build(cls.ModelParams, values, f"{ewhere} ({path})", name)))
+        model = _model(cls, entry, base, defaults, f"{where}: models[{i}]")
+        if model is not None:
+            models.append(model)
     if cls.base_is_input and base is not None and not any(_same_path(m.path, base) for m in models):
-        values = {model_keys[k]: v for k, v in top.items() if k in model_keys}
-        models.append(InputModel(base, _build(cls.ModelParams, values, f"{where}: base_model", name)))
+        models.append(InputModel(base, _build(cls.ModelParams, cls.name, defaults, f"{where}: base_model")))
+    return models
 
-    if cls.needs_base and base is None:
-        raise UserError(f"{where}: {name} needs base_model (the model the task vectors are taken against).")
-    if len(models) < cls.min_models or (cls.max_models is not None and len(models) > cls.max_models):
-        want = (
-            f"exactly {cls.min_models}" if cls.max_models == cls.min_models
-            else f"at least {cls.min_models}" if cls.max_models is None
-            else f"{cls.min_models} to {cls.max_models}"
-        )
+
+def _model(
+    cls: type[MergeMethod], entry: Any, base: str | None, defaults: Mapping[str, Any], where: str
+) -> InputModel | None:
+    """One `models` entry (None for the base model listed among the inputs, mergekit style)."""
+    if isinstance(entry, (str, os.PathLike)):
+        entry = {"model": entry}
+    if not isinstance(entry, Mapping) or "model" not in entry:
+        raise UserError(f"{where}: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}.")
+    extra = [k for k in entry if k not in ("model", "parameters")]
+    if extra:
+        raise UserError(f"{where}: unknown key(s) {', '.join(map(str, extra))} (an entry has model and parameters).")
+    path = _path(entry["model"], where)
+    if base is not None and cls.needs_base and not cls.base_is_input and _same_path(path, base):
+        return None  # the base model listed among the inputs: it is the base, not a task
+    own = entry.get("parameters") or {}
+    if not isinstance(own, Mapping):
+        raise UserError(f"{where}: `parameters` must be a mapping, got {own!r}.")
+    per_model = specs(cls.ModelParams)
+    bad = [k for k in own if k not in per_model]
+    if bad:
         raise UserError(
-            f"{where}: {name} merges {want} model(s) besides the base, got {len(models)}"
-            + (" (entries equal to base_model count as the base)." if base is not None and cls.needs_base else ".")
+            f"{where}: {cls.name} has no per-model parameter {', '.join(map(str, bad))}"
+            + (f"; per-model parameters are: {', '.join(per_model)}." if per_model else " (it takes none).")
         )
-    method.check_models([m.params for m in models], [m.path for m in models])
-    return Recipe(method=method, base=base, models=tuple(models), dtype=dtype, options=Options(**opts),
-                  data=None if data is None else dict(data))  # fmt: skip
+    return InputModel(path, _build(cls.ModelParams, cls.name, {**defaults, **own}, f"{where} ({path})"))
+
+
+def _check_count(cls: type[MergeMethod], models: list[InputModel], base: str | None, where: str) -> None:
+    if cls.needs_base and base is None:
+        raise UserError(f"{where}: {cls.name} needs base_model (the model the task vectors are taken against).")
+    if len(models) >= cls.min_models and (cls.max_models is None or len(models) <= cls.max_models):
+        return
+    want = (
+        f"exactly {cls.min_models}" if cls.max_models == cls.min_models
+        else f"at least {cls.min_models}" if cls.max_models is None
+        else f"{cls.min_models} to {cls.max_models}"
+    )  # fmt: skip
+    raise UserError(
+        f"{where}: {cls.name} merges {want} model(s) besides the base, got {len(models)}"
+        + (" (entries equal to base_model count as the base)." if base is not None and cls.needs_base else ".")
+    )
 
 
 def load_recipe(recipe: str | os.PathLike | Mapping[str, Any], **options: Any) -> Recipe:
     """A recipe from a dict, a `Recipe`, or a path to a YAML file."""
     if isinstance(recipe, Recipe):
-        return recipe if not options else dataclasses.replace(recipe, options=dataclasses.replace(recipe.options, **options))
+        if not options:
+            return recipe
+        return dataclasses.replace(recipe, options=_options(_fields_dict(recipe.options), options, "recipe"))
     if isinstance(recipe, Mapping):
         return parse_recipe(recipe, **options)
     path = Path(recipe)

@@ -23,7 +23,8 @@ def test_every_python_package_is_listed():
         if "__pycache__" not in p.parts
     }
     assert found - listed == set(), f"add these packages to pyproject.toml: {sorted(found - listed)}"
-    conf_groups = {"peft_lab.conf." + ".".join(d.relative_to(REPO / "conf").parts) for d in (REPO / "conf").rglob("*") if d.is_dir()}
+    conf_dirs = [d for d in (REPO / "conf").rglob("*") if d.is_dir()]
+    conf_groups = {"peft_lab.conf." + ".".join(d.relative_to(REPO / "conf").parts) for d in conf_dirs}
     assert {"peft_lab.conf", *conf_groups} - listed == set(), "list every conf/ group dir as a peft_lab.conf.* package"
 
 

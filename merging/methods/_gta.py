@@ -17,9 +17,8 @@ in mergekit's registry; each lives in its own module under `merging/methods/`.
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -30,16 +29,13 @@ from merging import fused
 from merging.base import FULL, SAMPLE, MergeInputs, MergeMethod, ModelParams, TensorJob
 from merging.methods._kth_largest import KthLargest, select_kth
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, param
 
 __all__ = [
     "GTAMethod",
     "GTAModelParams",
     "WeightParams",
     "DareParams",
-    "check_bool",
-    "check_density",
-    "check_finite",
-    "check_choice",
     "combine",
     "dare_keep",
     "dare_drop",
@@ -54,38 +50,11 @@ TRIM_SCOPES = ("tensor", "global")
 _L1_EPS = 1e-7  # mergekit's `rescaled_masked_tensor` leaves a tensor unscaled below this norm
 
 
-def check_finite(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise UserError(f"Parameter {name}={value!r} must be a finite number.")
-
-
-def check_density(density: Any, name: str = "density") -> None:
-    check_finite(name, density)
-    if not 0 < density <= 1:
-        raise UserError(
-            f"Parameter {name}={density} is out of range: it is the fraction of each task vector that is kept "
-            "and must be in (0, 1] (1 keeps everything)."
-        )
-
-
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise UserError(f"Parameter {name}={value!r} must be one of: {', '.join(choices)}.")
-
-
-def check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise UserError(f"Parameter {name}={value!r} must be true or false.")
-
-
 @dataclass(frozen=True)
 class WeightParams(ModelParams):
     """Per-model parameter `weight` (w_t, any sign: a negative weight subtracts a task)."""
 
     weight: float = 1.0
-
-    def __post_init__(self):
-        check_finite("weight", self.weight)
 
 
 @dataclass(frozen=True)
@@ -94,15 +63,11 @@ class GTAModelParams(ModelParams):
     fraction of τ_t kept: TIES magnitude trim / DARE keep rate)."""
 
     weight: float = 1.0
-    density: float = 1.0
-
-    def __post_init__(self):
-        check_finite("weight", self.weight)
-        check_density(self.density)
+    density: float = param(1.0, within="(0, 1]", help="the fraction of each task vector kept; 1 keeps everything")
 
 
 @dataclass(frozen=True)
-class DareParams:
+class DareParams(Checked):
     """Shared parameters of dare_linear / dare_ties.
 
     Attributes:
@@ -115,26 +80,18 @@ class DareParams:
         seed: the seed every per-tensor mask derives from (with the tensor name and model position).
     """
 
-    lambda_: float = field(default=1.0, metadata={"key": "lambda"})
+    lambda_: float = param(1.0, key="lambda")
     normalize: bool = False
-    rescale: str = "l1"
-    q: float | None = None
-    seed: int = 0
+    rescale: str = param("l1", choices=RESCALES, aliases={True: "l1", False: "none"})
+    q: float | None = param(None, within="(0, 1]")
+    seed: int = param(0, within="[0, inf)")
 
     def __post_init__(self):
-        check_finite("lambda", self.lambda_)
-        check_bool("normalize", self.normalize)
-        if isinstance(self.rescale, bool):  # mergekit's boolean `rescale`
-            object.__setattr__(self, "rescale", "l1" if self.rescale else "none")
-        check_choice("rescale", self.rescale, RESCALES)
-        if self.rescale == "q":
-            if self.q is None:
-                raise UserError("Parameter rescale=q needs q (the DAREx-q factor, in (0, 1]), e.g. q=0.3.")
-            check_density(self.q, "q")
-        elif self.q is not None:
+        super().__post_init__()
+        if self.rescale == "q" and self.q is None:
+            raise UserError("Parameter rescale=q needs q (the DAREx-q factor, in (0, 1]), e.g. q=0.3.")
+        if self.rescale != "q" and self.q is not None:
             raise UserError(f"Parameter q={self.q} is only used with rescale=q (rescale is {self.rescale!r}).")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise UserError(f"Parameter seed={self.seed!r} must be a non-negative integer.")
 
 
 def combine(

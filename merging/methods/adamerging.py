@@ -29,6 +29,7 @@ from merging.datadriven.adamerging import AdaResult, learn_from_data
 from merging.methods._gta import GTAModelParams
 from merging.methods.ties import Ties, TiesParams
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, param
 from peft_lab.tree import matches
 
 __all__ = ["AdaMerging", "AdaMergingParams", "official_ties", "ties_task_vectors"]
@@ -37,34 +38,33 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class AdaMergingParams:
-    granularity: str = "layer"  # "task": one λ per task; "layer": one λ per (tensor, task)
+class AdaMergingParams(Checked):
+    # "task": one λ per task; "layer": one λ per (tensor, task)
+    granularity: str = param("layer", choices=("task", "layer"))
     init: float = 0.3
     clamp_min: float = 0.0
     clamp_max: float = 1.0
-    lr: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
-    steps: int = 500
-    batch_size: int = 16
-    batches_per_step: int = 2  # per task: the official loop takes 2 batches of 16 per task per step
+    lr: float = param(1e-3, within="(0, inf)")
+    beta1: float = param(0.9, within="[0, 1)")
+    beta2: float = param(0.999, within="[0, 1)")
+    steps: int = param(500, within="[0, inf)")
+    batch_size: int = param(16, within="[1, inf)")
+    # per task: the official loop takes 2 batches of 16 per task per step
+    batches_per_step: int = param(2, within="[1, inf)")
     ties: bool = False  # AdaMerging++: learn λ over TIES-processed task vectors
-    density: float = 0.2  # TIES trim: keep the top 20% magnitudes of each task vector (global over the model)
+    # TIES trim: keep the top 20% magnitudes of each task vector (global over the model)
+    density: float = param(0.2, within="(0, 1]")
     seed: int = 0
-    heads: tuple[str, ...] = ("classifier.*", "score.*")  # per-task heads: frozen, never merged
+    # per-task heads: frozen, never merged (null = none)
+    heads: tuple[str, ...] = param(("classifier.*", "score.*"), aliases={None: ()})
 
     def __post_init__(self):
-        if self.granularity not in ("task", "layer"):
-            raise UserError(f"adamerging: granularity={self.granularity!r} must be 'task' or 'layer'.")
+        super().__post_init__()
         if not self.clamp_min <= self.init <= self.clamp_max:
-            raise UserError(f"adamerging: init={self.init} must lie in [clamp_min, clamp_max] = [{self.clamp_min}, {self.clamp_max}].")
-        if self.steps < 0 or self.batch_size < 1 or self.batches_per_step < 1:
-            raise UserError("adamerging: steps must be >= 0, batch_size and batches_per_step >= 1.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"adamerging: lr={self.lr} must be a positive number.")
-        if not 0 < self.density <= 1:
-            raise UserError(f"adamerging: density={self.density} must be in (0, 1].")
-        object.__setattr__(self, "heads", tuple(self.heads or ()))
+            raise UserError(
+                f"adamerging: init={self.init} must lie in [clamp_min, clamp_max] = "
+                f"[{self.clamp_min}, {self.clamp_max}]."
+            )
 
 
 def official_ties(density: float, n_models: int) -> tuple[Ties, list[GTAModelParams]]:

@@ -28,6 +28,7 @@ import torch
 
 from merging.base import METHODS, MergeInputs, MergeMethod
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, param
 from peft_lab.tree import Tree, load_tree, matches, save_tree
 from peft_lab.tree.io import TREE_KIND_KEY
 
@@ -39,40 +40,26 @@ FISHER_KIND = "fisher"
 
 
 @dataclass(frozen=True)
-class FisherParams:
+class FisherParams(Checked):
     normalize: bool = True  # official: divide each model's weight by the L2 norm of its Fisher
-    floor: float = 1e-6  # official minimum Fisher value
+    floor: float = param(1e-6, within="(0, inf)", help="the official minimum Fisher value; keeps denominators > 0")
     favor_target: bool = False  # floor only the first model's Fisher (official default for 2-model merges)
     # how the Fisher is computed when it is not given as a file (see merging/datadriven/fisher.py)
-    labels: str = "sample"  # sample | expected | empirical
-    num_examples: int = 256  # official 4096 (train split); 256 keeps a CPU merge to minutes
-    batch_size: int = 16
-    chunk_size: int = 16
-    engine: str = "auto"  # auto | hooks | vmap: how per-example gradients are formed (merging/datadriven/fisher.py)
+    labels: str = param("sample", choices=("sample", "expected", "empirical"))
+    num_examples: int = param(256, within="[1, inf)")  # official 4096 (train split); 256 keeps a CPU merge to minutes
+    batch_size: int = param(16, within="[1, inf)")
+    chunk_size: int = param(16, within="[1, inf)")
+    # how per-example gradients are formed (merging/datadriven/fisher.py)
+    engine: str = param("auto", choices=("auto", "hooks", "vmap"))
     seed: int = 0
-    heads: tuple[str, ...] = ("classifier.*", "score.*")  # per-task heads: not merged, first model's kept
-
-    def __post_init__(self):
-        if not (self.floor > 0 and math.isfinite(self.floor)):
-            raise UserError(f"fisher: floor={self.floor} must be a positive number (it keeps denominators > 0).")
-        if self.labels not in ("sample", "expected", "empirical"):
-            raise UserError(f"fisher: labels={self.labels!r} must be one of sample, expected, empirical.")
-        if self.engine not in ("auto", "hooks", "vmap"):
-            raise UserError(f"fisher: engine={self.engine!r} must be one of auto, hooks, vmap.")
-        for k in ("num_examples", "batch_size", "chunk_size"):
-            if int(getattr(self, k)) < 1:
-                raise UserError(f"fisher: {k}={getattr(self, k)} must be at least 1.")
-        object.__setattr__(self, "heads", tuple(self.heads or ()))
+    # per-task heads: not merged, the first model's is kept (null = none)
+    heads: tuple[str, ...] = param(("classifier.*", "score.*"), aliases={None: ()})
 
 
 @dataclass(frozen=True)
-class FisherModelParams:
-    weight: float = 1.0
+class FisherModelParams(Checked):
+    weight: float = param(1.0, within="[0, inf)")
     fisher: str | None = None  # a saved Fisher tree (safetensors) for this model; computed from `data` if absent
-
-    def __post_init__(self):
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise UserError(f"fisher: model weight {self.weight} must be finite and >= 0.")
 
 
 def fisher_merge(

@@ -12,31 +12,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from merging.base import METHODS, MergeMethod, ModelParams
-from merging.methods._gta import check_bool, check_finite
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, param
 
 
 @dataclass(frozen=True)
-class LinearParams:
+class LinearParams(Checked):
     normalize: bool = True
-
-    def __post_init__(self):
-        check_bool("normalize", self.normalize)
 
 
 @dataclass(frozen=True)
 class NonNegativeWeight(ModelParams):
     """Per-model `weight` >= 0."""
 
-    weight: float = 1.0
-
-    def __post_init__(self):
-        check_finite("weight", self.weight)
-        if self.weight < 0:
-            raise UserError(
-                f"Parameter weight={self.weight} is negative; linear and soup average models and need weights >= 0. "
-                "To subtract a model's change use task_arithmetic with a negative weight."
-            )
+    weight: float = param(
+        1.0,
+        within="[0, inf)",
+        help="linear and soup average models; to subtract a model's change use task_arithmetic with a negative weight",
+    )
 
 
 def weighted_average(tensors, weights, normalize: bool):

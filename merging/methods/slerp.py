@@ -20,27 +20,21 @@ from dataclasses import dataclass
 import torch
 
 from merging.base import FULL, METHODS, MergeMethod
-from merging.methods._gta import check_finite
-from peft_lab.errors import UserError
+from peft_lab.params import Checked, param
 
 _DOT_THRESHOLD = 0.9995
 _EPS = 1e-8
 
 
 @dataclass(frozen=True)
-class SlerpParams:
+class SlerpParams(Checked):
     """t in [0, 1]: 0 is the base model, 1 the other model."""
 
-    t: float = 0.5
-
-    def __post_init__(self):
-        check_finite("t", self.t)
-        if not 0 <= self.t <= 1:
-            raise UserError(f"Parameter t={self.t} is out of range: slerp interpolates with t in [0, 1] (0 = base model).")
+    t: float = param(0.5, within="[0, 1]", help="slerp interpolates from the base model (0) to the other model (1)")
 
 
 @dataclass(frozen=True)
-class NoModelParams:
+class NoModelParams(Checked):
     """slerp takes no per-model parameters."""
 
 

@@ -15,9 +15,9 @@ import torch
 
 from merging import fused
 from merging.base import METHODS, MergeMethod
-from merging.methods._gta import check_bool
 from merging.methods.linear import NonNegativeWeight, weighted_average
 from peft_lab.errors import UserError
+from peft_lab.params import Checked
 
 
 def _words(mask: torch.Tensor) -> torch.Tensor:
@@ -27,13 +27,10 @@ def _words(mask: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SoupParams:
+class SoupParams(Checked):
     """`check_masks`: refuse candidates whose zero patterns differ (set false for dense soups)."""
 
     check_masks: bool = True
-
-    def __post_init__(self):
-        check_bool("check_masks", self.check_masks)
 
 
 @METHODS.register("soup")

@@ -7,22 +7,19 @@ Negative weights subtract a task ("negation"). Same semantics and defaults as me
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from merging.base import METHODS
-from merging.methods._gta import GTAMethod, WeightParams, check_bool, check_finite
+from merging.methods._gta import GTAMethod, WeightParams
+from peft_lab.params import Checked, param
 
 
 @dataclass(frozen=True)
-class TaskArithmeticParams:
+class TaskArithmeticParams(Checked):
     """λ (recipe key `lambda`) scales the summed task vectors; `normalize` divides them by Σ_t w_t."""
 
-    lambda_: float = field(default=1.0, metadata={"key": "lambda"})
+    lambda_: float = param(1.0, key="lambda")
     normalize: bool = False
-
-    def __post_init__(self):
-        check_finite("lambda", self.lambda_)
-        check_bool("normalize", self.normalize)
 
 
 @METHODS.register("task_arithmetic")

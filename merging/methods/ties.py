@@ -18,28 +18,26 @@ weights 1 and `normalize: true` the merge step is the official "dis-mean"; `norm
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from merging.base import METHODS
-from merging.methods._gta import TRIM_SCOPES, GTAMethod, check_bool, check_choice, check_finite
+from merging.methods._gta import TRIM_SCOPES, GTAMethod
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, param
 
 
 @dataclass(frozen=True)
-class TiesParams:
+class TiesParams(Checked):
     """λ (recipe key `lambda`), `normalize` (disjoint mean), `trim_scope` (`tensor` | `global`), `zero_sign`
     (`plus` | `majority`). The per-model `weight` and `density` may also be given here as defaults for every model."""
 
-    lambda_: float = field(default=1.0, metadata={"key": "lambda"})
+    lambda_: float = param(1.0, key="lambda")
     normalize: bool = True
-    trim_scope: str = "tensor"
-    zero_sign: str = "plus"
+    trim_scope: str = param("tensor", choices=TRIM_SCOPES)
+    zero_sign: str = param("plus", choices=("plus", "majority"))
 
     def __post_init__(self):
-        check_finite("lambda", self.lambda_)
-        check_bool("normalize", self.normalize)
-        check_choice("trim_scope", self.trim_scope, TRIM_SCOPES)
-        check_choice("zero_sign", self.zero_sign, ("plus", "majority"))
+        super().__post_init__()
         if self.zero_sign == "majority" and self.trim_scope != "global":
             raise UserError(
                 "Parameter zero_sign=majority is the official TIES rule, a model-wide statistic computed with "

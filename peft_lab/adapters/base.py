@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, build, param
 from peft_lab.registry import Registry
 from peft_lab.tree import Tree
 from peft_lab.tree.io import ADAPTER_CONFIG
@@ -51,25 +52,11 @@ ADAPTER_FILE = ADAPTER_CONFIG  # peft_lab_adapter.json
 _PEFT_TYPES = {"LORA": "lora", "LOKR": "kronecker"}
 
 
-def _str_list(value: Any, field: str) -> list[str] | None:
-    """Normalise a pattern list (a str, list, tuple or OmegaConf ListConfig) to list[str]."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    try:
-        items = list(value)
-    except TypeError:
-        raise UserError(f"adapter.{field} must be a list of module-name patterns, got {value!r}.") from None
-    if not all(isinstance(v, str) and v for v in items):
-        raise UserError(f"adapter.{field} must be a list of non-empty strings, got {items!r}.")
-    return items
-
-
 @dataclasses.dataclass(frozen=True)
-class AdapterConfig:
-    """Fields every adapter shares. Subclasses add their own hyperparameters (frozen, validated in
-    `__post_init__`, which subclasses extend by calling `super().__post_init__()`).
+class AdapterConfig(Checked):
+    """Fields every adapter shares. Subclasses add their own hyperparameters (frozen; types and ranges declared
+    with `peft_lab.params.param`, checks across fields in `__post_init__`, which subclasses extend by calling
+    `super().__post_init__()`).
 
     Attributes:
         target_modules: name patterns of the modules to adapt (see `peft_lab.tree.matches`: a dotted suffix such
@@ -84,15 +71,16 @@ class AdapterConfig:
     """
 
     target_modules: list[str] | None = None
-    exclude_modules: list[str] = dataclasses.field(default_factory=list)
+    exclude_modules: list[str] = param(default_factory=list, aliases={None: []})
     modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_modules", _str_list(self.target_modules, "target_modules"))
-        object.__setattr__(self, "exclude_modules", _str_list(self.exclude_modules, "exclude_modules") or [])
-        object.__setattr__(self, "modules_to_save", _str_list(self.modules_to_save, "modules_to_save"))
+        super().__post_init__()
         if self.target_modules is not None and not self.target_modules:
             raise UserError("adapter.target_modules is an empty list; give patterns or null for the defaults.")
+        for f in ("target_modules", "exclude_modules", "modules_to_save"):
+            if "" in (getattr(self, f) or ()):
+                raise UserError(f"adapter.{f}={getattr(self, f)!r} holds an empty pattern; remove it.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -188,37 +176,16 @@ class Adapter(abc.ABC):
         return f"{type(self).__name__}({fields})"
 
 
-def _plain(params: dict[str, Any]) -> dict[str, Any]:
-    """OmegaConf containers (what Hydra hands over) -> plain python values."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return params
-    return {
-        k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
-        for k, v in params.items()
-    }
-
-
 def build_adapter(name: str, **params: Any) -> Adapter:
-    """The registered adapter `name` with its config built from `params` (unknown keys are a `UserError`).
+    """The registered adapter `name` with its config built from `params` by `peft_lab.params.build` (unknown
+    keys, wrong types and out-of-range values are a `UserError` naming `adapter.<key>`).
 
     A Hydra adapter node (`conf/adapter/<name>.yaml`) is `{"name": <name>, **params}`, so
     `build_adapter(**cfg.adapter)` works (a `name` equal to the registry key is accepted in `params`).
     """
     cls = ADAPTERS.get(name)
-    params = _plain(dict(params))
     params.pop("adapter", None)
-    fields = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise UserError(
-            f"adapter {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {', '.join(sorted(fields))}."
-        )
-    try:
-        return cls(cls.Config(**params))
-    except TypeError as e:  # wrong value types that __post_init__ did not catch
-        raise UserError(f"adapter {name!r}: {e}.") from None
+    return cls(build(cls.Config, params, where=f"adapter={name}", prefix="adapter."))
 
 
 def read_adapter_config(adapter_dir: str | Path) -> tuple[str, dict[str, Any]]:

@@ -32,6 +32,7 @@ from peft_lab.adapters._own import AdapterLayer, OwnAdapter
 from peft_lab.adapters._peft import ADAPTER_NAME, PeftAdapter
 from peft_lab.adapters.base import ADAPTERS, Adapter, AdapterConfig, read_adapter_config
 from peft_lab.errors import UserError
+from peft_lab.params import param
 from peft_lab.tree import Kronecker as KroneckerLeaf
 from peft_lab.tree import Leaf, Tree
 
@@ -52,33 +53,24 @@ class KroneckerConfig(AdapterConfig):
     rank_dropout, module_dropout: PEFT LoKr's train-time dropouts (LoKr mode only).
     """
 
-    r: int = 8
-    alpha: float | None = None
+    r: int = param(8, within="[1, inf)")
+    alpha: float | None = param(None, within="(0, inf)", help="null for s = 1")
     factor: int = -1
     decompose_both: bool = False
     full: bool = False
-    a1: int | None = None
-    a2: int | None = None
-    rank_dropout: float = 0.0
-    module_dropout: float = 0.0
+    a1: int | None = param(None, within="[1, inf)")
+    a2: int | None = param(None, within="[1, inf)")
+    rank_dropout: float = param(0.0, within="[0, 1)")
+    module_dropout: float = param(0.0, within="[0, 1)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise UserError(f"adapter.r must be a positive integer, got {self.r!r}.")
-        if self.alpha is not None and not self.alpha > 0:
-            raise UserError(f"adapter.alpha must be positive (or null for s = 1), got {self.alpha!r}.")
         if self.factor != -1 and self.factor < 1:
             raise UserError(f"adapter.factor must be -1 (balanced) or a positive integer, got {self.factor!r}.")
         if (self.a1 is None) != (self.a2 is None):
             raise UserError("adapter.a1 and adapter.a2 go together (DiffuseKronA's W1 shape); set both or neither.")
-        if self.a1 is not None and (self.a1 < 1 or self.a2 < 1):
-            raise UserError(f"adapter.a1 and a2 must be positive, got {self.a1}, {self.a2}.")
         if self.diffusekrona and (self.rank_dropout or self.module_dropout or self.decompose_both):
             raise UserError("adapter.a1/a2 (DiffuseKronA mode) take no rank_dropout, module_dropout or decompose_both.")
-        for f in ("rank_dropout", "module_dropout"):
-            if not 0.0 <= getattr(self, f) < 1.0:
-                raise UserError(f"adapter.{f} must be in [0, 1), got {getattr(self, f)!r}.")
 
     @property
     def diffusekrona(self) -> bool:
@@ -249,7 +241,8 @@ class KronALayer(AdapterLayer):
             or leaf.B.shape != self.kron_B.shape
         ):
             raise UserError(
-                f"saved kronecker delta {leaf!r} does not fit factors {tuple(self.kron_A.shape)}, {tuple(self.kron_B.shape)}."
+                f"saved kronecker delta {leaf!r} does not fit factors {tuple(self.kron_A.shape)}, "
+                f"{tuple(self.kron_B.shape)}."
             )
         self.kron_A.copy_(leaf.A), self.kron_B.copy_(leaf.B)
         self.scale = leaf.scale

@@ -31,6 +31,7 @@ from torch import nn
 from peft_lab.adapters._own import AdapterLayer, OwnAdapter
 from peft_lab.adapters.base import ADAPTERS, AdapterConfig
 from peft_lab.errors import UserError
+from peft_lab.params import param
 from peft_lab.tree import LDU, Leaf
 
 __all__ = ["LoLDU", "LoLDUConfig", "LoLDULayer", "truncated_ldu"]
@@ -44,16 +45,9 @@ class LoLDUConfig(AdapterConfig):
     train_scale: also train σ (one more parameter per layer).
     """
 
-    r: int = 8
-    alpha: float | None = None
+    r: int = param(8, within="[1, inf)")
+    alpha: float | None = param(None, within="(0, inf)", help="null for σ = 1")
     train_scale: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise UserError(f"adapter.r must be a positive integer, got {self.r!r}.")
-        if self.alpha is not None and not self.alpha > 0:
-            raise UserError(f"adapter.alpha must be positive (or null for σ = 1), got {self.alpha!r}.")
 
     @property
     def sigma(self) -> float:
@@ -84,8 +78,8 @@ def truncated_ldu(W: torch.Tensor, r: int, where: str) -> tuple[torch.Tensor, to
         i = int(bad[0]) if bad.numel() else 0
         raise UserError(
             f"loldu: the weight of {where} {tuple(W.shape)} is singular or badly scaled within its first r={r} LU "
-            f"pivots (pivot {i} is {float(D[i]):.3g}, the largest {float(dmax):.3g}); lower adapter.r below {max(i, 1)} "
-            "or exclude the layer."
+            f"pivots (pivot {i} is {float(D[i]):.3g}, the largest {float(dmax):.3g}); lower adapter.r below "
+            f"{max(i, 1)} or exclude the layer."
         )
     perm = P.argmax(dim=1)  # row i of P selects row perm[i]: (P @ M) == M[perm]
     return perm, L[:, :r].contiguous(), D[:r].clone(), (U[:r] / D[:r, None]).contiguous()
@@ -164,8 +158,8 @@ class LoLDU(OwnAdapter):
         k = min(w.shape[0], w[0].numel())
         if self.config.r > k:
             raise UserError(
-                f"loldu: rank r={self.config.r} exceeds what layer {name} {tuple(w.shape)} allows (at most {k} pivots); "
-                "lower adapter.r or exclude the layer."
+                f"loldu: rank r={self.config.r} exceeds what layer {name} {tuple(w.shape)} allows "
+                f"(at most {k} pivots); lower adapter.r or exclude the layer."
             )
         if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"):
             raise UserError(

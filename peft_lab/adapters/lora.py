@@ -18,6 +18,7 @@ from torch import nn
 from peft_lab.adapters._peft import ADAPTER_NAME, PeftAdapter
 from peft_lab.adapters.base import ADAPTERS, AdapterConfig
 from peft_lab.errors import UserError
+from peft_lab.params import param
 from peft_lab.tree import Leaf, LowRank
 
 __all__ = ["LoRA", "LoRAConfig", "LowRankConfig", "max_rank"]
@@ -34,19 +35,10 @@ class LowRankConfig(AdapterConfig):
         use_rslora: s = alpha / sqrt(r) instead of alpha / r.
     """
 
-    r: int = 8
-    alpha: float | None = None
-    dropout: float = 0.0
+    r: int = param(8, within="[1, inf)")
+    alpha: float | None = param(None, within="(0, inf)", help="null for alpha = r")
+    dropout: float = param(0.0, within="[0, 1)")
     use_rslora: bool = False
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise UserError(f"adapter.r must be a positive integer, got {self.r!r}.")
-        if self.alpha is not None and not self.alpha > 0:
-            raise UserError(f"adapter.alpha must be positive (or null for alpha = r), got {self.alpha!r}.")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"adapter.dropout must be in [0, 1), got {self.dropout!r}.")
 
     @property
     def lora_alpha(self) -> float:
@@ -63,12 +55,7 @@ class LoRAConfig(LowRankConfig):
     init: "kaiming" (PEFT's default: A ~ U(-1/sqrt(in), 1/sqrt(in))) or "gaussian" (A ~ N(0, 1/r)); B = 0 both.
     """
 
-    init: str = "kaiming"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.init not in ("kaiming", "gaussian"):
-            raise UserError(f"adapter.init must be 'kaiming' or 'gaussian', got {self.init!r}.")
+    init: str = param("kaiming", choices=("kaiming", "gaussian"))
 
 
 def max_rank(module: nn.Module) -> int:

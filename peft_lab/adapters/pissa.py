@@ -30,6 +30,7 @@ from peft_lab.adapters._peft import ADAPTER_NAME
 from peft_lab.adapters.base import ADAPTERS
 from peft_lab.adapters.lora import LoRA, LowRankConfig, lora_layer_delta
 from peft_lab.errors import UserError
+from peft_lab.params import param
 from peft_lab.tree import Leaf, LowRank, load_safetensors
 
 __all__ = ["PiSSA", "PiSSAConfig"]
@@ -41,14 +42,7 @@ class PiSSAConfig(LowRankConfig):
     niter: null = exact SVD; an integer = fast randomized SVD (torch.svd_lowrank) with that many subspace iterations.
     """
 
-    niter: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.niter is not None and (
-            isinstance(self.niter, bool) or not isinstance(self.niter, int) or self.niter < 0
-        ):
-            raise UserError(f"adapter.niter must be null (exact SVD) or a non-negative integer, got {self.niter!r}.")
+    niter: int | None = param(None, within="[0, inf)", help="null = exact SVD")
 
 
 def _keep_init(layer: nn.Module, B0: torch.Tensor, A0: torch.Tensor) -> None:

@@ -35,6 +35,7 @@ from peft_lab.adapters._own import AdapterLayer, OwnAdapter
 from peft_lab.adapters.base import ADAPTERS, AdapterConfig
 from peft_lab.errors import UserError
 from peft_lab.kernels import sparse_linear
+from peft_lab.params import param
 from peft_lab.tree import Leaf, Sparse
 
 __all__ = ["SparseFT", "SparseConfig", "SparseLayer", "select_indices"]
@@ -63,42 +64,25 @@ class SparseConfig(AdapterConfig):
         the input rounded to that dtype. Layers that read the same input share one copy.
     """
 
-    r: int = 8
-    density: float | None = None
-    density_scope: str = "layer"
-    selection: str = "random"
+    r: int = param(8, within="[1, inf)")
+    density: float | None = param(None, within="(0, 1]", help="null to use r")
+    density_scope: str = param("layer", choices=("layer", "model"))
+    selection: str = param("random", choices=SELECTIONS)
     seed: int | None = None
     reselection_steps: int = 20
-    selection_accumulation_steps: int = 5
-    reselection_rate: float = 0.2
-    rate_policy: str = "linear"
-    saved_input_dtype: str | None = None
+    selection_accumulation_steps: int = param(5, within="[1, inf)")
+    reselection_rate: float = param(0.2, within="(0, 1]")
+    rate_policy: str = param("linear", choices=("linear", "cosine"))
+    saved_input_dtype: str | None = param(None, choices=[k for k in SAVED_INPUT_DTYPES if k is not None])
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise UserError(f"adapter.r must be a positive integer, got {self.r!r}.")
-        if self.density is not None and not 0 < self.density <= 1:
-            raise UserError(f"adapter.density must be in (0, 1] (or null to use r), got {self.density!r}.")
-        if self.density_scope not in ("layer", "model"):
-            raise UserError(f"adapter.density_scope must be 'layer' or 'model', got {self.density_scope!r}.")
         if self.density_scope == "model" and self.density is None:
             raise UserError("adapter.density_scope=model spreads adapter.density over the model: set adapter.density too.")
-        if self.selection not in SELECTIONS:
-            raise UserError(f"adapter.selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}.")
-        if not 1 <= self.selection_accumulation_steps < self.reselection_steps:
+        if self.selection_accumulation_steps >= self.reselection_steps:
             raise UserError(
-                "adapter.selection_accumulation_steps must be at least 1 and below reselection_steps, got "
+                "adapter.selection_accumulation_steps must be below reselection_steps, got "
                 f"{self.selection_accumulation_steps} and {self.reselection_steps}."
-            )
-        if not 0 < self.reselection_rate <= 1:
-            raise UserError(f"adapter.reselection_rate must be in (0, 1], got {self.reselection_rate!r}.")
-        if self.rate_policy not in ("linear", "cosine"):
-            raise UserError(f"adapter.rate_policy must be 'linear' or 'cosine', got {self.rate_policy!r}.")
-        if self.saved_input_dtype not in SAVED_INPUT_DTYPES:
-            raise UserError(
-                "adapter.saved_input_dtype must be null, 'bfloat16' or 'float16', got "
-                f"{self.saved_input_dtype!r}."
             )
 
     def budget(self, out_features: int, in_features: int) -> int:
@@ -299,4 +283,5 @@ class SparseFT(OwnAdapter):
                 layer.candidates.steps = int(saved["steps"])
                 if "idx" in saved:
                     c = layer.candidates
-                    c.idx, c.step_sum, c.g_sum, c.g2_sum = saved["idx"], saved["step_sum"], saved["g_sum"], saved["g2_sum"]
+                    c.idx, c.step_sum = saved["idx"], saved["step_sum"]
+                    c.g_sum, c.g2_sum = saved["g_sum"], saved["g2_sum"]

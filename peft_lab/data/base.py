@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, build, param
 from peft_lab.registry import Registry
 
 __all__ = ["DATASETS", "DataConfig", "build_dataset", "stratified_split", "SPLITS"]
@@ -22,7 +23,7 @@ SPLITS = ("train", "validation", "test")
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Checked):
     """Fields every dataset takes.
 
     Attributes:
@@ -33,14 +34,8 @@ class DataConfig:
 
     name: ClassVar[str]
     seed: int = 0
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-
-    def __post_init__(self) -> None:
-        for f in ("max_train_samples", "max_eval_samples"):
-            v = getattr(self, f)
-            if v is not None and v < 1:
-                raise UserError(f"data.{f}={v}: must be a positive number of examples (or null for all).")
+    max_train_samples: int | None = param(None, within="[1, inf)", help="null for all")
+    max_eval_samples: int | None = param(None, within="[1, inf)", help="null for all")
 
     def splits(self):
         """The full `DatasetDict` before caps (subclasses implement)."""
@@ -58,12 +53,7 @@ class DataConfig:
 
 def build_dataset(name: str, **params: Any):
     """The registered dataset `name` built with `params` (unknown keys are a `UserError` listing the valid ones)."""
-    cls = DATASETS.get(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise UserError(f"dataset {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {', '.join(sorted(fields))}.")
-    return cls(**params).build()
+    return build(DATASETS.get(name), params, where=f"data={name}", prefix="data.").build()
 
 
 def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:

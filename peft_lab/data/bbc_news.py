@@ -66,8 +66,11 @@ class BBCNews(DataConfig):
             first = {t: i for i, t in reversed(list(enumerate(texts)))}  # text -> index of its first copy
             keep = np.asarray(sorted(first.values()))
             texts, labels = tuple(texts[i] for i in keep), labels[keep]
-        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(LABELS))})
-        parts = stratified_split(labels, {"validation": self.validation_fraction, "test": self.test_fraction}, self.seed)
+        features = datasets.Features(
+            {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(LABELS))}
+        )
+        fractions = {"validation": self.validation_fraction, "test": self.test_fraction}
+        parts = stratified_split(labels, fractions, self.seed)
         dd = datasets.DatasetDict()
         for split in ("train", "validation", "test"):
             idx = parts[split]

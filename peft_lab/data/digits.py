@@ -17,6 +17,7 @@ import numpy as np
 
 from peft_lab.data.base import DATASETS, DataConfig, check_fractions, stratified_split
 from peft_lab.errors import UserError
+from peft_lab.params import param
 
 __all__ = ["Digits", "TRANSFORMS", "apply_transform", "load_raw"]
 
@@ -49,7 +50,9 @@ def apply_transform(images: np.ndarray, transform: str, seed: int = 0) -> np.nda
     """`images` (N, 8, 8) in [0, 1] under `transform` (names from TRANSFORMS joined by `+`)."""
     for part in transform.split("+"):
         if part not in TRANSFORMS:
-            raise UserError(f"data.transform={transform!r}: unknown transform {part!r}. Available: {', '.join(TRANSFORMS)}.")
+            raise UserError(
+                f"data.transform={transform!r}: unknown transform {part!r}. Available: {', '.join(TRANSFORMS)}."
+            )
         images = TRANSFORMS[part](images, seed)
     return np.ascontiguousarray(images, dtype=np.float32)
 
@@ -77,7 +80,7 @@ class Digits(DataConfig):
     """
 
     name = "digits"
-    classes: list[int] | None = None
+    classes: list[int] | None = param(None, within="[0, 9]")
     relabel: bool = False
     transform: str = "identity"
     transform_seed: int = 0
@@ -88,13 +91,13 @@ class Digits(DataConfig):
         super().__post_init__()
         check_fractions(validation_fraction=self.validation_fraction, test_fraction=self.test_fraction)
         if self.classes is not None:
-            bad = [c for c in self.classes if not 0 <= int(c) <= 9]
-            if bad or not self.classes or len(set(self.classes)) != len(self.classes):
+            if not self.classes or len(set(self.classes)) != len(self.classes):
                 raise UserError(f"data.classes={list(self.classes)}: give distinct digits in 0..9.")
         for part in self.transform.split("+"):
             if part not in TRANSFORMS:
                 raise UserError(
-                    f"data.transform={self.transform!r}: unknown transform {part!r}. Available: {', '.join(TRANSFORMS)}."
+                    f"data.transform={self.transform!r}: unknown transform {part!r}. "
+                    f"Available: {', '.join(TRANSFORMS)}."
                 )
 
     @property
@@ -121,7 +124,8 @@ class Digits(DataConfig):
         features = datasets.Features(
             {"image": datasets.Array2D((8, 8), "float32"), "label": datasets.ClassLabel(names=self.label_names)}
         )
-        parts = stratified_split(labels, {"validation": self.validation_fraction, "test": self.test_fraction}, self.seed)
+        fractions = {"validation": self.validation_fraction, "test": self.test_fraction}
+        parts = stratified_split(labels, fractions, self.seed)
         dd = datasets.DatasetDict()
         for split in ("train", "validation", "test"):
             idx = parts[split]

@@ -17,7 +17,9 @@ from peft_lab.errors import UserError
 
 __all__ = ["HFDataset"]
 
-_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+_FILE_BUILDERS = {
+    ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text",
+}  # fmt: skip
 
 
 @DATASETS.register("hf")
@@ -54,7 +56,10 @@ class HFDataset(DataConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.path:
-            raise UserError("data=hf needs data.path: a hub dataset name, a builder (csv, json, parquet) with data.data_files, or a local file/dir.")
+            raise UserError(
+                "data=hf needs data.path: a hub dataset name, a builder (csv, json, parquet) with data.data_files, "
+                "or a local file/dir."
+            )
         check_fractions(validation_fraction=self.validation_fraction, test_fraction=self.test_fraction)
 
     def _load(self):
@@ -67,13 +72,18 @@ class HFDataset(DataConfig):
             elif p.is_file():
                 builder = _FILE_BUILDERS.get(p.suffix.lower())
                 if builder is None:
-                    raise UserError(f"data.path={self.path}: unknown file type {p.suffix!r} (use one of {', '.join(_FILE_BUILDERS)}).")
+                    raise UserError(
+                        f"data.path={self.path}: unknown file type {p.suffix!r} "
+                        f"(use one of {', '.join(_FILE_BUILDERS)})."
+                    )
                 kw = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
                 ds = datasets.load_dataset(builder, data_files={"train": str(p)}, **kw)
             else:
                 files = self.data_files
                 if files is not None:
-                    for f in [files] if isinstance(files, str) else (files.values() if isinstance(files, dict) else files):
+                    groups = files.values() if isinstance(files, dict) else files
+                    groups = [files] if isinstance(files, str) else groups
+                    for f in groups:
                         for one in [f] if isinstance(f, str) else f:
                             if not any(c in str(one) for c in "*?[") and not Path(one).exists():
                                 raise UserError(f"data.data_files: {one} does not exist.")
@@ -81,8 +91,9 @@ class HFDataset(DataConfig):
         except UserError:
             raise
         except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+            first = str(e).splitlines()[0] if str(e) else ""
             raise UserError(
-                f"data.path={self.path}: could not load the dataset ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+                f"data.path={self.path}: could not load the dataset ({type(e).__name__}: {first}). "
                 "Give a local file/dir, or a hub name while online (HF_DATASETS_OFFLINE=1 blocks downloads)."
             ) from None
         if isinstance(ds, datasets.Dataset):
@@ -94,7 +105,10 @@ class HFDataset(DataConfig):
 
         raw = self._load()
         if self.train_split not in raw:
-            raise UserError(f"data.path={self.path}: no split {self.train_split!r} (splits: {', '.join(raw)}); set data.train_split.")
+            raise UserError(
+                f"data.path={self.path}: no split {self.train_split!r} (splits: {', '.join(raw)}); "
+                "set data.train_split."
+            )
         cols = raw[self.train_split].column_names
         wanted = {self.text_column: "text"}
         if self.label_column is not None:
@@ -106,7 +120,8 @@ class HFDataset(DataConfig):
                 f"{', '.join(cols)}); set data.text_column / data.label_column to the right names."
             )
         dd = datasets.DatasetDict()
-        for ours, theirs in (("train", self.train_split), ("validation", self.validation_split), ("test", self.test_split)):
+        names = (("train", self.train_split), ("validation", self.validation_split), ("test", self.test_split))
+        for ours, theirs in names:
             if theirs in raw:
                 d = raw[theirs].select_columns(list(wanted)).rename_columns({k: v for k, v in wanted.items() if k != v})
                 dd[ours] = d
@@ -123,7 +138,8 @@ class HFDataset(DataConfig):
             carve["test"] = self.test_fraction
         if carve:
             train = dd["train"]
-            labels = np.asarray(train["label"]) if "label" in train.column_names else np.zeros(len(train), dtype=np.int64)
+            has_labels = "label" in train.column_names
+            labels = np.asarray(train["label"]) if has_labels else np.zeros(len(train), dtype=np.int64)
             parts = stratified_split(labels, carve, self.seed)
             for k, idx in parts.items():
                 dd[k] = train.select(idx.tolist())

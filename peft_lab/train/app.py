@@ -93,7 +93,10 @@ def attach_adapter(run: RunConfig, built) -> tuple[torch.nn.Module, dict[str, to
     module = adapter.attach(model)
     trainable = dict(adapter.trainable_parameters())
     if not trainable:
-        raise UserError(f"adapter={run.adapter_name} attached to no parameter of {type(model).__name__}; check adapter.target_modules.")
+        raise UserError(
+            f"adapter={run.adapter_name} attached to no parameter of {type(model).__name__}; "
+            "check adapter.target_modules."
+        )
     return module, trainable, adapter
 
 
@@ -110,26 +113,71 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
         cfg: a RunConfig, or a composed config (DictConfig/dict with model, data, adapter, trainer, logger, seed).
         output_dir: where outputs and checkpoints go (default: cfg's output_dir).
     """
+    from peft_lab.train.loop import fit
+
     run = cfg if isinstance(cfg, RunConfig) else resolve(cfg)
-    # PEFT calls a transformers property deprecated in v5 on every attach; not ours to fix, noise in every run
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     out = Path(output_dir or run.output_dir or "outputs/train").absolute()
-    tcfg = run.trainer
-    if tcfg.num_threads:
-        torch.set_num_threads(tcfg.num_threads)
+    accelerator = _accelerator(run)
+    main = accelerator.is_main_process
+    dd, built, task = _data_model_task(run)
+    if main:
+        _prepare_output_dir(out, built, run.trainer)
+    total_before = sum(p.numel() for p in built.model.parameters())
+    module, trainable, adapter = attach_adapter(run, built)
+    n_train, n_total = _parameter_counts(run, module, trainable, total_before)
+    splits = _splits(run, task, dd)
+    config = run.to_dict()
+    if main:
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def open_session(step: int, state: dict):
+        if not main:
+            from peft_lab.train.loggers import Session
+
+            return Session()
+        return run.logger.open(out, {**config, "trainable_params": n_train, "total_params": n_total}, step, state)
+
+    from accelerate.utils import set_seed
+
+    set_seed(run.seed)
+    res = fit(accelerator=accelerator, module=module, trainable=trainable, task=task, train_ds=splits["train"],
+              val_ds=splits["validation"], test_ds=splits.get("test"), cfg=run.trainer, seed=run.seed, out_dir=out,
+              open_session=open_session, adapter=adapter, fingerprint=run.fingerprint())  # fmt: skip
+    accelerator.wait_for_everyone()
+    metrics = _metrics(run, res, task, accelerator.num_processes, n_train, n_total)
+    if main:
+        _save_outputs(out, res, metrics, adapter, built, accelerator)
+    if accelerator.num_processes == 1:
+        # the next job of an in-process sweep may ask for another precision; accelerate keeps one global state
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
+    return metrics
+
+
+def _accelerator(run: RunConfig):
+    """The process setup: warnings, CPU threads, the `Accelerator` (seeded)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from peft_lab.train.loggers import Session
-    from peft_lab.train.loop import fit
-    from peft_lab.train.tasks import TASKS
-
+    # PEFT calls a transformers property deprecated in v5 on every attach; not ours to fix, noise in every run
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    tcfg = run.trainer
+    if tcfg.num_threads:
+        torch.set_num_threads(tcfg.num_threads)
     # several processes without a GPU (torchrun / accelerate launch on CPUs): accelerate forms a gloo process
     # group only when told it runs on CPU, else every process would train alone
     cpu = tcfg.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
     accelerator = Accelerator(cpu=cpu, mixed_precision=tcfg.mixed_precision)
-    main = accelerator.is_main_process
     set_seed(run.seed)
+    return accelerator
+
+
+def _data_model_task(run: RunConfig):
+    """(the dataset, the built model, the task), the dataset's columns and the model checked against the task."""
+    from peft_lab.train.tasks import TASKS
 
     dd = run.data.build()
     task_cls = TASKS.get(run.model.task)
@@ -139,47 +187,47 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
     built = run.model.build(info)
     task = task_cls(built, run.model, run.data)
     task.check(dd)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if tcfg.save_base_model and not (out / "base_model").exists():
-            from peft_lab.train.models.base import quiet_hf
-            from peft_lab.tree import atomic_output_dir
+    return dd, built, task
 
-            with atomic_output_dir(out / "base_model") as tmp, quiet_hf():
-                built.save_pretrained(tmp)
-    total_before = sum(p.numel() for p in built.model.parameters())
-    module, trainable, adapter = attach_adapter(run, built)
+
+def _prepare_output_dir(out: Path, built, tcfg) -> None:
+    """Create the output dir; with `save_base_model`, write the untrained model (with its fresh head) once."""
+    out.mkdir(parents=True, exist_ok=True)
+    if tcfg.save_base_model and not (out / "base_model").exists():
+        from peft_lab.train.models.base import quiet_hf
+        from peft_lab.tree import atomic_output_dir
+
+        with atomic_output_dir(out / "base_model") as tmp, quiet_hf():
+            built.save_pretrained(tmp)
+
+
+def _parameter_counts(run: RunConfig, module, trainable: dict, total_before: int) -> tuple[int, int]:
+    """(trainable, total) parameter counts (trained tensors outside the module included), logged."""
     n_train = sum(p.numel() for p in trainable.values())
     n_total = sum(p.numel() for p in module.parameters())
     n_total += sum(p.numel() for p in trainable.values() if not any(p is q for q in module.parameters()))
-    log.info("%s on %s with adapter=%s: %d trainable of %d parameters (%.3f%%); base model %d",
-             run.model_name, run.data_name, run.adapter_name, n_train, n_total, 100 * n_train / max(n_total, 1), total_before)
+    log.info("%s on %s with adapter=%s: %d trainable of %d parameters (%.3f%%); base model %d", run.model_name,
+             run.data_name, run.adapter_name, n_train, n_total, 100 * n_train / max(n_total, 1),
+             total_before)  # fmt: skip
+    return n_train, n_total
 
+
+def _splits(run: RunConfig, task, dd) -> dict[str, Any]:
+    """Every split in the task's form; a validation split is required."""
     from peft_lab.train.models.base import quiet_hf
 
     with quiet_hf():
         splits = {k: task.prepare(v) for k, v in dd.items()}
     if "validation" not in splits:
         raise UserError(f"data={run.data_name}: no validation split (set data.validation_fraction > 0).")
-    config = run.to_dict()
-    if main:
-        import yaml
+    return splits
 
-        (out / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
-    def open_session(step: int, state: dict):
-        if not main:
-            return Session()
-        return run.logger.open(out, {**config, "trainable_params": n_train, "total_params": n_total}, step, state)
-
-    set_seed(run.seed)
-    res = fit(accelerator=accelerator, module=module, trainable=trainable, task=task, train_ds=splits["train"],
-              val_ds=splits["validation"], test_ds=splits.get("test"), cfg=tcfg, seed=run.seed, out_dir=out,
-              open_session=open_session, adapter=adapter, fingerprint=run.fingerprint())
-    accelerator.wait_for_everyone()
-    state = res.state
-    samples = state.step * tcfg.batch_size * tcfg.grad_accum * accelerator.num_processes
-    metrics: dict[str, Any] = {
+def _metrics(run: RunConfig, res, task, world: int, n_train: int, n_total: int) -> dict[str, Any]:
+    """What metrics.json holds: the final evaluation, training statistics and what was trained."""
+    state, tcfg = res.state, run.trainer
+    samples = state.step * tcfg.batch_size * tcfg.grad_accum * world
+    return {
         **res.metrics,
         "train_loss": state.loss_sum / state.step if state.step else None,
         "trainable_params": n_train,
@@ -195,25 +243,23 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
         "data": run.data_name,
         "adapter": run.adapter_name,
     }
-    if main:
-        from peft_lab.tree import atomic_output_dir
 
-        if adapter is not None:
-            with atomic_output_dir(out / "adapter", overwrite=True) as tmp:
-                adapter.save(tmp)
-        else:
-            from peft_lab.train.models.base import quiet_hf
 
-            built.model = accelerator.unwrap_model(res.module)
-            with atomic_output_dir(out / "model", overwrite=True) as tmp, quiet_hf():
-                built.save_pretrained(tmp)
-        _write_json(out / "metrics.json", metrics)
-        res.session.finish({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        log.info("done: %s -> %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                            if k.startswith("eval_") and isinstance(v, float)), out)
-    if accelerator.num_processes == 1:
-        # the next job of an in-process sweep may ask for another precision; accelerate keeps one global state
-        from accelerate.state import AcceleratorState
+def _save_outputs(out: Path, res, metrics: dict[str, Any], adapter, built, accelerator) -> None:
+    """DIR/adapter/ (or DIR/model/ for full fine-tuning) and DIR/metrics.json; the logger session finished."""
+    from peft_lab.tree import atomic_output_dir
 
-        AcceleratorState._reset_state()
-    return metrics
+    if adapter is not None:
+        with atomic_output_dir(out / "adapter", overwrite=True) as tmp:
+            adapter.save(tmp)
+    else:
+        from peft_lab.train.models.base import quiet_hf
+
+        built.model = accelerator.unwrap_model(res.module)
+        with atomic_output_dir(out / "model", overwrite=True) as tmp, quiet_hf():
+            built.save_pretrained(tmp)
+    _write_json(out / "metrics.json", metrics)
+    res.session.finish({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    evals = [f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, float)]
+    eval_metrics = ", ".join(evals)
+    log.info("done: %s -> %s", eval_metrics, out)

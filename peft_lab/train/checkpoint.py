@@ -113,8 +113,9 @@ def load_checkpoint(path: str | Path, *, module: torch.nn.Module, extra: dict[st
     state = json.loads((path / STATE_FILE).read_text())
     if fingerprint is not None and state.get("fingerprint") != fingerprint:
         raise UserError(
-            f"{path.parent.parent}: holds a checkpoint of a different run (its model/data/adapter/trainer settings differ "
-            "from this one's). Use another output_dir, or trainer.resume=false to start over (its checkpoints are replaced)."
+            f"{path.parent.parent}: holds a checkpoint of a different run (its model/data/adapter/trainer settings "
+            "differ from this one's). Use another output_dir, or trainer.resume=false to start over (its checkpoints "
+            "are replaced)."
         )
     saved = load_file(str(path / "trainable.safetensors"))
     sd = module.state_dict(keep_vars=True)

@@ -13,17 +13,18 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, build, param
 
-__all__ = ["TrainerConfig", "FullFineTune", "RunConfig", "resolve", "instantiate", "GROUPS", "group_schema"]
+__all__ = ["TrainerConfig", "FullFineTune", "RunConfig", "resolve", "GROUPS", "group_schema"]
 
 GROUPS = ("model", "data", "adapter", "trainer", "logger")
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainerConfig:
+class TrainerConfig(Checked):
     """The loop's settings (`conf/trainer/*.yaml`).
 
     Attributes:
@@ -48,55 +49,37 @@ class TrainerConfig:
         cpu: run on CPU even if an accelerator is present.
     """
 
-    max_steps: int = 150
-    batch_size: int = 16
-    grad_accum: int = 1
-    eval_batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    adam_betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    scheduler: str = "linear"
-    warmup_steps: int = 0
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "no"
-    eval_every: int = 0
-    log_every: int = 10
-    save_every: int = 50
-    keep_checkpoints: int = 1
+    max_steps: int = param(150, within="[0, inf)", help="the number of optimizer steps")
+    batch_size: int = param(16, within="[1, inf)")
+    grad_accum: int = param(1, within="[1, inf)")
+    eval_batch_size: int = param(64, within="[1, inf)")
+    lr: float = param(1e-3, within="(0, inf)")
+    weight_decay: float = param(0.0, within="[0, inf)")
+    adam_betas: list[float] = param(default_factory=lambda: [0.9, 0.999], within="[0, 1)")
+    adam_eps: float = param(1e-8, within="(0, inf)")
+    scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = param(0, within="[0, inf)")
+    max_grad_norm: float | None = param(1.0, within="(0, inf)")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    eval_every: int = param(0, within="[0, inf)")
+    log_every: int = param(10, within="[1, inf)")
+    save_every: int = param(50, within="[0, inf)")
+    keep_checkpoints: int = param(1, within="[1, inf)")
     resume: bool = True
     save_base_model: bool = False
     progress: bool | None = None
-    num_threads: int | None = None
-    num_workers: int = 0
+    num_threads: int | None = param(None, within="[1, inf)")
+    num_workers: int = param(0, within="[0, inf)")
     cpu: bool = False
 
     def __post_init__(self) -> None:
-        problems = []
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                problems.append(msg)
-
-        need(self.max_steps >= 0, f"trainer.max_steps={self.max_steps}: must be >= 0 (the number of optimizer steps)")
-        for f in ("batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_checkpoints"):
-            need(getattr(self, f) >= 1, f"trainer.{f}={getattr(self, f)}: must be >= 1")
-        for f in ("eval_every", "save_every", "warmup_steps", "num_workers"):
-            need(getattr(self, f) >= 0, f"trainer.{f}={getattr(self, f)}: must be >= 0")
-        need(self.lr > 0, f"trainer.lr={self.lr}: must be > 0")
-        need(self.weight_decay >= 0, f"trainer.weight_decay={self.weight_decay}: must be >= 0")
-        need(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
-             f"trainer.adam_betas={list(self.adam_betas)}: two numbers in [0, 1)")
-        need(self.scheduler in ("constant", "linear", "cosine"), f"trainer.scheduler={self.scheduler!r}: one of constant, linear, cosine")
-        need(self.mixed_precision in ("no", "fp16", "bf16"), f"trainer.mixed_precision={self.mixed_precision!r}: one of no, fp16, bf16")
-        need(self.max_grad_norm is None or self.max_grad_norm > 0, f"trainer.max_grad_norm={self.max_grad_norm}: > 0 or null")
-        need(self.num_threads is None or self.num_threads >= 1, f"trainer.num_threads={self.num_threads}: >= 1 or null")
-        if problems:
-            raise UserError("; ".join(problems) + ".")
+        super().__post_init__()
+        if len(self.adam_betas) != 2:
+            raise UserError(f"trainer.adam_betas={list(self.adam_betas)} must be two numbers in [0, 1).")
 
 
 @dataclasses.dataclass(frozen=True)
-class FullFineTune:
+class FullFineTune(Checked):
     """`adapter=none`: train the model's own weights (full fine-tuning), saved as a model dir in DIR/model.
 
     Attributes:
@@ -129,34 +112,6 @@ def group_schema(group: str, key: str) -> type:
 
         return LOGGERS.get(key)
     raise KeyError(group)
-
-
-def instantiate(cls: type, params: Mapping[str, Any], where: str) -> Any:
-    """`cls(**params)` with the dataclass as schema: unknown keys, wrong types and failed checks -> UserError."""
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(k for k in params if k not in fields)
-    if unknown:
-        raise UserError(f"{where} has no parameter(s) {', '.join(unknown)}; it takes: {', '.join(sorted(fields)) or 'none'}.")
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException, ValidationError
-
-    try:
-        schema = OmegaConf.structured(cls)
-    except OmegaConfBaseException:  # a type OmegaConf cannot express: construct without coercion
-        schema = None
-    try:
-        if schema is None:
-            return cls(**params)
-        OmegaConf.set_readonly(schema, False)
-        return OmegaConf.to_object(OmegaConf.merge(schema, dict(params)))
-    except ValidationError as e:
-        key = getattr(e, "full_key", None) or getattr(e, "key", "")
-        msg = str(e).splitlines()[0]
-        raise UserError(f"{where}: {key}: {msg}.") from None
-    except UserError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{where}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +160,9 @@ def _node_name(node: Mapping[str, Any], group: str, choices: Mapping[str, str] |
     if name is None and choices:
         name = choices.get(group)
     if name is None:
-        raise UserError(f"the {group} config names no {group} (add `name: <registry key>` to it or choose one with {group}=...).")
+        raise UserError(
+            f"the {group} config names no {group} (add `name: <registry key>` to it or choose one with {group}=...)."
+        )
     return str(name)
 
 
@@ -226,7 +183,9 @@ def resolve(cfg: Any, choices: Mapping[str, str] | None = None) -> RunConfig:
         try:
             cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         except MissingMandatoryValue as e:
-            raise UserError(f"{e.full_key} must be set (e.g. {e.full_key}=...); its config leaves it open (???).") from None
+            raise UserError(
+                f"{e.full_key} must be set (e.g. {e.full_key}=...); its config leaves it open (???)."
+            ) from None
         except OmegaConfBaseException as e:
             raise UserError(f"the config does not resolve: {str(e).splitlines()[0]}") from None
     cfg = dict(cfg)
@@ -239,12 +198,14 @@ def resolve(cfg: Any, choices: Mapping[str, str] | None = None) -> RunConfig:
         node = dict(cfg.get(group) or {})
         params = {k: v for k, v in node.items() if k != "name" and not (k.startswith("_") and k.endswith("_"))}
         if group == "trainer":
-            out["trainer"] = instantiate(TrainerConfig, params, "trainer")
+            out["trainer"] = build(TrainerConfig, params, prefix="trainer.")
             continue
         name = _node_name(node, group, choices)
-        obj = instantiate(group_schema(group, name), params, f"{group}={name}")
+        obj = build(group_schema(group, name), params, where=f"{group}={name}", prefix=f"{group}.")
         out[group], out[f"{group}_name"] = obj, name
     extra = sorted(set(cfg) - set(GROUPS) - {"seed", "output_dir"})
     if extra:
-        raise UserError(f"unknown top-level key(s) {', '.join(extra)}; the config has: {', '.join(GROUPS)}, seed, output_dir.")
+        raise UserError(
+            f"unknown top-level key(s) {', '.join(extra)}; the config has: {', '.join(GROUPS)}, seed, output_dir."
+        )
     return RunConfig(seed=seed, output_dir=cfg.get("output_dir"), **out)

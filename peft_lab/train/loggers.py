@@ -1,9 +1,9 @@
 """Where metrics go: `none`, `csv`, `jsonl`, `wandb` (`conf/logger/<name>.yaml`). Only the main process logs.
 
 A logger is opened with the resolved config (incl. the trainable-parameter count), then gets scalar metrics at
-`log`, images (diffusion sample grids) at `log_image`, and the final metrics at `finish`. On resume, `open(resume_step=k)`
-drops rows a killed run wrote after its last checkpoint (file loggers) or reattaches to the same run id (W&B),
-so the log reads like the uninterrupted run's.
+`log`, images (diffusion sample grids) at `log_image`, and the final metrics at `finish`. On resume,
+`open(resume_step=k)` drops rows a killed run wrote after its last checkpoint (file loggers) or reattaches to the
+same run id (W&B), so the log reads like the uninterrupted run's.
 
 W&B never asks for a login: with no API key configured (env `WANDB_API_KEY` or a netrc entry) it runs in offline
 mode (`WANDB_MODE=offline`), writing `DIR/wandb/offline-run-*` for a later `wandb sync`. Sweeps pass
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, param
 from peft_lab.registry import Registry
 
 __all__ = ["LOGGERS", "Logger", "Session", "NoLogger", "CSVLogger", "JSONLLogger", "WandbLogger", "wandb_mode"]
@@ -46,7 +47,7 @@ class Session:
 
 
 @dataclasses.dataclass(frozen=True)
-class Logger:
+class Logger(Checked):
     """A logger's settings (its fields = `conf/logger/<name>.yaml`); `open` starts logging one run."""
 
     name: ClassVar[str]
@@ -66,7 +67,8 @@ class NoLogger(Logger):
 class _JSONLSession(Session):
     def __init__(self, path: Path, resume_step: int):
         self.path = path
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if resume_step and path.exists() else []
+        lines = path.read_text().splitlines() if resume_step and path.exists() else []
+        rows = [json.loads(x) for x in lines if x.strip()]
         path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= resume_step))
 
     def log(self, metrics, step):
@@ -154,11 +156,7 @@ class WandbLogger(Logger):
     group: str | None = None
     tags: list[str] = dataclasses.field(default_factory=list)
     run_name: str | None = None
-    mode: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.mode not in (None, "online", "offline", "disabled"):
-            raise UserError(f"logger.mode={self.mode!r}: one of online, offline, disabled (or null for automatic).")
+    mode: str | None = param(None, choices=("online", "offline", "disabled"), help="or null for automatic")
 
     def open(self, run_dir, config, resume_step=0, state=None):
         try:
@@ -167,7 +165,10 @@ class WandbLogger(Logger):
             raise UserError("logger=wandb needs the package wandb: pip install wandb") from None
         mode = wandb_mode(self.mode)
         if mode == "online" and not _has_api_key():
-            raise UserError("logger.mode=online but no W&B API key is configured: run `wandb login`, set WANDB_API_KEY, or use offline mode.")
+            raise UserError(
+                "logger.mode=online but no W&B API key is configured: run `wandb login`, set WANDB_API_KEY, "
+                "or use offline mode."
+            )
         run_id = (state or {}).get("wandb_id") or secrets.token_hex(4)
         settings = wandb.Settings(silent=True, console="off", disable_git=True, save_code=False, x_disable_stats=True)
         run = wandb.init(

@@ -53,9 +53,11 @@ def build_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainerConfig) -
     """AdamW; weight decay on matrices only (biases, norms and other vectors are not decayed)."""
     decay = [p for p in params.values() if p.ndim >= 2]
     rest = [p for p in params.values() if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}) if g["params"]]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
     log.info("optimizer: AdamW lr=%g; %d tensors (%d values) with weight decay %g, %d tensors (%d values) without",
-             cfg.lr, len(decay), sum(p.numel() for p in decay), cfg.weight_decay, len(rest), sum(p.numel() for p in rest))
+             cfg.lr, len(decay), sum(p.numel() for p in decay), cfg.weight_decay, len(rest),
+             sum(p.numel() for p in rest))  # fmt: skip
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
 
 
@@ -95,8 +97,9 @@ def evaluate(accelerator, module, task, ds, batch_size: int) -> dict[str, float]
     return task.finalize({k: float(v) for k, v in sums.items()})
 
 
-def fit(*, accelerator, module, trainable: dict[str, torch.nn.Parameter], task, train_ds, val_ds, test_ds, cfg: TrainerConfig,
-        seed: int, out_dir: Path, open_session, adapter=None, fingerprint: str | None = None) -> FitResult:
+def fit(*, accelerator, module, trainable: dict[str, torch.nn.Parameter], task, train_ds, val_ds, test_ds,
+        cfg: TrainerConfig, seed: int, out_dir: Path, open_session, adapter=None,
+        fingerprint: str | None = None) -> FitResult:  # fmt: skip
     """Train `module` (whose trainable parameters are `trainable`) for `cfg.max_steps` optimizer steps, resuming from
     the newest checkpoint in `out_dir/checkpoints` when there is one (and `cfg.resume`), then evaluate.
 
@@ -104,119 +107,180 @@ def fit(*, accelerator, module, trainable: dict[str, torch.nn.Parameter], task, 
     optimizer = build_optimizer(trainable, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     module, optimizer = accelerator.prepare(module, optimizer)
-    raw = accelerator.unwrap_model(module)
-    # checkpoint = trained parameters (by state_dict name) + buffers; trained tensors the module does not own
-    # (an adapter may keep some outside it) under their adapter names
-    by_id = {id(p): n for n, p in raw.named_parameters()}
-    extra = {f"adapter::{n}": p for n, p in trainable.items() if id(p) not in by_id}
-    ckpt_root = out_dir / "checkpoints"
-    state = TrainState()
-    ckpt = latest_checkpoint(ckpt_root) if cfg.resume else None
-    if ckpt is not None:
-        saved = load_checkpoint(ckpt, module=raw, extra=extra, optimizer=optimizer, scheduler=scheduler, adapter=adapter,
-                                rank=accelerator.process_index, fingerprint=fingerprint)
-        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
-        log.info("resumed from %s (step %d of %d)", ckpt, state.step, cfg.max_steps)
-    session_obj = open_session(state.step, state.logger)
-    state.logger = session_obj.state()
+    loop = _Loop(accelerator, module, accelerator.unwrap_model(module), trainable, optimizer, scheduler, task, cfg,
+                 out_dir, val_ds, test_ds, adapter, fingerprint)  # fmt: skip
+    loop.resume()
+    loop.session = open_session(loop.state.step, loop.state.logger)
+    loop.state.logger = loop.session.state()
+    loop.train(_loader(train_ds, task, cfg, seed, accelerator, loop.state.step), len(train_ds))
+    final = loop.run_eval(final=True)
+    return FitResult(loop.state, _final_metrics(final, test_ds is not None), module, loop.session)
 
-    def checkpoint() -> None:
-        sd = raw.state_dict()
-        train_names = {by_id[id(p)] for p in trainable.values() if id(p) in by_id}
-        buffers = {n for n, _ in raw.named_buffers()}
-        tensors = {k: v for k, v in sd.items() if k in train_names or k in buffers}
-        tensors.update({k: p.detach() for k, p in extra.items()})
-        adapter_state = adapter.training_state() if hasattr(adapter, "training_state") else None
-        save_checkpoint(ckpt_root, state.step, tensors=tensors, optimizer=optimizer, scheduler=scheduler,
-                        state={**state.__dict__, "fingerprint": fingerprint}, adapter_state=adapter_state,
-                        rank=accelerator.process_index,
-                        is_main=accelerator.is_main_process, keep=cfg.keep_checkpoints, barrier=accelerator.wait_for_everyone)
 
-    def run_eval(final: bool = False) -> dict[str, float]:
-        t0 = time.perf_counter()
-        metrics = {f"val/{k}": v for k, v in evaluate(accelerator, module, task, val_ds, cfg.eval_batch_size).items()}
-        if accelerator.is_main_process:
-            with accelerator.autocast():
-                extra_metrics, image = task.extras(raw.eval(), accelerator.device, state.step)
-            raw.train()
-            metrics.update({f"gen/{k}": v for k, v in extra_metrics.items()})  # samples: not tied to a split
-            if image is not None:
-                (out_dir / "samples").mkdir(exist_ok=True)
-                image.save(out_dir / "samples" / f"step_{state.step:07d}.png")
-                if final:
-                    image.save(out_dir / "samples.png")
-                session_obj.log_image("samples", image, state.step)
-        if final and test_ds is not None:
-            metrics.update({f"test/{k}": v for k, v in evaluate(accelerator, module, task, test_ds, cfg.eval_batch_size).items()})
-        state.eval_seconds += time.perf_counter() - t0
-        if not final:
-            state.history.append({"step": state.step, **metrics})
-        session_obj.log(metrics, state.step)
-        log.info("step %d: %s", state.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return metrics
-
-    world, gas = accelerator.num_processes, cfg.grad_accum
-    loader = torch.utils.data.DataLoader(
+def _loader(train_ds, task, cfg: TrainerConfig, seed: int, accelerator, step: int) -> torch.utils.data.DataLoader:
+    """The training batches of this process from optimizer step `step` on (the same stream after a resume)."""
+    return torch.utils.data.DataLoader(
         Columnar(train_ds),
-        batch_sampler=ResumableBatches(len(train_ds), cfg.batch_size, seed, accelerator.process_index, world,
-                                       start=state.step * gas),
+        batch_sampler=ResumableBatches(len(train_ds), cfg.batch_size, seed, accelerator.process_index,
+                                       accelerator.num_processes, start=step * cfg.grad_accum),  # fmt: skip
         collate_fn=task.collate, num_workers=cfg.num_workers,
         # its own generator: creating an iterator would otherwise draw from the global RNG, which a resumed run
         # has just restored, and shift every later dropout mask
         generator=torch.Generator().manual_seed(seed),
     )
-    params = list(trainable.values())
-    module.train()
-    from tqdm.auto import tqdm
 
-    # progress=None: tqdm decides (shown on a terminal only)
-    disable = True if not accelerator.is_main_process else (None if cfg.progress is None else not cfg.progress)
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=disable)
-    window: list[float] = []
-    batches = iter(loader)
-    while state.step < cfg.max_steps:
-        t0, c0 = time.perf_counter(), time.process_time()
-        loss_acc = torch.zeros((), device=accelerator.device)
+
+def _final_metrics(final: dict[str, float], has_test: bool) -> dict[str, float]:
+    """eval_* from test (validation if there is no test split) and generated samples, val_* from validation."""
+    split = "test" if has_test else "val"
+    metrics: dict[str, Any] = {f"eval_{k.split('/', 1)[1]}": v for k, v in final.items()
+                               if k.startswith((f"{split}/", "gen/"))}  # fmt: skip
+    metrics.update({f"val_{k.split('/', 1)[1]}": v for k, v in final.items() if k.startswith("val/")})
+    metrics["eval_split"] = "test" if has_test else "validation"
+    return metrics
+
+
+@dataclass
+class _Loop:
+    """One `fit`: the prepared module, optimizer and schedule, the state, and the steps of the loop."""
+
+    accelerator: Any
+    module: Any
+    raw: Any  # the module unwrapped from accelerate's wrappers
+    trainable: dict[str, torch.nn.Parameter]
+    optimizer: Any
+    scheduler: Any
+    task: Any
+    cfg: TrainerConfig
+    out_dir: Path
+    val_ds: Any
+    test_ds: Any
+    adapter: Any
+    fingerprint: str | None
+    state: TrainState = field(default_factory=TrainState)
+    session: Any = None
+
+    def __post_init__(self) -> None:
+        # checkpoint = trained parameters (by state_dict name) + buffers; trained tensors the module does not own
+        # (an adapter may keep some outside it) under their adapter names
+        self.by_id = {id(p): n for n, p in self.raw.named_parameters()}
+        self.extra = {f"adapter::{n}": p for n, p in self.trainable.items() if id(p) not in self.by_id}
+        self.ckpt_root = self.out_dir / "checkpoints"
+
+    def resume(self) -> None:
+        ckpt = latest_checkpoint(self.ckpt_root) if self.cfg.resume else None
+        if ckpt is None:
+            return
+        saved = load_checkpoint(ckpt, module=self.raw, extra=self.extra, optimizer=self.optimizer,
+                                scheduler=self.scheduler, adapter=self.adapter,
+                                rank=self.accelerator.process_index, fingerprint=self.fingerprint)  # fmt: skip
+        self.state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
+        log.info("resumed from %s (step %d of %d)", ckpt, self.state.step, self.cfg.max_steps)
+
+    def checkpoint(self) -> None:
+        acc, state = self.accelerator, self.state
+        sd = self.raw.state_dict()
+        train_names = {self.by_id[id(p)] for p in self.trainable.values() if id(p) in self.by_id}
+        buffers = {n for n, _ in self.raw.named_buffers()}
+        tensors = {k: v for k, v in sd.items() if k in train_names or k in buffers}
+        tensors.update({k: p.detach() for k, p in self.extra.items()})
+        adapter_state = self.adapter.training_state() if hasattr(self.adapter, "training_state") else None
+        save_checkpoint(self.ckpt_root, state.step, tensors=tensors, optimizer=self.optimizer,
+                        scheduler=self.scheduler, state={**state.__dict__, "fingerprint": self.fingerprint},
+                        adapter_state=adapter_state, rank=acc.process_index, is_main=acc.is_main_process,
+                        keep=self.cfg.keep_checkpoints, barrier=acc.wait_for_everyone)  # fmt: skip
+
+    def run_eval(self, final: bool = False) -> dict[str, float]:
+        t0 = time.perf_counter()
+        acc, bs = self.accelerator, self.cfg.eval_batch_size
+        metrics = {f"val/{k}": v for k, v in evaluate(acc, self.module, self.task, self.val_ds, bs).items()}
+        if acc.is_main_process:
+            metrics.update(self._samples(final))
+        if final and self.test_ds is not None:
+            metrics.update({f"test/{k}": v for k, v in evaluate(acc, self.module, self.task, self.test_ds, bs).items()})
+        self.state.eval_seconds += time.perf_counter() - t0
+        if not final:
+            self.state.history.append({"step": self.state.step, **metrics})
+        self.session.log(metrics, self.state.step)
+        log.info("step %d: %s", self.state.step, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def _samples(self, final: bool) -> dict[str, float]:
+        """The task's generated samples (main process): their metrics, the image saved and logged."""
+        step = self.state.step
+        with self.accelerator.autocast():
+            extra_metrics, image = self.task.extras(self.raw.eval(), self.accelerator.device, step)
+        self.raw.train()
+        if image is not None:
+            (self.out_dir / "samples").mkdir(exist_ok=True)
+            image.save(self.out_dir / "samples" / f"step_{step:07d}.png")
+            if final:
+                image.save(self.out_dir / "samples.png")
+            self.session.log_image("samples", image, step)
+        return {f"gen/{k}": v for k, v in extra_metrics.items()}  # samples: not tied to a split
+
+    def optimizer_step(self, batches, params: list[torch.nn.Parameter]) -> float:
+        """`grad_accum` micro-batches (gradients synchronised on the last), clip, step; the mean loss."""
+        acc, cfg, gas = self.accelerator, self.cfg, self.cfg.grad_accum
+        loss_acc = torch.zeros((), device=acc.device)
         for micro in range(gas):
-            batch = _to(next(batches), accelerator.device)
-            sync = contextlib.nullcontext() if micro == gas - 1 else accelerator.no_sync(module)
+            batch = _to(next(batches), acc.device)
+            sync = contextlib.nullcontext() if micro == gas - 1 else acc.no_sync(self.module)
             with sync:
-                loss = task.loss(module, batch)
-                accelerator.backward(loss / gas)
+                loss = self.task.loss(self.module, batch)
+                acc.backward(loss / gas)
             loss_acc += loss.detach().float() / gas
         if cfg.max_grad_norm is not None:
-            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the step
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        if adapter is not None:
-            adapter.on_optimizer_step(state.step, cfg.max_steps, getattr(optimizer, "optimizer", optimizer))
-        step_loss = float(accelerator.reduce(loss_acc, "mean")) if world > 1 else float(loss_acc)
-        state.train_seconds += time.perf_counter() - t0
-        state.train_cpu_seconds += time.process_time() - c0
-        state.loss_sum += step_loss
-        window.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
-            row = {"train/loss": sum(window) / len(window), "train/lr": scheduler.get_last_lr()[0],
-                   "train/epoch": state.step * gas * cfg.batch_size * world / len(train_ds)}
-            session_obj.log(row, state.step)
-            if bar.disable and accelerator.is_main_process:  # no bar (not a terminal): progress goes to the log
-                log.info("step %d/%d: loss %.4f, lr %.3g, %.2f s/step", state.step, cfg.max_steps, row["train/loss"],
-                         row["train/lr"], state.train_seconds / state.step)
-            window.clear()
-        if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
-            run_eval()
-        if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == cfg.max_steps):
-            state.logger = session_obj.state()
-            checkpoint()
-    bar.close()
-    final = run_eval(final=True)
-    split = "test" if test_ds is not None else "val"
-    metrics = {f"eval_{k.split('/', 1)[1]}": v for k, v in final.items() if k.startswith((f"{split}/", "gen/"))}
-    metrics.update({f"val_{k.split('/', 1)[1]}": v for k, v in final.items() if k.startswith("val/")})
-    metrics["eval_split"] = "test" if test_ds is not None else "validation"
-    return FitResult(state, metrics, module, session_obj)
+            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+        self.optimizer.step()
+        if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped the step
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        if self.adapter is not None:  # the torch optimizer inside accelerate's wrapper
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            self.adapter.on_optimizer_step(self.state.step, cfg.max_steps, inner)
+        return float(acc.reduce(loss_acc, "mean")) if acc.num_processes > 1 else float(loss_acc)
+
+    def log_losses(self, window: list[float], bar, n_train: int) -> None:
+        """The mean training loss since the last log (and the LR, the epoch) to the logger, and without a
+        progress bar to the log."""
+        cfg, state, world = self.cfg, self.state, self.accelerator.num_processes
+        row = {"train/loss": sum(window) / len(window), "train/lr": self.scheduler.get_last_lr()[0],
+               "train/epoch": state.step * cfg.grad_accum * cfg.batch_size * world / n_train}  # fmt: skip
+        self.session.log(row, state.step)
+        if bar.disable and self.accelerator.is_main_process:  # no bar (not a terminal): progress goes to the log
+            log.info("step %d/%d: loss %.4f, lr %.3g, %.2f s/step", state.step, cfg.max_steps, row["train/loss"],
+                     row["train/lr"], state.train_seconds / state.step)  # fmt: skip
+        window.clear()
+
+    def train(self, loader, n_train: int) -> None:
+        """Optimizer steps up to `max_steps`, each followed by what is due: a log line, an evaluation, a checkpoint."""
+        from tqdm.auto import tqdm
+
+        cfg, state = self.cfg, self.state
+        params = list(self.trainable.values())
+        self.module.train()
+        # progress=None: tqdm decides (shown on a terminal only)
+        disable = True if not self.accelerator.is_main_process else (None if cfg.progress is None else not cfg.progress)
+        bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
+                   disable=disable)  # fmt: skip
+        window: list[float] = []
+        batches = iter(loader)
+        while state.step < cfg.max_steps:
+            t0, c0 = time.perf_counter(), time.process_time()
+            step_loss = self.optimizer_step(batches, params)
+            state.train_seconds += time.perf_counter() - t0
+            state.train_cpu_seconds += time.process_time() - c0
+            state.loss_sum += step_loss
+            window.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+                self.log_losses(window, bar, n_train)
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
+                self.run_eval()
+            if cfg.save_every and (state.step % cfg.save_every == 0 or state.step == cfg.max_steps):
+                state.logger = self.session.state()
+                self.checkpoint()
+        bar.close()

@@ -33,9 +33,13 @@ def summarize(sweep_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     """(Markdown table, rows) for every job dir under `sweep_dir` (a dir with `.hydra/overrides.yaml`)."""
     root = Path(sweep_dir)
     rows = []
-    jobs = sorted((p for p in root.iterdir() if (p / ".hydra" / "overrides.yaml").exists()),
-                  key=lambda p: (int(p.name.split("_", 1)[0]) if p.name.split("_", 1)[0].isdigit() else 1 << 30, p.name))
-    per_job = [[o.lstrip("+") for o in yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text()) or []] for j in jobs]
+    def order(p: Path) -> tuple[int, str]:  # by job number (the `N_` Hydra puts in front), then name
+        num = p.name.split("_", 1)[0]
+        return (int(num) if num.isdigit() else 1 << 30, p.name)
+
+    jobs = sorted((p for p in root.iterdir() if (p / ".hydra" / "overrides.yaml").exists()), key=order)
+    per_job = [[o.lstrip("+") for o in yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text()) or []]
+               for j in jobs]  # fmt: skip
     common = [o for o in per_job[0] if all(o in p for p in per_job)] if per_job else []
     for job, overrides in zip(jobs, per_job, strict=True):
         m_path = job / "metrics.json"

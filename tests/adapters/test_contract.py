@@ -228,3 +228,25 @@ def test_hydra_node_builds_adapter(name):
     adapter = build_adapter(**node)
     assert adapter.config.target_modules == ["fc1", "fc2"]
     assert isinstance(adapter.config.target_modules, list)
+
+
+def test_config_values_are_typed_before_the_adapter_is_built():
+    """Values from a YAML file or an override are checked against the config's annotations: numeric strings
+    are numbers, a single pattern is a one-element list, and wrong types name the key and what it takes."""
+    assert build_adapter("lora", dropout="1e-3").config.dropout == 1e-3
+    assert build_adapter("lora", target_modules="fc1").config.target_modules == ["fc1"]
+    for params, match in [
+        ({"use_rslora": "yes"}, r"adapter\.use_rslora='yes' must be true or false"),
+        ({"alpha": "x"}, r"adapter\.alpha='x' must be a finite number or null"),
+        ({"r": "abc"}, r"adapter\.r='abc' must be an integer"),
+        ({"r": 2.5}, r"adapter\.r=2\.5 must be an integer"),
+        ({"dropout": 1.0}, r"adapter\.dropout=1\.0 is out of range: must be in \[0, 1\)"),
+        ({"target_modules": ["fc1", 1]}, r"adapter\.target_modules=\['fc1', 1\] must be a list of strings"),
+    ]:
+        with pytest.raises(UserError, match=match) as e:
+            build_adapter("lora", **params)
+        assert str(e.value).startswith("adapter=lora: ")
+    with pytest.raises(UserError, match=r"adapter\.density='half' must be a finite number or null"):
+        build_adapter("sparse", density="half")
+    with pytest.raises(UserError, match=r"adapter\.factor='x' must be an integer"):
+        build_adapter("kronecker", factor="x")

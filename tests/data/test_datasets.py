@@ -73,8 +73,10 @@ def test_digits_subsets_and_relabel():
     x_rot, _ = Digits(transform="rot90").arrays()
     x, _ = Digits().arrays()
     assert np.allclose(np.rot90(x, 1, axes=(1, 2)), x_rot)
-    with pytest.raises(UserError, match="distinct digits"):
+    with pytest.raises(UserError, match=r"classes=\[1, 12\] is out of range: each item must be in \[0, 9\]"):
         Digits(classes=[1, 12])
+    with pytest.raises(UserError, match="distinct digits"):
+        Digits(classes=[1, 1])
 
 
 def test_hf_loader_local_csv(tmp_path):
@@ -94,5 +96,5 @@ def test_bad_parameters():
         build_dataset("bbc_news", colour="red")
     with pytest.raises(UserError, match="leaves nothing"):
         build_dataset("bbc_news", validation_fraction=0.5, test_fraction=0.5)
-    with pytest.raises(UserError, match="positive"):
+    with pytest.raises(UserError, match=r"data=digits: data\.max_train_samples=0 is out of range: must be >= 1"):
         build_dataset("digits", max_train_samples=0)

@@ -322,7 +322,8 @@ def test_a_broken_triton_is_reported_once_when_cuda_tensors_fall_back(monkeypatc
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_csr_matches_reference(case, dtype, monkeypatch):
-    x, w, b, rows, cols, v, dy = make_case(*case, dtype=dtype, vdtype=torch.float32 if dtype == torch.bfloat16 else dtype, shuffle=True)
+    vdtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    x, w, b, rows, cols, v, dy = make_case(*case, dtype=dtype, vdtype=vdtype, shuffle=True)
     ref = run("reference", monkeypatch, x, w, b, rows, cols, v, dy, need_w=True)
     got = run("csr", monkeypatch, x, w, b, rows, cols, v, dy, need_w=True)
     for name, a, c in zip(("y", "dx", "dvalues", "dW", "db"), ref, got, strict=True):
@@ -453,8 +454,10 @@ from triton.compiler import ASTSource
 from peft_lab.kernels.sparse import triton_kernels as tk
 assert not tk.INTERPRETED
 SIG = {
-    tk._spmm_kernel: ("*{t} i32 i32 *{t} i32 i32 *i32 *i32 *fp32 *i64 i32 i32 i32", dict(BLOCK_B=64, BLOCK_O=16, BLOCK_K=32)),
-    tk._sddmm_kernel: ("*{t} i32 i32 *{t} i32 i32 *i32 *i32 *fp32 i32 i32 i32 i32 i32 i32", dict(BLOCK_K=32, BLOCK_B=64)),
+    tk._spmm_kernel: ("*{t} i32 i32 *{t} i32 i32 *i32 *i32 *fp32 *i64 i32 i32 i32",
+                      dict(BLOCK_B=64, BLOCK_O=16, BLOCK_K=32)),
+    tk._sddmm_kernel: ("*{t} i32 i32 *{t} i32 i32 *i32 *i32 *fp32 i32 i32 i32 i32 i32 i32",
+                       dict(BLOCK_K=32, BLOCK_B=64)),
     tk._scatter_kernel: ("*{t} i32 i32 *i32 *i32 *fp32 i32 i32 i32", dict(BLOCK=1024)),
 }
 for cc in (80, 90):
@@ -504,7 +507,9 @@ def test_gpu_triton_matches_reference(density, dtype, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["reference", "csr"])
 @pytest.mark.parametrize("widen", [1 << 18, 25])  # the value gradient widens x in blocks: one, or 2 rows at a time
-def test_saved_input_dtype_keeps_a_bfloat16_input_and_changes_only_the_weight_side_gradients(backend, widen, monkeypatch):
+def test_saved_input_dtype_keeps_a_bfloat16_input_and_changes_only_the_weight_side_gradients(
+    backend, widen, monkeypatch
+):
     monkeypatch.setenv(op.BACKEND_ENV, backend)
     monkeypatch.setattr(op, "_WIDEN_ELEMENTS", widen)
     x, w, b, rows, cols, v, dy = make_case(12, 9, 11, 0.3)

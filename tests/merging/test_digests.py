@@ -64,15 +64,20 @@ def _w(*pairs):
 
 # float32 cases on the mergekit fixture models (tensors of a few hundred elements)
 F32 = {
-    "linear": _recipe("linear", _w((FT[0], {"weight": 0.5}), (FT[1], {"weight": 0.3}), (FT[2], {"weight": 0.2})), base=None),
+    "linear": _recipe("linear", _w((FT[0], {"weight": 0.5}), (FT[1], {"weight": 0.3}), (FT[2], {"weight": 0.2})),
+                      base=None),
     "linear_base": _recipe("linear", _w((FT[0], {"weight": 1.0}), (FT[1], {"weight": 2.0})), weight=0.5),
-    "task_arithmetic": _recipe("task_arithmetic", _w((FT[0], {"weight": 1.0}), (FT[1], {"weight": -0.5}), (FT[2], {"weight": 0.7})), **{"lambda": 0.8}),
+    "task_arithmetic": _recipe("task_arithmetic",
+                               _w((FT[0], {"weight": 1.0}), (FT[1], {"weight": -0.5}), (FT[2], {"weight": 0.7})),
+                               **{"lambda": 0.8}),
     "task_arithmetic_norm": _recipe("task_arithmetic", FT, normalize=True),
-    "ties": _recipe("ties", _w((FT[0], {"density": 0.3}), (FT[1], {"density": 0.5}), (FT[2], {"density": 0.7, "weight": 0.5}))),
+    "ties": _recipe("ties", _w((FT[0], {"density": 0.3}), (FT[1], {"density": 0.5}),
+                               (FT[2], {"density": 0.7, "weight": 0.5}))),
     "ties_sum": _recipe("ties", FT, density=0.4, normalize=False, **{"lambda": 1.3}),
     "ties_global": _recipe("ties", FT, density=0.3, trim_scope="global"),
     "dare_ties": _recipe("dare_ties", FT, density=0.5, seed=3),
-    "dare_ties_norm": _recipe("dare_ties", _w((FT[0], {"weight": 0.4}), (FT[1], {"weight": 0.6})), density=0.6, normalize=True),
+    "dare_ties_norm": _recipe("dare_ties", _w((FT[0], {"weight": 0.4}), (FT[1], {"weight": 0.6})), density=0.6,
+                              normalize=True),
     "dare_linear_l1": _recipe("dare_linear", FT, density=0.4),
     "dare_linear_keep_rate": _recipe("dare_linear", FT, density=0.4, rescale="keep_rate"),
     "dare_linear_q": _recipe("dare_linear", FT, density=0.4, rescale="q", q=0.6),
@@ -125,7 +130,8 @@ def lora_dir(tmp_path_factory):
 
     model = AutoModelForCausalLM.from_pretrained(BASE)
     torch.manual_seed(5)
-    pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    pm = get_peft_model(model, lora)
     out = tmp_path_factory.mktemp("lora") / "adapter"
     pm.save_pretrained(out)
     return str(out)
@@ -208,7 +214,8 @@ def bert_dirs(tmp_path_factory):
                 shutil.copy(tok_dir / f, d / f)
         dirs.append(str(d))
     csv = root / "task.csv"
-    csv.write_text("text,label\n" + "\n".join(f"example number {i} about topic {i % 3},{i % 3}" for i in range(12)) + "\n")
+    rows = [f"example number {i} about topic {i % 3},{i % 3}" for i in range(12)]
+    csv.write_text("text,label\n" + "\n".join(rows) + "\n")
     return dirs, str(csv)
 
 
@@ -227,11 +234,14 @@ def test_data_driven_methods_match_the_pinned_digests(bert_dirs, tmp_path):
         p = tmp_path / f"fisher{i}.safetensors"
         save_fisher(f, p)
         fishers.append(str(p))
+    short = {"steps": 2, "batch_size": 4, "batches_per_step": 1}  # AdaMerging: two steps on small batches
     cases = {
-        "fisher_files": _recipe("fisher", _w((dirs[1], {"fisher": fishers[0]}), (dirs[2], {"fisher": fishers[1], "weight": 2.0})), base=dirs[0]),
+        "fisher_files": _recipe("fisher", _w((dirs[1], {"fisher": fishers[0]}),
+                                             (dirs[2], {"fisher": fishers[1], "weight": 2.0})), base=dirs[0]),
         "fisher_data": {**_recipe("fisher", dirs[1:], base=dirs[0]), "data": data},
-        "adamerging": {**_recipe("adamerging", dirs[1:], base=dirs[0], steps=2, batch_size=4, batches_per_step=1), "data": data},
-        "adamerging_ties": {**_recipe("adamerging_ties", dirs[1:], base=dirs[0], steps=2, batch_size=4, batches_per_step=1, granularity="task"), "data": data},
+        "adamerging": {**_recipe("adamerging", dirs[1:], base=dirs[0], **short), "data": data},
+        "adamerging_ties": {**_recipe("adamerging_ties", dirs[1:], base=dirs[0], **short, granularity="task"),
+                            "data": data},
     }
     for name, r in cases.items():
         got[f"data/{name}"] = tensor_digests(run_merge(r, tmp_path / name, hash="none"))

@@ -61,7 +61,8 @@ def test_mismatched_shapes_and_missing_tensors_are_listed_at_once(files, tmp_pat
     with pytest.raises(UserError) as e:
         run_merge(ta(files), tmp_path / "out")
     msg = str(e.value)
-    for needle in ("layer1.weight has shape (6, 8)", "layer2.weight", "layer3.weight", "layer0.bias", "stray", "m0.safetensors", "m1.safetensors"):
+    for needle in ("layer1.weight has shape (6, 8)", "layer2.weight", "layer3.weight", "layer0.bias", "stray",
+                   "m0.safetensors", "m1.safetensors"):  # fmt: skip
         assert needle in msg, needle
     assert_nothing_left(tmp_path / "out")
     assert file_digests(tmp_path) == before
@@ -76,7 +77,8 @@ def test_float_vs_int_tensor_is_a_mismatch(files, tmp_path):
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_truncated_or_corrupt_safetensors(files, tmp_path, damage):
     data = files["m1"].read_bytes()
-    files["m1"].write_bytes(data[: len(data) - 100] if damage == "truncate" else b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + data[18:])
+    garbage = b"\x10\x00\x00\x00\x00\x00\x00\x00{not json" + data[18:]
+    files["m1"].write_bytes(data[: len(data) - 100] if damage == "truncate" else garbage)
     with pytest.raises(UserError, match=r"m1\.safetensors.*(truncated|corrupt)"):
         run_merge(ta(files), tmp_path / "out")
     assert_nothing_left(tmp_path / "out")
@@ -92,7 +94,8 @@ def test_nonexistent_paths_are_all_named(files, tmp_path):
 
 
 def test_unknown_method_lists_the_available_ones(files, tmp_path):
-    with pytest.raises(UserError, match=r"Unknown merge method 'tiez'\. Available: .*dare_linear.*linear.*slerp.*soup.*ties"):
+    match = r"Unknown merge method 'tiez'\. Available: .*dare_linear.*linear.*slerp.*soup.*ties"
+    with pytest.raises(UserError, match=match):
         run_merge({**ta(files), "merge_method": "tiez"}, tmp_path / "out")
 
 
@@ -141,7 +144,8 @@ def test_nonfinite_inputs_are_refused_unless_allowed(files, tmp_path, bad):
     t = _tensors(2)
     t["layer2.weight"][3, 4] = bad
     save_file(t, files["m1"])
-    with pytest.raises(UserError, match=r"m1\.safetensors: tensor layer2\.weight contains (NaN|inf).*flat index 22.*allow_nonfinite=true"):
+    match = r"m1\.safetensors: tensor layer2\.weight contains (NaN|inf).*flat index 22.*allow_nonfinite=true"
+    with pytest.raises(UserError, match=match):
         run_merge(ta(files), tmp_path / "out")
     assert_nothing_left(tmp_path / "out")
     out = run_merge(ta(files), tmp_path / "out", allow_nonfinite=True)
@@ -177,9 +181,11 @@ def test_adapter_inputs_need_a_full_base(files, tmp_path):
     d = tmp_path / "adapter"
     d.mkdir()
     (d / ADAPTER_CONFIG).write_text("{}")
-    save_tree(Tree({"layer1.weight": LowRank(torch.ones(8, 1), torch.ones(1, 6))}), d / ADAPTER_WEIGHTS, metadata={TREE_KIND_KEY: "delta"})
+    delta = Tree({"layer1.weight": LowRank(torch.ones(8, 1), torch.ones(1, 6))})
+    save_tree(delta, d / ADAPTER_WEIGHTS, metadata={TREE_KIND_KEY: "delta"})
     with pytest.raises(UserError, match=r"adapter.*give base_model"):
-        run_merge({"merge_method": "linear", "models": [{"model": str(d)}, {"model": str(files["m0"])}]}, tmp_path / "out")
+        run_merge({"merge_method": "linear", "models": [{"model": str(d)}, {"model": str(files["m0"])}]},
+                  tmp_path / "out")  # fmt: skip
     with pytest.raises(UserError, match=r"base_model .*adapter is an adapter"):
         run_merge({**ta(files), "base_model": str(d)}, tmp_path / "out")
 
@@ -190,8 +196,9 @@ def test_soup_with_different_masks_fails_cleanly(files, tmp_path):
         t["layer1.weight"][:cut] = 0
     save_file(a, files["m0"])
     save_file(b, files["m1"])
+    soup = {"merge_method": "soup", "models": [{"model": str(files["m0"])}, {"model": str(files["m1"])}]}
     with pytest.raises(UserError, match=r"different sparsity masks in tensor layer1\.weight.*check_masks=false"):
-        run_merge({"merge_method": "soup", "models": [{"model": str(files["m0"])}, {"model": str(files["m1"])}]}, tmp_path / "out")
+        run_merge(soup, tmp_path / "out")
     assert_nothing_left(tmp_path / "out")
 
 
@@ -273,13 +280,17 @@ def test_disk_full_while_writing(files, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 def test_cli_errors_are_one_paragraph_without_traceback(files, tmp_path, cli):
     rec = tmp_path / "r.yaml"
-    rec.write_text(yaml.safe_dump({**ta(files), "parameters": {"lambda": 1.0}, "models": [{"model": str(files["m0"]), "parameters": {"weight": "x"}}]}))
+    models = [{"model": str(files["m0"]), "parameters": {"weight": "x"}}]
+    rec.write_text(yaml.safe_dump({**ta(files), "parameters": {"lambda": 1.0}, "models": models}))
     r = cli("merge", "--config", rec, "--out", tmp_path / "out")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.startswith("peft-lab: error: ") and "weight='x' must be a finite number" in " ".join(r.stderr.split())
+    assert r.stderr.startswith("peft-lab: error: ")
+    assert "weight='x' must be a finite number" in " ".join(r.stderr.split())
     assert "\n\n" not in r.stderr.strip()
-    r = cli("merge", "method=ties", f"base={files['base']}", f"models=[{files['m0']}]", f"out={tmp_path / 'o'}", "method.density=0")
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "density=0 is out of range" in " ".join(r.stderr.split())
+    r = cli("merge", "method=ties", f"base={files['base']}", f"models=[{files['m0']}]", f"out={tmp_path / 'o'}",
+            "method.density=0")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "density=0 is out of range" in " ".join(r.stderr.split())
     assert "Error executing job" not in r.stderr
     assert_nothing_left(tmp_path / "out")
 
@@ -293,7 +304,8 @@ def test_interrupted_merge_leaves_nothing_behind(tmp_path, sig):
     base = {n: torch.randn(64, 64, generator=g) for n in names}
     save_file(base, tmp_path / "base.safetensors")
     for j in range(2):
-        save_file({n: v + 0.01 * torch.randn(v.shape, generator=g) for n, v in base.items()}, tmp_path / f"m{j}.safetensors")
+        model = {n: v + 0.01 * torch.randn(v.shape, generator=g) for n, v in base.items()}
+        save_file(model, tmp_path / f"m{j}.safetensors")
     out = tmp_path / "out"
     code = """
 import pathlib, sys, time

@@ -63,7 +63,8 @@ def test_cli_merge_is_an_hf_model_dir_with_its_recipe(llama, tmp_path, cli):
 
     # an HF dir: config + tokenizer files from the base, shards + index, recipe
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "tokenizer_config.json", "special_tokens_map.json", "model.safetensors.index.json", "merge_recipe.yaml"} <= names
+    assert {"config.json", "tokenizer_config.json", "special_tokens_map.json", "model.safetensors.index.json",
+            "merge_recipe.yaml"} <= names  # fmt: skip
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     assert not list(tmp_path.glob(".out.tmp-*"))
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -78,7 +79,8 @@ def test_cli_merge_is_an_hf_model_dir_with_its_recipe(llama, tmp_path, cli):
 
     # the recipe, with input hashes, in merge_recipe.yaml and in every shard's header
     on_disk = yaml.safe_load((out / "merge_recipe.yaml").read_text())
-    assert on_disk == read_recipe(out) == json.loads(json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["peft_lab.merge_recipe"])
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert on_disk == read_recipe(out) == json.loads(index["metadata"]["peft_lab.merge_recipe"])
     assert on_disk["merge_method"] == "task_arithmetic" and on_disk["parameters"] == {"lambda": 0.5, "normalize": False}
     assert on_disk["tool"].startswith("peft-lab ") and on_disk["hash"] == "sha256"
     files = {f: h for i in on_disk["inputs"] for f, h in i["files"].items() if i["model"] == str(base)}
@@ -102,11 +104,12 @@ def test_yaml_and_hydra_forms_give_identical_bytes(llama, tmp_path, monkeypatch)
     rec.write_text(yaml.safe_dump({
         "merge_method": "dare_ties", "base_model": "base", "dtype": "float16",
         "models": [{"model": "ft0", "parameters": {"weight": 1.0}}, {"model": "ft1", "parameters": {"weight": 0.5}}],
-        "parameters": {"density": 0.4, "rescale": "keep_rate", "seed": 3, "lambda": 1.0, "normalize": False}}))  # fmt: skip
+        "parameters": {"density": 0.4, "rescale": "keep_rate", "seed": 3, "lambda": 1.0,
+                       "normalize": False}}))  # fmt: skip
     assert merge_main(["--config", str(rec), "--out", str(tmp_path / "yaml")]) == 0
     assert merge_main([
-        "method=dare_ties", "base=base", "models=[ft0,{model: ft1, parameters: {weight: 0.5}}]", f"out={tmp_path / 'hydra'}",
-        "method.density=0.4", "method.seed=3", "dtype=float16"]) == 0  # fmt: skip
+        "method=dare_ties", "base=base", "models=[ft0,{model: ft1, parameters: {weight: 0.5}}]",
+        f"out={tmp_path / 'hydra'}", "method.density=0.4", "method.seed=3", "dtype=float16"]) == 0  # fmt: skip
     files = sorted(p.name for p in (tmp_path / "yaml").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "hydra").iterdir())
     for f in files:
@@ -122,7 +125,8 @@ def test_hydra_sweep_writes_one_dir_per_job(llama32, tmp_path, monkeypatch):
     dirs = sorted(p.name for p in (tmp_path / "sw").iterdir())
     assert dirs == ["method=dare_ties,method.density=0.5", "method=ties,method.density=0.5"]
     for d in dirs:
-        assert yaml.safe_load((tmp_path / "sw" / d / "merge_recipe.yaml").read_text())["merge_method"] == d.split(",")[0][7:]
+        written = yaml.safe_load((tmp_path / "sw" / d / "merge_recipe.yaml").read_text())
+        assert written["merge_method"] == d.split(",")[0][7:]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,7 +138,8 @@ def test_dtypes_and_int_buffers(tmp_path):
             "ids": torch.arange(7), "mask": torch.tensor([1, 0, 1], dtype=torch.uint8)}  # fmt: skip
     models = []
     for i in range(2):
-        m = {k: (v + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v * (i + 2) for k, v in base.items()}
+        m = {k: (v + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v * (i + 2)
+             for k, v in base.items()}  # fmt: skip
         save_file(m, tmp_path / f"m{i}.safetensors")
         models.append(tmp_path / f"m{i}.safetensors")
     save_file(base, tmp_path / "base.safetensors")
@@ -175,8 +180,8 @@ def test_adapters_of_every_kind_merge_as_task_vectors(llama32, tmp_path):
     o, i = b[down].shape
     r = 3
     leaves = {up: Sparse(idx, torch.randn(50, generator=g) * 0.1, b[up].shape),
-              down: LDU(torch.randperm(o, generator=g), torch.randn(o, r, generator=g), torch.randn(r, generator=g) * 0.1,
-                        torch.randn(r, i, generator=g), 0.5)}  # fmt: skip
+              down: LDU(torch.randperm(o, generator=g), torch.randn(o, r, generator=g),
+                        torch.randn(r, generator=g) * 0.1, torch.randn(r, i, generator=g), 0.5)}  # fmt: skip
     (tmp_path / "sp").mkdir()
     (tmp_path / "sp" / ADAPTER_CONFIG).write_text('{"adapter": "sparse+ldu"}\n')
     save_tree(Tree(leaves), tmp_path / "sp" / ADAPTER_WEIGHTS, metadata={TREE_KIND_KEY: "delta"})
@@ -217,7 +222,9 @@ def test_chunked_executor_gives_the_same_tensors(llama32, tmp_path, name):
     shared, per = PARAMS[name]
     models = fts[:1] if name == "slerp" else fts
     whole = weights(run_merge(recipe(name, base, models, shared, per), tmp_path / "whole", hash="none"))
-    small = weights(run_merge(recipe(name, base, models, shared, per), tmp_path / "chunked", hash="none", chunk_size=64))
+    small = weights(
+        run_merge(recipe(name, base, models, shared, per), tmp_path / "chunked", hash="none", chunk_size=64)
+    )
     for k in whole:
         if name in ("slerp", "dare_ties"):  # norms accumulated chunk by chunk (float32 rounding)
             torch.testing.assert_close(small[k], whole[k], rtol=1e-5, atol=1e-7)
@@ -234,7 +241,8 @@ def test_global_ties_and_dare_do_not_depend_on_tensor_order(llama32, tmp_path):
     DARE masks follow tensor names, not file order."""
     base, fts = llama32
     b, f = weights(base), [weights(p) for p in fts]
-    out = weights(run_merge(recipe("ties", base, fts, {"trim_scope": "global"}, {"density": 0.25}), tmp_path / "g", chunk_size=64))
+    r = recipe("ties", base, fts, {"trim_scope": "global"}, {"density": 0.25})
+    out = weights(run_merge(r, tmp_path / "g", chunk_size=64))
     keys = sorted(b)
     thr = []
     for fw in f:
@@ -258,7 +266,8 @@ def test_global_ties_and_dare_do_not_depend_on_tensor_order(llama32, tmp_path):
         rev.append(d)
     r = recipe("dare_ties", base, fts, {"seed": 5}, {"density": 0.5})
     a = weights(run_merge(r, tmp_path / "a"))
-    c = weights(run_merge({**r, "models": [{"model": str(p), "parameters": {"density": 0.5}} for p in rev]}, tmp_path / "c"))
+    reversed_models = [{"model": str(p), "parameters": {"density": 0.5}} for p in rev]
+    c = weights(run_merge({**r, "models": reversed_models}, tmp_path / "c"))
     assert all(torch.equal(a[k], c[k]) for k in keys)
 
 
@@ -273,7 +282,8 @@ def test_progress_bar_only_when_asked(llama32, tmp_path, capfd):
 
 def test_hash_kind_none_records_no_hashes(llama32, tmp_path):
     base, fts = llama32
-    rec = yaml.safe_load((run_merge(recipe("linear", None, fts), tmp_path / "o", hash="none") / "merge_recipe.yaml").read_text())
+    out = run_merge(recipe("linear", None, fts), tmp_path / "o", hash="none")
+    rec = yaml.safe_load((out / "merge_recipe.yaml").read_text())
     assert rec["hash"] == "none" and all("files" not in i for i in rec["inputs"])
 
 
@@ -345,5 +355,5 @@ def test_threads_option_sets_torch_threads_while_streaming_and_restores_them(lla
         assert set(seen) == {2}
     finally:
         torch.set_num_threads(saved)
-    with pytest.raises(UserError, match="threads=0 must be a positive integer"):
+    with pytest.raises(UserError, match=r"threads=0 is out of range: must be >= 1 \(a positive integer, or auto"):
         run_merge(recipe("task_arithmetic", base, fts), tmp_path / "bad", threads=0)

@@ -57,7 +57,8 @@ def run_train(out, overrides):
 
 
 def test_resume_after_kill_gives_the_same_metrics(tmp_path):
-    args = [*TINY, "adapter=lora", "trainer.max_steps=20", "trainer.save_every=5", "trainer.eval_every=10", "logger=jsonl"]
+    args = [*TINY, "adapter=lora", "trainer.max_steps=20", "trainer.save_every=5", "trainer.eval_every=10",
+            "logger=jsonl"]  # fmt: skip
     ref = run_train(tmp_path / "ref", args)  # uninterrupted, in this process
 
     out = tmp_path / "killed"
@@ -91,7 +92,8 @@ def test_wandb_offline_without_key_never_prompts(tmp_path):
     env.update(HOME=str(tmp_path / "home"), WANDB_SILENT="true")  # no netrc, no API key, no WANDB_MODE
     (tmp_path / "home").mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "peft_lab", "train", *TINY, "adapter=lora", "logger=wandb", f"output_dir={tmp_path / 'o'}"],
+        [sys.executable, "-m", "peft_lab", "train", *TINY, "adapter=lora", "logger=wandb",
+         f"output_dir={tmp_path / 'o'}"],
         env={**env, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -105,7 +107,7 @@ def test_wandb_offline_without_key_never_prompts(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["adapter=nope"], "adapter=nope: no such option. Available adapter options:"),
-    (["trainer.max_steps=-5"], "trainer.max_steps=-5: must be >= 0"),
+    (["trainer.max_steps=-5"], "trainer.max_steps=-5 is out of range: must be >= 0"),
     (["model=hf", "model.path=/does/not/exist"], "model.path=/does/not/exist: no such directory"),
     (["adapter=lora", "adapter.target_modules=[nowhere]"], "'nowhere' match(es) no module"),
 ])
@@ -115,7 +117,20 @@ def test_user_errors(tmp_path, args, message):
     assert r.returncode == 2
     assert message in " ".join(r.stderr.split())
     assert "Traceback" not in r.stderr and r.stderr.count("peft-lab: error:") == 1
+    assert "Error executing job" not in r.stderr
     assert not (out / "checkpoints").exists()
+
+
+def test_a_failing_sweep_job_is_named_and_the_others_run(tmp_path):
+    """In a sweep, a job's UserError is Hydra's to report: it names the job's overrides, the other jobs of the
+    batch still run, and the command ends with the error (exit 2, one paragraph, no traceback)."""
+    r = run_cli("train", "-m", "adapter.target_modules=[nowhere],[query]", *TINY, "trainer.max_steps=1",
+                f"output_dir={tmp_path}")  # fmt: skip
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "Error executing job with overrides: ['++adapter.target_modules=[nowhere]'" in r.stderr
+    assert r.stderr.count("peft-lab: error:") == 1 and "'nowhere' match(es) no module" in " ".join(r.stderr.split())
+    (ok,) = [p for p in tmp_path.iterdir() if (p / "metrics.json").exists()]
+    assert ok.name.startswith("1_") and "adapter.target_modules=[query]" in ok.name
 
 
 def test_two_processes_match_one(tmp_path):
@@ -124,8 +139,8 @@ def test_two_processes_match_one(tmp_path):
     args = [*TINY, "model.dropout=0.0", "adapter=lora", "trainer.max_steps=4", "trainer.eval_every=2"]
     single = run_train(tmp_path / "one", [*args, "trainer.batch_size=4"])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peft_lab", "train",
-                        *args, "trainer.batch_size=2", f"output_dir={tmp_path / 'two'}"],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peft_lab",
+                        "train", *args, "trainer.batch_size=2", f"output_dir={tmp_path / 'two'}"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())

@@ -56,9 +56,10 @@ def test_rng_state_round_trip():
 
 
 def test_full_finetuning_outputs_and_learning(tmp_path):
-    m, out = run_train(tmp_path, "model=tiny_bert", "trainer=tiny", "data.max_train_samples=16", "data.max_eval_samples=16",
-                       "model.dropout=0.0", "adapter=none", "logger=jsonl", "trainer.max_steps=40", "trainer.lr=1e-2",
-                       "trainer.batch_size=8", "trainer.eval_every=20", "trainer.save_every=20")
+    m, out = run_train(tmp_path, "model=tiny_bert", "trainer=tiny", "data.max_train_samples=16",
+                       "data.max_eval_samples=16", "model.dropout=0.0", "adapter=none", "logger=jsonl",
+                       "trainer.max_steps=40", "trainer.lr=1e-2", "trainer.batch_size=8", "trainer.eval_every=20",
+                       "trainer.save_every=20")  # fmt: skip
     for key, kind in {"eval_accuracy": float, "train_loss": float, "trainable_params": int, "total_params": int,
                       "train_seconds": float}.items():
         assert isinstance(m[key], kind), key
@@ -78,7 +79,8 @@ def test_full_finetuning_outputs_and_learning(tmp_path):
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
     """batch 8 = two accumulated micro-batches of 4 (same examples, loss averaged): same trajectory."""
-    common = [*TINY, "model.dropout=0.0", "adapter=none", "trainer.max_steps=4", "trainer.save_every=0", "trainer.eval_every=0"]
+    common = [*TINY, "model.dropout=0.0", "adapter=none", "trainer.max_steps=4", "trainer.save_every=0",
+              "trainer.eval_every=0"]  # fmt: skip
     a, _ = run_train(tmp_path, *common, "trainer.batch_size=8", name="a")
     b, _ = run_train(tmp_path, *common, "trainer.batch_size=4", "trainer.grad_accum=2", name="b")
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)

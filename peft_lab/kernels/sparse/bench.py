@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     u = timer.unit
     print(f"plain dense F.linear(x, W, b) forward: {dense_ms:.3f} {u}")
     print(
-        f"\n{'density':>8} {'nnz':>9}  {'path':<9} {'fwd ' + u:>10} {'fwd+bwd ' + u:>14} {'peak MB':>9} {'saved extra MB':>15}"
+        f"\n{'density':>8} {'nnz':>9}  {'path':<9} {'fwd ' + u:>10} {'fwd+bwd ' + u:>14} {'peak MB':>9} "
+        f"{'saved extra MB':>15}"
     )
     summary = []
     for density in a.densities:

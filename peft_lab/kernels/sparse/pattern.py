@@ -138,7 +138,8 @@ class SparsePattern:
             raise UserError(f"{self.where}: {name} must be floating point, got {values.dtype}.")
         if values.device != self.device:
             raise UserError(
-                f"{self.where}: {name} are on {values.device} but the indices on {self.device}; move them to one device."
+                f"{self.where}: {name} are on {values.device} but the indices on {self.device}; "
+                "move them to one device."
             )
 
     def __repr__(self) -> str:

@@ -235,7 +235,9 @@ def sddmm(dyt: torch.Tensor, xt: torch.Tensor, pattern: SparsePattern) -> torch.
     return part[0] if slices == 1 else part.sum(0)
 
 
-def scatter_add_(weight: torch.Tensor, pattern: SparsePattern, values: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+def scatter_add_(
+    weight: torch.Tensor, pattern: SparsePattern, values: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
     """weight[rows[k], cols[k]] += alpha · values[k] in place (float32 arithmetic, rounded once). Returns weight."""
     _check(weight, values)
     if pattern.nnz == 0:

@@ -14,9 +14,12 @@ from typing import Any, ClassVar
 from torch import nn
 
 from peft_lab.errors import UserError
+from peft_lab.params import Checked, build
 from peft_lab.registry import Registry
 
-__all__ = ["MODELS", "ModelConfig", "BuiltModel", "DataInfo", "build_model", "quiet_hf", "new_modules_from_keys", "TASK_NAMES"]
+__all__ = [
+    "MODELS", "ModelConfig", "BuiltModel", "DataInfo", "build_model", "quiet_hf", "new_modules_from_keys", "TASK_NAMES",
+]  # fmt: skip
 
 MODELS: Registry[type[ModelConfig]] = Registry("model", package="peft_lab.train.models")
 TASK_NAMES = ("sequence_classification", "causal_lm", "diffusion")
@@ -61,7 +64,10 @@ class BuiltModel:
     def save_pretrained(self, out_dir: str | Path) -> None:
         """An HF/diffusers model dir: config + safetensors weights (+ tokenizer / scheduler config)."""
         out = Path(out_dir)
-        self.model.save_pretrained(out, safe_serialization=True) if _takes_safe(self.model) else self.model.save_pretrained(out)
+        if _takes_safe(self.model):
+            self.model.save_pretrained(out, safe_serialization=True)
+        else:
+            self.model.save_pretrained(out)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(out)
         if self.noise_scheduler is not None:
@@ -75,7 +81,7 @@ def _takes_safe(model: nn.Module) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Checked):
     """Fields every model takes.
 
     Attributes:
@@ -88,8 +94,11 @@ class ModelConfig:
     init_seed: int | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.task not in self.tasks():
-            raise UserError(f"model={self.name} does not support model.task={self.task!r}; it supports: {', '.join(self.tasks())}.")
+            raise UserError(
+                f"model={self.name} does not support model.task={self.task!r}; it supports: {', '.join(self.tasks())}."
+            )
 
     def tasks(self) -> tuple[str, ...]:
         return TASK_NAMES
@@ -100,12 +109,7 @@ class ModelConfig:
 
 def build_model(name: str, info: DataInfo, **params: Any) -> BuiltModel:
     """The registered model `name` built with `params` for data described by `info`."""
-    cls = MODELS.get(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise UserError(f"model {name!r} has no parameter(s) {', '.join(unknown)}; it takes: {', '.join(sorted(fields))}.")
-    return cls(**params).build(info)
+    return build(MODELS.get(name), params, where=f"model={name}", prefix="model.").build(info)
 
 
 @contextlib.contextmanager
@@ -158,6 +162,8 @@ def check_local_path(path: str, what: str) -> Path | None:
             raise UserError(f"{what}={path}: is a file; give the model's directory (config.json + weights).")
         return p
     if path.startswith(("/", ".", "~")) or path.count("/") > 1 or "\\" in path:
-        raise UserError(f"{what}={path}: no such directory. Give a local model dir (config.json + safetensors) or a hub id.")
+        raise UserError(
+            f"{what}={path}: no such directory. Give a local model dir (config.json + safetensors) or a hub id."
+        )
     return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from peft_lab.errors import UserError
+from peft_lab.params import param
 from peft_lab.train.models.base import (
     MODELS,
     BuiltModel,
@@ -33,7 +34,8 @@ def _labels_kw(info: DataInfo) -> dict:
     if info.label_names is None:
         raise UserError("sequence classification needs a dataset with a `label` column (data.label_column).")
     names = list(info.label_names)
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
+            "label2id": {n: i for i, n in enumerate(names)}}  # fmt: skip
 
 
 def _fix_padding(tokenizer, model) -> None:
@@ -58,7 +60,9 @@ def load_text_model(path: str, task: str, info: DataInfo, *, revision: str | Non
     try:
         with quiet_hf():
             tokenizer = transformers.AutoTokenizer.from_pretrained(path, **kw)
-            model, loading = auto.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True, **extra, **kw)
+            model, loading = auto.from_pretrained(
+                path, output_loading_info=True, ignore_mismatched_sizes=True, **extra, **kw
+            )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -78,12 +82,7 @@ class _TextConfig(ModelConfig):
         max_length: tokens per example (longer texts are truncated; batches are padded to their longest).
     """
 
-    max_length: int = 128
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.max_length < 2:
-            raise UserError(f"model.max_length={self.max_length}: must be at least 2 tokens.")
+    max_length: int = param(128, within="[2, inf)")
 
     def tasks(self) -> tuple[str, ...]:
         return TEXT_TASKS
@@ -112,7 +111,9 @@ class HFModel(_TextConfig):
         check_local_path(self.path, "model.path")
 
     def build(self, info: DataInfo) -> BuiltModel:
-        return load_text_model(self.path, self.task, info, revision=self.revision, trust_remote_code=self.trust_remote_code)
+        return load_text_model(
+            self.path, self.task, info, revision=self.revision, trust_remote_code=self.trust_remote_code
+        )
 
 
 @MODELS.register("minilm")
@@ -146,17 +147,19 @@ class _Tiny(_TextConfig):
         dropout: hidden and attention dropout (BERT's default 0.1).
     """
 
-    max_length: int = 64
-    hidden_size: int = 32
-    num_layers: int = 2
-    num_heads: int = 2
-    intermediate_size: int = 64
-    dropout: float = 0.1
+    max_length: int = param(64, within="[2, inf)")
+    hidden_size: int = param(32, within="[1, inf)")
+    num_layers: int = param(2, within="[1, inf)")
+    num_heads: int = param(2, within="[1, inf)")
+    intermediate_size: int = param(64, within="[1, inf)")
+    dropout: float = param(0.1, within="[0, 1)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.hidden_size % self.num_heads:
-            raise UserError(f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}.")
+            raise UserError(
+                f"model.hidden_size={self.hidden_size} must be divisible by model.num_heads={self.num_heads}."
+            )
 
     def tokenizer(self):
         import transformers

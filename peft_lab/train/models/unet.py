@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from peft_lab.errors import UserError
+from peft_lab.params import param
 from peft_lab.train.models.base import MODELS, BuiltModel, DataInfo, ModelConfig, check_local_path, quiet_hf
 
 __all__ = ["TinyUNet", "TinyUNetCond"]
@@ -32,11 +33,11 @@ class _UNetConfig(ModelConfig):
     task: str = "diffusion"
     path: str | None = None
     block_out_channels: list[int] = dataclasses.field(default_factory=lambda: [32, 64])
-    layers_per_block: int = 1
+    layers_per_block: int = param(1, within="[1, inf)")
     attention: bool = True
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    num_samples: int = 64
+    num_train_timesteps: int = param(1000, within="[1, inf)")
+    beta_schedule: str = param("squaredcos_cap_v2", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+    num_samples: int = param(64, within="[0, inf)")
     sample_steps: int = 100
     sample_seed: int = 0
 
@@ -47,10 +48,11 @@ class _UNetConfig(ModelConfig):
                 raise UserError(f"model.path={self.path}: no such directory (a saved diffusers model dir).")
         if not self.block_out_channels or any(c % 32 for c in self.block_out_channels):
             raise UserError(f"model.block_out_channels={list(self.block_out_channels)}: give multiples of 32.")
-        if self.beta_schedule not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
-            raise UserError(f"model.beta_schedule={self.beta_schedule!r}: one of linear, scaled_linear, squaredcos_cap_v2.")
         if not 1 <= self.sample_steps <= self.num_train_timesteps:
-            raise UserError(f"model.sample_steps={self.sample_steps}: must be in 1..num_train_timesteps ({self.num_train_timesteps}).")
+            raise UserError(
+                f"model.sample_steps={self.sample_steps}: must be in 1..num_train_timesteps "
+                f"({self.num_train_timesteps})."
+            )
 
     def tasks(self) -> tuple[str, ...]:
         return ("diffusion",)
@@ -106,7 +108,8 @@ class TinyUNet(_UNetConfig):
 @MODELS.register("tiny_unet_cond")
 @dataclasses.dataclass(frozen=True)
 class TinyUNetCond(_UNetConfig):
-    """Class-conditional `UNet2DConditionModel`: the label enters as a one-hot token (cross_attention_dim = #classes)."""
+    """Class-conditional `UNet2DConditionModel`: the label enters as a one-hot token (cross_attention_dim =
+    #classes)."""
 
     name = "tiny_unet_cond"
 

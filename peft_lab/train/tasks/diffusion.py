@@ -78,7 +78,8 @@ class Diffusion(Task):
     def _denoise_loss(self, model, batch, generator=None, reduction="mean"):
         x0 = batch["x0"]
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(x0),), generator=generator, device="cpu").to(x0.device)
+        steps = self.scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (len(x0),), generator=generator, device="cpu").to(x0.device)
         xt = self.scheduler.add_noise(x0, noise, t)
         pred = model(xt, t, **self._cond(batch.get("labels"))).sample
         err = F.mse_loss(pred.float(), noise, reduction="none").flatten(1).mean(1)  # (B,)
@@ -110,7 +111,9 @@ class Diffusion(Task):
         return self._reader
 
     @torch.no_grad()
-    def sample(self, model, n: int, steps: int, device, seed: int = 0, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def sample(
+        self, model, n: int, steps: int, device, seed: int = 0, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`n` images (n, C, H, W) in [0, 1] by ancestral DDPM sampling in `steps` steps, seeded."""
         sched = copy.deepcopy(self.scheduler)
         sched.set_timesteps(steps)

@@ -33,7 +33,8 @@ def make(method: str, shared=None, per_model=None, n_models=2):
     keys = {param_key(f): f.name for f in dataclasses.fields(cls.Params)}
     m = cls(cls.Params(**{keys[k]: v for k, v in (shared or {}).items()}))
     mkeys = {param_key(f): f.name for f in dataclasses.fields(cls.ModelParams)}
-    pm = [cls.ModelParams(**{mkeys[k]: v for k, v in (per_model[i] if per_model else {}).items()}) for i in range(n_models)]
+    pm = [cls.ModelParams(**{mkeys[k]: v for k, v in (per_model[i] if per_model else {}).items()})
+          for i in range(n_models)]  # fmt: skip
     return m, pm
 
 
@@ -91,7 +92,8 @@ def _contract_params(name):
     cls = METHODS.get(name)
     n = 1 if cls.max_models == 1 else 3
     fields = {param_key(f) for f in dataclasses.fields(cls.ModelParams)}
-    per = [{k: v for k, v in {"weight": w, "density": d}.items() if k in fields} for w, d in zip((1.0, 0.7, 1.3), (0.4, 0.6, 1.0), strict=False)][:n]
+    per = [{k: v for k, v in {"weight": w, "density": d}.items() if k in fields}
+           for w, d in zip((1.0, 0.7, 1.3), (0.4, 0.6, 1.0), strict=False)][:n]  # fmt: skip
     return shared, per, n
 
 
@@ -140,7 +142,8 @@ def test_identical_models_merge_to_that_model(name):
     nothing dropped) give back that model; slerp between identical tensors returns them."""
     cls = METHODS.get(name)
     n = 1 if cls.max_models == 1 else 3
-    m, pm = make(name, {"normalize": True} if "normalize" in {param_key(f) for f in dataclasses.fields(cls.Params)} else {}, None, n)
+    takes_normalize = "normalize" in {param_key(f) for f in dataclasses.fields(cls.Params)}
+    m, pm = make(name, {"normalize": True} if takes_normalize else {}, None, n)
     base = rand((6, 10), 3)
     theta = base + rand((6, 10), 4, 0.1) if cls.needs_base and name != "slerp" else base.clone()
     ins = inputs_for(cls, base, [theta.clone() for _ in range(n)])
@@ -158,7 +161,8 @@ def test_task_arithmetic_is_linear_in_lambda(seed, lam, n):
     ws = [0.5 + 0.25 * i for i in range(n)]
     m, pm = make("task_arithmetic", {"lambda": lam}, [{"weight": w} for w in ws], n)
     got = m.merge_tensor("w", base, taus, pm)
-    torch.testing.assert_close(got, base + lam * sum(w * t for w, t in zip(ws, taus, strict=True)), rtol=1e-5, atol=1e-6)
+    want = base + lam * sum(w * t for w, t in zip(ws, taus, strict=True))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     m0, pm0 = make("task_arithmetic", {"lambda": 0.0}, None, n)
     assert torch.equal(m0.merge_tensor("w", base, taus, pm0), base)
 
@@ -312,7 +316,8 @@ def test_dare_at_density_1_is_its_base_method(name):
     ws = [{"weight": w, "density": 1.0} for w in (1.0, 0.5, 0.8)]
     m, pm = make(name, {"normalize": True}, ws, 3)
     ref_name = "task_arithmetic" if name == "dare_linear" else "ties"
-    r, rpm = make(ref_name, {"normalize": True}, [{k: v for k, v in w.items() if ref_name == "ties" or k == "weight"} for w in ws], 3)
+    ref_per_model = [{k: v for k, v in w.items() if ref_name == "ties" or k == "weight"} for w in ws]
+    r, rpm = make(ref_name, {"normalize": True}, ref_per_model, 3)
     assert torch.equal(m.merge_tensor("w", base, taus, pm), r.merge_tensor("w", base, taus, rpm))
 
 
@@ -403,7 +408,8 @@ def test_matches_peft_merge_utils():
     w = torch.tensor([1.0, 0.6, 0.9])
 
     m, pm = make("task_arithmetic", None, [{"weight": float(x)} for x in w], 3)
-    torch.testing.assert_close(m.merge_tensor("w", base, taus, pm) - base, mu.task_arithmetic(taus, w), rtol=1e-5, atol=1e-6)
+    got = m.merge_tensor("w", base, taus, pm) - base
+    torch.testing.assert_close(got, mu.task_arithmetic(taus, w), rtol=1e-5, atol=1e-6)
 
     # peft's TIES divides by the number of agreeing models: our normalize with weights 1
     ones = torch.ones(3)
@@ -417,9 +423,11 @@ def test_matches_peft_merge_utils():
 
     # DARE at density 1 (peft's random pruning returns its input)
     m, pm = make("dare_linear", None, [{"weight": float(x), "density": 1.0} for x in w], 3)
-    torch.testing.assert_close(m.merge_tensor("w", base, taus, pm) - base, mu.dare_linear(taus, w, density=1.0), rtol=1e-5, atol=1e-6)
+    got = m.merge_tensor("w", base, taus, pm) - base
+    torch.testing.assert_close(got, mu.dare_linear(taus, w, density=1.0), rtol=1e-5, atol=1e-6)
     m, pm = make("dare_ties", {"normalize": True}, [{"density": 1.0}] * 3, 3)
-    torch.testing.assert_close(m.merge_tensor("w", base, taus, pm) - base, mu.dare_ties(taus, ones, density=1.0), rtol=1e-5, atol=1e-6)
+    got = m.merge_tensor("w", base, taus, pm) - base
+    torch.testing.assert_close(got, mu.dare_ties(taus, ones, density=1.0), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -431,8 +439,8 @@ def test_matches_peft_merge_utils():
         ("ties", {}, {"density": 0.0}, r"density=0\.0 is out of range.*\(0, 1\]"),
         ("ties", {}, {"density": 1.5}, r"density=1\.5 is out of range"),
         ("dare_ties", {"density": -0.1}, {}, r"density=-0\.1 is out of range"),
-        ("linear", {}, {"weight": -1.0}, r"weight=-1\.0 is negative"),
-        ("soup", {}, {"weight": -0.5}, r"weight=-0\.5 is negative"),
+        ("linear", {}, {"weight": -1.0}, r"weight=-1\.0 is out of range: must be >= 0 \(linear and soup average"),
+        ("soup", {}, {"weight": -0.5}, r"weight=-0\.5 is out of range: must be >= 0"),
         ("slerp", {"t": 1.2}, None, r"t=1\.2 is out of range"),
         ("slerp", {"t": -0.1}, None, r"t=-0\.1 is out of range"),
         ("task_arithmetic", {"lambda": float("nan")}, {}, r"lambda=nan must be a finite number"),
@@ -445,7 +453,8 @@ def test_matches_peft_merge_utils():
     ],
 )
 def test_out_of_range_parameters_are_refused(method, params, per_model, match):
-    recipe = {"merge_method": method, "base_model": "b", "models": [{"model": "m1", "parameters": per_model or {}}], "parameters": params}
+    recipe = {"merge_method": method, "base_model": "b", "models": [{"model": "m1", "parameters": per_model or {}}],
+              "parameters": params}  # fmt: skip
     if method == "slerp":
         recipe["models"] = [{"model": "m1"}]
     if method in ("linear", "soup"):  # a base would be averaged in (linear) or is not needed
