@@ -23,10 +23,10 @@ import math
 import os
 import queue
 import re
+import secrets
 import shutil
 import signal
 import struct
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -182,11 +182,11 @@ _HANDLES = _Handles()
 
 
 def read_tensor(path: str, key: str) -> torch.Tensor:
+    from safetensors import SafetensorError
+
     try:
         return _HANDLES.get(path).get_tensor(key)
-    except UserError:
-        raise
-    except Exception as e:
+    except (OSError, ValueError, SafetensorError) as e:  # a bad file; MemoryError and Ctrl-C propagate
         raise UserError(f"{path}: cannot read tensor {key!r} ({e}).") from None
 
 
@@ -694,8 +694,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} already exists and is not empty. Choose another output dir or pass overwrite=true.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the output gets the usual permissions
+    tmp = _new_dir(out.parent, f".{out.name}.tmp-")
     prev_term = None
     if threading.current_thread() is threading.main_thread():
         def _on_term(signum, frame):
@@ -707,7 +706,11 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
         if out.exists():
             trash = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, trash)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(trash, out)  # put the previous output back where it was
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -724,10 +727,18 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
             signal.signal(signal.SIGTERM, prev_term)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _new_dir(parent: Path, prefix: str) -> Path:
+    """A new empty dir `parent/prefix<random>` with the usual permissions: created with mode 0o777, so the kernel
+    applies the process umask (and any default ACL of `parent`) as for any new dir. Nothing reads or sets the umask:
+    `os.umask` is process-wide, and setting it even briefly races with other threads creating files."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(parent / prefix))
 
 
 def copy_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike, names: Iterable[str]) -> list[str]:
