@@ -22,7 +22,7 @@ import yaml
 
 from peft_lab.errors import UserError
 from peft_lab.tree import model_weight_files, read_header
-from peft_lab.tree.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_SUFFIXES
+from peft_lab.tree.load import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_SUFFIXES
 
 __all__ = ["RECIPE_KEY", "RECIPE_FILE", "Hasher", "input_files", "record", "patch_metadata", "write_recipe_file",
            "read_recipe"]  # fmt: skip

@@ -41,6 +41,7 @@ from merging.sources import Input, MergeStreams
 from merging.stream import intra_op_threads, tuned_malloc
 from peft_lab.errors import UserError
 from peft_lab.tree import Thunk, Tree, atomic_output_dir, copy_files, is_delta, load_tree, mismatches, save_tree
+from peft_lab.tree.fs import guard_output
 
 __all__ = ["run_merge", "read_recipe", "RECIPE_KEY", "RECIPE_FILE", "COPIED_FILES"]
 
@@ -118,11 +119,7 @@ class _Merge:
                 f"The models do not line up with {streams.ref.source} ({len(lines)} problem(s)); they must share the "
                 "architecture (tensor names and shapes):\n  " + "\n  ".join(shown)
             )
-        resolved = out.resolve()
-        for p in [self.r.base, *streams.labels]:
-            q = Path(p).resolve() if p is not None else None
-            if q is not None and (resolved == q or resolved in q.parents):
-                raise UserError(f"The output dir {resolved} would contain or replace the input {p}; choose another output dir.")
+        guard_output(out, [self.r.base, *streams.labels], kind="merge", overwrite=self.opts.overwrite, what="The output dir")
 
     def bar(self, total: int, desc: str, unit: str = "B"):
         from tqdm.auto import tqdm
@@ -158,7 +155,7 @@ class _Merge:
         config_src = self.config_source(streams)
         t0 = time.perf_counter()
         try:
-            with tuned_malloc(), atomic_output_dir(out, overwrite=self.opts.overwrite) as tmp:
+            with tuned_malloc(), atomic_output_dir(out, kind="merge", overwrite=self.opts.overwrite) as tmp:
                 if hasher is not None:
                     hasher.start()
                 m.prepare(streams.merge_inputs({} if self.r.data is None else {"data": self.r.data}))

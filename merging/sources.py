@@ -19,8 +19,6 @@ sliced. `merge_trees` runs the same code on in-memory trees (no files): the benc
 from __future__ import annotations
 
 import math
-import os
-import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -31,59 +29,13 @@ import torch
 from merging.base import MergeInputs, MergeMethod, TensorJob
 from merging.stream import FULL, SAMPLE, chunk_ranges, drive, intra_op_threads, sample_ranges
 from peft_lab.errors import UserError
-from peft_lab.tree import Lazy, Leaf, Tree, apply, delta, read_header
-from peft_lab.tree.io import TREE_KIND_KEY
+from peft_lab.tree import Lazy, Leaf, Tree, apply, delta
+from peft_lab.tree.safetensors import TREE_KIND_KEY
+from peft_lab.tree.safetensors import TensorReader as FileTable
 
 __all__ = ["FileTable", "TensorSource", "Input", "MergeStreams", "in_memory", "merge_trees", "check_finite_chunk", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 1 << 22  # elements per streamed chunk (memory is a few chunks of float32 per input)
-
-
-class FileTable:
-    """Open safetensors files (read-only descriptors) and where each tensor's bytes start."""
-
-    def __init__(self):
-        self._files: dict[str, tuple[int, int, dict]] = {}
-
-    def locate(self, leaf: Lazy) -> tuple[int, int]:
-        """(fd, absolute byte offset) of the leaf's data."""
-        entry = self._files.get(leaf.path)
-        if entry is None:
-            header, _ = read_header(leaf.path)  # validated: offsets lie inside the file
-            fd = os.open(leaf.path, os.O_RDONLY)
-            with open(leaf.path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            entry = self._files[leaf.path] = (fd, 8 + n, header)
-        fd, data_start, header = entry
-        return fd, data_start + header[leaf.key]["data_offsets"][0]
-
-    def read(self, leaf: Lazy, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of the flattened tensor, as float32 (a fresh tensor the caller owns)."""
-        n = stop - start
-        raw = torch.empty(n * leaf.dtype.itemsize, dtype=torch.uint8) if leaf.dtype != torch.float32 else torch.empty(n)
-        self.read_into(leaf, start, stop, raw.numpy())
-        if leaf.dtype == torch.float32:
-            return raw
-        return raw.view(leaf.dtype).float()
-
-    def read_into(self, leaf: Lazy, start: int, stop: int, out) -> None:
-        """The raw bytes of elements [start, stop) into `out` (a contiguous numpy array of exactly that size)."""
-        fd, offset = self.locate(leaf)
-        es = leaf.dtype.itemsize
-        view = memoryview(out).cast("B")
-        got, pos = 0, offset + start * es
-        while got < len(view):
-            k = os.preadv(fd, [view[got:]], pos + got)
-            if k <= 0:
-                raise UserError(f"{leaf.path}: the file ended while reading tensor {leaf.key} (was it truncated?).")
-            got += k
-
-    def close(self) -> None:
-        for fd, _, _ in self._files.values():
-            os.close(fd)
-        self._files.clear()
 
 
 class TensorSource:

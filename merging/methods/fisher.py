@@ -30,7 +30,7 @@ from merging.base import METHODS, MergeInputs, MergeMethod
 from peft_lab.errors import UserError
 from peft_lab.params import Checked, param
 from peft_lab.tree import Tree, load_tree, matches, save_tree
-from peft_lab.tree.io import TREE_KIND_KEY
+from peft_lab.tree.safetensors import TREE_KIND_KEY
 
 __all__ = ["Fisher", "FisherParams", "FisherModelParams", "fisher_merge", "save_fisher", "fisher_norm"]
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from merging.signatures.signature import (
+    SIGNATURE_OUTPUT,
     LayerSelection,
     Signature,
     extract,
@@ -26,7 +27,7 @@ from merging.signatures.signature import (
     save_signatures,
 )
 from peft_lab.errors import UserError
-from peft_lab.tree import load_tree, model_weight_files
+from peft_lab.tree import guard_output, load_tree, model_weight_files
 
 __all__ = ["main"]
 
@@ -147,13 +148,15 @@ def _is_model_dir(p: Path) -> bool:
 def main(argv: list[str]) -> int:
     ns = _parser().parse_args(argv)
     if ns.cmd == "extract":
+        inputs = [ns.clean, ns.robust, ns.pretrained]
+        guard_output(ns.out, inputs, kind=SIGNATURE_OUTPUT, overwrite=ns.overwrite)  # before the work, not after
         clean = load_tree(ns.clean)
         robust = load_tree(ns.robust, base=clean)
         pre = load_tree(ns.pretrained) if ns.pretrained else None
         name = ns.name or Path(ns.out).name.removesuffix(".safetensors")
         sig = extract(clean, robust, layers=LayerSelection.parse(ns.layers), bits=ns.bits, pretrained=pre,
                       name=name, stats=not ns.no_stats)
-        path = save_signatures([sig], ns.out, overwrite=ns.overwrite)
+        path = save_signatures([sig], ns.out, overwrite=ns.overwrite, inputs=inputs)
         r = sig.record
         full = sum(clean[k].nbytes for k in sig.tree)
         print(f"signature {name!r} ({r['mode']}, layers {r['selection']}): {len(r['layers'])} layers, {len(sig.tree)} "
@@ -184,7 +187,8 @@ def main(argv: list[str]) -> int:
     if ns.cmd == "pack":
         sigs = [s for spec in ns.signatures for s in
                 ([resolve_signature(spec)] if "::" in spec else load_signatures(spec))]
-        path = save_signatures(sigs, ns.out, overwrite=ns.overwrite)
+        path = save_signatures(sigs, ns.out, overwrite=ns.overwrite,
+                               inputs=[spec.partition("::")[0] for spec in ns.signatures])
         print(f"packed {len(sigs)} signatures ({', '.join(s.name for s in sigs)}) into {path}")
         return 0
     return 2

@@ -19,7 +19,9 @@ copies are not used (that would undo those changes) and the signatures are subtr
 
 Layout: a model dir gives a model dir (same weight file stem, sharded like the input, other files such as
 config.json and tokenizer copied, plus `rws_restore.safetensors`); a single `X.safetensors` gives a single
-file plus `X.rws_restore.safetensors`. Outputs are written atomically; inputs are only read.
+file plus `X.rws_restore.safetensors`. Outputs are written atomically; inputs are only read, and an output that is,
+holds or sits inside an input is refused (`peft_lab.tree.fs.guard_output`); `overwrite` replaces only a previous
+patch or unpatch output.
 """
 
 from __future__ import annotations
@@ -34,16 +36,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merging.signatures.signature import Signature, apply_signatures, atomic_file, content_hash
+from merging.signatures.signature import Signature, apply_signatures, content_hash
 from peft_lab.errors import UserError
 from peft_lab.tree import Dense, Tree, atomic_output_dir, is_delta, load_tree, model_weight_files, save_tree
-from peft_lab.tree.io import FORMAT_KEY, LEAVES_KEY
+from peft_lab.tree.fs import OUTPUT_KEY, atomic_file, guard_output
+from peft_lab.tree.safetensors import FORMAT_KEY, LEAVES_KEY
 
 __all__ = ["PATCHES_KEY", "RESTORE_FILE", "PatchResult", "patch", "unpatch", "read_record"]
 
 PATCHES_KEY = "peft_lab.rws_patches"
 RESTORE_FILE = "rws_restore.safetensors"
 RESTORE_SUFFIX = ".rws_restore.safetensors"
+PATCH_OUTPUT = "signature patch"  # the output kind of patch and unpatch (`peft_lab.tree.fs.OUTPUT_KEY`/`MARKER`)
 Pairs = Sequence[tuple[Signature, float]]
 
 
@@ -101,13 +105,14 @@ def _union(steps: list[dict]) -> list[str]:
     return list(dict.fromkeys(k for st in steps for k in st["keys"]))
 
 
-def _open(model_path, out) -> tuple[_Layout, Tree, dict, Tree, list[str]]:
+def _open(model_path, out, pairs: Pairs, overwrite: bool) -> tuple[_Layout, Tree, dict, Tree, list[str]]:
     lay = _layout(model_path)
     out = Path(out)
-    if out.absolute() == lay.path.absolute() or (lay.is_dir and lay.path.absolute() in out.absolute().parents):
-        raise UserError(f"--out {out} would overwrite the input {lay.path}; inputs are never modified. Choose another path.")
     if not lay.is_dir and out.suffix != ".safetensors":
         raise UserError(f"--out {out}: the model is a single .safetensors file, so the output must be one too.")
+    sig_files = [p for s, _ in pairs if Path(p := str(s.tree.source).partition("::")[0]).exists()]
+    guard_output(out, [lay.path, lay.restore if lay.restore.exists() else None, *sig_files], kind=PATCH_OUTPUT,
+                 overwrite=overwrite, side_files=() if lay.is_dir else (_sidecar(out),))
     model = load_tree(lay.path)
     if is_delta(model):
         raise UserError(f"{lay.path} is an adapter or a delta; patch a full model.")
@@ -133,14 +138,14 @@ def _finish(lay: _Layout, model: Tree, new: Tree, touched: list[str], rec: dict,
     """Materialise the touched tensors, record the state hash, write weights + restore copies atomically."""
     vals = {k: Dense(new[k].dense(None)) for k in touched}
     new = new.replace((k, vals.get(k, leaf)) for k, leaf in new.items())
-    meta = {k: v for k, v in model.meta.items() if k not in (LEAVES_KEY, FORMAT_KEY, PATCHES_KEY)}
+    meta = {k: v for k, v in model.meta.items() if k not in (LEAVES_KEY, FORMAT_KEY, PATCHES_KEY, OUTPUT_KEY)}
     if rec["steps"]:
         rec["state"] = content_hash(new, _union(rec["steps"]))
         meta[PATCHES_KEY] = json.dumps(rec, separators=(",", ":"))
     restore_tree = Tree(restore)
     out = Path(out)
     if lay.is_dir:
-        with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out, kind=PATCH_OUTPUT, overwrite=overwrite) as tmp:
             save_tree(new, tmp, metadata=meta, max_shard_size=lay.max_shard_size, stem=lay.stem)
             if len(restore_tree):
                 save_tree(restore_tree, tmp / RESTORE_FILE)
@@ -150,14 +155,12 @@ def _finish(lay: _Layout, model: Tree, new: Tree, touched: list[str], rec: dict,
                     continue
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
         return out
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists. Choose another path or pass --overwrite.")
-    side = _sidecar(out)
-    with atomic_file(out) as t_out:
-        save_tree(new, t_out, metadata=meta)
+    side = _sidecar(out)  # `_open` checked that `out` and `side` may be written
+    with atomic_file(out) as t_out:  # a file output is marked in its metadata (a dir output by its marker file)
+        save_tree(new, t_out, metadata={**meta, OUTPUT_KEY: PATCH_OUTPUT})
         if len(restore_tree):
             with atomic_file(side) as t_side:  # renamed first, so the weights never point at missing copies
-                save_tree(restore_tree, t_side)
+                save_tree(restore_tree, t_side, metadata={OUTPUT_KEY: PATCH_OUTPUT})
     if not len(restore_tree) and side.exists():  # an older output's copies no longer describe this one
         side.unlink()
     return out
@@ -173,7 +176,7 @@ def patch(model_path: str | os.PathLike, pairs: Pairs, out: str | os.PathLike, *
     """
     if not pairs:
         raise UserError("patch: give at least one --signature.")
-    lay, model, rec, restore, notes = _open(model_path, out)
+    lay, model, rec, restore, notes = _open(model_path, out, pairs, overwrite)
     new = apply_signatures(model, pairs)
     touched = [k for k in model if k in {k for s, _ in pairs for k in s.tree}]
     keep = {f"{st['id']}/{k}": restore[f"{st['id']}/{k}"] for st in rec["steps"] if st["restore"] for k in st["keys"]}
@@ -206,7 +209,7 @@ def unpatch(
     """
     if not pairs:
         raise UserError("unpatch: give at least one --signature.")
-    lay, model, rec, restore, notes = _open(model_path, out)
+    lay, model, rec, restore, notes = _open(model_path, out, pairs, overwrite)
     steps = rec["steps"]
     given = Counter((s.hash, float(a)) for s, a in pairs)
     top = steps[-1] if steps else None

@@ -28,14 +28,11 @@ kept layers and tensors, bits, scheme, and the signature's own content hash (che
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import os
 import re
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +43,8 @@ from merging.signatures.layers import LayerSelection, in_forward_order, modules,
 from peft_lab import __version__
 from peft_lab.errors import UserError
 from peft_lab.tree import Dense, Leaf, Thunk, Tree, apply, check_compatible, is_delta, load_tree, quantize, save_tree
-from peft_lab.tree.io import TREE_KIND_KEY
+from peft_lab.tree.fs import OUTPUT_KEY, atomic_file, guard_output
+from peft_lab.tree.safetensors import TREE_KIND_KEY
 
 __all__ = [
     "FORMAT",
@@ -65,6 +63,7 @@ __all__ = [
 
 FORMAT = "rws/1"
 SIGNATURES_KEY = "peft_lab.signatures"
+SIGNATURE_OUTPUT = "signature file"  # the output kind of extract and pack (`peft_lab.tree.fs.OUTPUT_KEY`)
 BITS = (32, 16, 8, 4)
 # tensors stored as log-ratios and patched multiplicatively (they must stay positive)
 MULTIPLICATIVE_SUFFIXES = ("running_var",)
@@ -301,14 +300,20 @@ def apply_signatures(model: Tree, pairs: Sequence[tuple[Signature, float]], *, s
 # ---------------------------------------------------------------------------------------------------------
 # Files and banks
 # ---------------------------------------------------------------------------------------------------------
-def save_signatures(sigs: Sequence[Signature], path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_signatures(sigs: Sequence[Signature], path: str | os.PathLike, *, overwrite: bool = False,
+                    inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
     """Write one signature (keys = parameter names, readable as a delta tree by `load_tree`) or a bank of
-    several (keys `<name>/<param>`) as one safetensors file, atomically."""
+    several (keys `<name>/<param>`) as one safetensors file, atomically.
+
+    Args:
+        overwrite: replace an existing file, only if it is a signature file written by peft-lab (its metadata
+            marks it as a `SIGNATURE_OUTPUT`; `peft_lab.tree.fs.guard_output`).
+        inputs: the paths the signatures were read or extracted from: the file must not be one of them.
+    """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise UserError(f"{path}: a signature file must end in .safetensors.")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists. Choose another name or pass --overwrite.")
+    guard_output(path, inputs, kind=SIGNATURE_OUTPUT, overwrite=overwrite)
     names = [s.name for s in sigs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -319,34 +324,12 @@ def save_signatures(sigs: Sequence[Signature], path: str | os.PathLike, *, overw
         prefix = f"{s.name}/" if bank else ""
         records[s.name] = {**s.record, "prefix": prefix}
         leaves.update((prefix + k, leaf) for k, leaf in s.tree.items())
-    meta = {SIGNATURES_KEY: json.dumps(records, separators=(",", ":"))}
+    meta = {SIGNATURES_KEY: json.dumps(records, separators=(",", ":")), OUTPUT_KEY: SIGNATURE_OUTPUT}
     if not bank:
         meta[TREE_KIND_KEY] = "delta"
     with atomic_file(path) as tmp:
         save_tree(Tree(leaves), tmp, metadata=meta)
     return path
-
-
-@contextlib.contextmanager
-def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary `*.safetensors` path beside `path`, renamed onto it on success and removed on any failure
-    (exception, Ctrl-C), so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes it private; the output gets the usual permissions
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise UserError(f"Disk full while writing {path}; nothing was written. Free space and run again.") from None
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _read_file(path: Path, verify: bool) -> list[Signature]:

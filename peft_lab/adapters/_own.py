@@ -22,10 +22,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peft_lab.adapters.base import Adapter, freeze, read_adapter_config
+from peft_lab.adapters.base import ADAPTER_OUTPUT, Adapter, freeze, read_adapter_config
 from peft_lab.errors import UserError
 from peft_lab.tree import Dense, Leaf, Tree, load_safetensors, save_tree
-from peft_lab.tree.io import ADAPTER_WEIGHTS, TREE_KIND_KEY, atomic_output_dir
+from peft_lab.tree.fs import atomic_output_dir
+from peft_lab.tree.load import ADAPTER_WEIGHTS
+from peft_lab.tree.safetensors import TREE_KIND_KEY
 
 __all__ = ["AdapterLayer", "OwnAdapter", "STATE_FILE"]
 
@@ -152,7 +154,7 @@ class OwnAdapter(Adapter):
         for s in self._saved_init:
             for p, t in model.get_submodule(s).named_parameters():
                 state[f"{s}.{p}"] = t.detach().contiguous()
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out_dir, kind=ADAPTER_OUTPUT, overwrite=overwrite) as tmp:
             self.write_config(tmp)
             save_tree(tree, tmp / ADAPTER_WEIGHTS, metadata={TREE_KIND_KEY: "delta", "adapter": self.name})
             if state:

@@ -19,10 +19,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from peft_lab.adapters.base import Adapter, read_adapter_config
+from peft_lab.adapters.base import ADAPTER_OUTPUT, Adapter, read_adapter_config
 from peft_lab.errors import UserError
 from peft_lab.tree import Dense, Leaf, Tree
-from peft_lab.tree.io import TREE_KIND_KEY, atomic_output_dir
+from peft_lab.tree.fs import atomic_output_dir
+from peft_lab.tree.safetensors import TREE_KIND_KEY
 
 __all__ = ["PeftAdapter", "saved_module_deltas", "peft_targets"]
 
@@ -144,7 +145,7 @@ class PeftAdapter(Adapter):
 
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> None:
         self._require_attached()
-        with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+        with atomic_output_dir(out_dir, kind=ADAPTER_OUTPUT, overwrite=overwrite) as tmp:
             self.save_peft(tmp)
             self.write_config(tmp)
 

@@ -33,7 +33,10 @@ from peft_lab.errors import UserError
 from peft_lab.params import Checked, build, param
 from peft_lab.registry import Registry
 from peft_lab.tree import Tree
-from peft_lab.tree.io import ADAPTER_CONFIG
+from peft_lab.tree.load import ADAPTER_CONFIG
+
+# the output kind of an adapter dir (`peft_lab.tree.fs.MARKER`): `save(overwrite=True)` replaces only such a dir
+ADAPTER_OUTPUT = "adapter"
 
 __all__ = [
     "ADAPTERS",
@@ -147,7 +150,8 @@ class Adapter(abc.ABC):
 
     @abc.abstractmethod
     def save(self, out_dir: str | Path, *, overwrite: bool = False) -> None:
-        """Write the adapter to `out_dir` (atomically: a failed save leaves nothing behind)."""
+        """Write the adapter to `out_dir` (atomically: a failed save leaves nothing behind). `overwrite` replaces a
+        previous adapter dir (one marked as an `ADAPTER_OUTPUT`), never anything else."""
 
     @classmethod
     @abc.abstractmethod

@@ -25,6 +25,7 @@ from peft_lab.train.config import FullFineTune, RunConfig, resolve
 __all__ = ["train", "attach_adapter", "data_info"]
 
 log = logging.getLogger("peft_lab.train")
+TRAIN_OUTPUT = "train"  # the output kind of model/ and base_model/ (`peft_lab.tree.fs.MARKER`)
 
 
 def data_info(dd):
@@ -106,6 +107,34 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _local_inputs(run: RunConfig) -> list[str]:
+    """The local files and dirs the run reads: the model dir (`model.path`) and data files (`data.path`,
+    `data.data_files`) that exist on disk (hub ids are not paths)."""
+
+    def flat(v: Any) -> list[Any]:  # data_files: a path, a list of them, or {split: path or list}
+        if isinstance(v, Mapping):
+            v = list(v.values())
+        if isinstance(v, (str, bytes, os.PathLike)) or not hasattr(v, "__iter__"):
+            return [v]
+        return [x for item in v for x in flat(item)]
+
+    values = [getattr(run.model, "path", None), getattr(run.data, "path", None), *flat(getattr(run.data, "data_files", None))]
+    return [str(v) for v in values if isinstance(v, (str, os.PathLike)) and str(v) and Path(v).expanduser().exists()]
+
+
+def _guard_outputs(run: RunConfig, out: Path) -> None:
+    """Before any work: `out` is not an input nor inside one (files are written into it), and the dir replaced at
+    the end (`adapter/`, or `model/` for full fine-tuning) holds no input and is a previous run's output, if any
+    (`peft_lab.tree.fs.guard_output`). `base_model/` is only written when absent, so it is never replaced."""
+    from peft_lab.adapters.base import ADAPTER_OUTPUT
+    from peft_lab.tree import guard_output
+
+    inputs = _local_inputs(run)
+    guard_output(out, inputs, kind=TRAIN_OUTPUT, replaces=False, what="output_dir")
+    final, kind = ("model", TRAIN_OUTPUT) if run.adapter_name == "none" else ("adapter", ADAPTER_OUTPUT)
+    guard_output(out / final, inputs, kind=kind, overwrite=True, what="output_dir/" + final)
+
+
 def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """Fine-tune as configured and return the metrics written to `output_dir/metrics.json`.
 
@@ -117,6 +146,7 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
 
     run = cfg if isinstance(cfg, RunConfig) else resolve(cfg)
     out = Path(output_dir or run.output_dir or "outputs/train").absolute()
+    _guard_outputs(run, out)
     accelerator = _accelerator(run)
     main = accelerator.is_main_process
     dd, built, task = _data_model_task(run)
@@ -197,7 +227,7 @@ def _prepare_output_dir(out: Path, built, tcfg) -> None:
         from peft_lab.train.models.base import quiet_hf
         from peft_lab.tree import atomic_output_dir
 
-        with atomic_output_dir(out / "base_model") as tmp, quiet_hf():
+        with atomic_output_dir(out / "base_model", kind=TRAIN_OUTPUT) as tmp, quiet_hf():
             built.save_pretrained(tmp)
 
 
@@ -247,16 +277,17 @@ def _metrics(run: RunConfig, res, task, world: int, n_train: int, n_total: int) 
 
 def _save_outputs(out: Path, res, metrics: dict[str, Any], adapter, built, accelerator) -> None:
     """DIR/adapter/ (or DIR/model/ for full fine-tuning) and DIR/metrics.json; the logger session finished."""
+    from peft_lab.adapters.base import ADAPTER_OUTPUT
     from peft_lab.tree import atomic_output_dir
 
     if adapter is not None:
-        with atomic_output_dir(out / "adapter", overwrite=True) as tmp:
+        with atomic_output_dir(out / "adapter", kind=ADAPTER_OUTPUT, overwrite=True) as tmp:
             adapter.save(tmp)
     else:
         from peft_lab.train.models.base import quiet_hf
 
         built.model = accelerator.unwrap_model(res.module)
-        with atomic_output_dir(out / "model", overwrite=True) as tmp, quiet_hf():
+        with atomic_output_dir(out / "model", kind=TRAIN_OUTPUT, overwrite=True) as tmp, quiet_hf():
             built.save_pretrained(tmp)
     _write_json(out / "metrics.json", metrics)
     res.session.finish({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -1,20 +1,14 @@
-"""The parameter tree: the currency between adapters, merges and I/O (see DESIGN.md)."""
+"""The parameter tree: the currency between adapters, merges and I/O.
+
+Modules, each importing only those before it: `safetensors` (the file format: header, reader, writer) and `fs`
+(atomic outputs, the output guard), `leaves`, `core` (`Tree`), `ops`, `check`, `quantized`, then `load` and `save`.
+"""
 
 from peft_lab.tree.check import check_compatible, mismatches
 from peft_lab.tree.core import Tree
-from peft_lab.tree.io import (
-    atomic_output_dir,
-    copy_files,
-    is_delta,
-    load_model_dir,
-    load_peft_dir,
-    load_safetensors,
-    load_tree,
-    model_weight_files,
-    read_header,
-    save_tree,
-)
+from peft_lab.tree.fs import atomic_output_dir, copy_files, guard_output
 from peft_lab.tree.leaves import LDU, Dense, Kronecker, Lazy, Leaf, LowRank, Sparse, Thunk
+from peft_lab.tree.load import is_delta, load_model_dir, load_peft_dir, load_safetensors, load_tree, model_weight_files
 from peft_lab.tree.ops import (
     apply,
     apply_to_module,
@@ -28,6 +22,8 @@ from peft_lab.tree.ops import (
     zip_map,
 )
 from peft_lab.tree.quantized import Quantized, quantize
+from peft_lab.tree.safetensors import read_header
+from peft_lab.tree.save import save_tree
 
 __all__ = [
     "Tree",
@@ -61,6 +57,7 @@ __all__ = [
     "read_header",
     "save_tree",
     "atomic_output_dir",
+    "guard_output",
     "copy_files",
     "is_delta",
 ]

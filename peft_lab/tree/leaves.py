@@ -10,9 +10,9 @@ Every leaf answers the same four members, so callers never branch on its type:
 
 Structured deltas (`LowRank`, `Kronecker`, `Sparse`, `LDU`) also round-trip through disk via
 `factors()` / `meta()` / `Leaf.from_factors(kind, factors, meta)`: a leaf named `p` is stored as the keys
-`p.<factor>` and its kind + meta go into the safetensors header (see `peft_lab.tree.io`).
+`p.<factor>` and its kind + meta go into the safetensors header (see `peft_lab.tree.save`).
 
-`Lazy` is file-backed (memory-mapped safetensors, read on demand) and `Thunk` is a computation over other
+`Lazy` is file-backed (a tensor of a safetensors file, read into memory on demand) and `Thunk` is a computation over other
 leaves that runs only when `dense()` is called: `tree.ops.delta` and `tree.ops.tree_map` return thunks, so
 building a task-vector tree reads nothing, and a merge streams tensor by tensor.
 """
@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
+
+from peft_lab.tree.safetensors import read_tensor
 
 __all__ = [
     "Leaf",
@@ -134,7 +136,7 @@ class Dense(Leaf):
 
 
 class Lazy(Leaf):
-    """A tensor inside a safetensors file, read (memory-mapped) only when asked for."""
+    """A tensor inside a safetensors file, read (into a fresh tensor, nothing memory-mapped) only when asked for."""
 
     kind = "lazy"
 
@@ -148,9 +150,7 @@ class Lazy(Leaf):
         return self.numel * _itemsize(self.dtype)
 
     def dense(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        from peft_lab.tree.io import read_tensor
-
-        return _cast(read_tensor(self.path, self.key), dtype)
+        return _cast(read_tensor(self.path, self.key, self.dtype, self.shape), dtype)
 
     def __repr__(self) -> str:
         return f"Lazy({self.path}:{self.key}, shape={self.shape}, dtype={self.dtype})"

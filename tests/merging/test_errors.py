@@ -131,11 +131,15 @@ def test_non_empty_output_dir_needs_overwrite(files, tmp_path):
     (out / "keep.txt").write_text("precious")
     with pytest.raises(UserError, match=r"already exists and is not empty.*overwrite=true"):
         run_merge(ta(files), out)
-    assert (out / "keep.txt").read_text() == "precious"
-    run_merge(ta(files), out, overwrite=True)
-    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    # overwrite replaces only a previous merge output, never a dir of something else
+    with pytest.raises(UserError, match=r"was not written by peft-lab as a 'merge' output"):
+        run_merge(ta(files), out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    run_merge(ta(files), tmp_path / "merged")
+    run_merge(ta(files), tmp_path / "merged", overwrite=True)
+    assert (tmp_path / "merged" / "model.safetensors").exists()
     # replacing an input (or a dir holding one) is refused even with overwrite
-    with pytest.raises(UserError, match=r"would contain or replace the input"):
+    with pytest.raises(UserError, match=r"contains the input"):
         run_merge(ta(files), tmp_path, overwrite=True)
 
 
@@ -176,7 +180,8 @@ def test_pickle_inputs_are_refused_unless_allowed(files, tmp_path):
 
 def test_adapter_inputs_need_a_full_base(files, tmp_path):
     from peft_lab.tree import LowRank, Tree, save_tree
-    from peft_lab.tree.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TREE_KIND_KEY
+    from peft_lab.tree.load import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from peft_lab.tree.safetensors import TREE_KIND_KEY
 
     d = tmp_path / "adapter"
     d.mkdir()
@@ -257,7 +262,7 @@ def test_a_failed_merge_stops_hashing_its_inputs(files, tmp_path, monkeypatch):
 
 
 def test_disk_full_while_writing(files, tmp_path, monkeypatch):
-    import peft_lab.tree.io as io
+    import peft_lab.tree.safetensors as io
 
     real, calls = io._write_tensor, []
 

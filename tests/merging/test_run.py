@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from merging import METHODS, read_recipe, run_merge
 from merging.cli import main as merge_main
 from peft_lab.tree import LDU, Sparse, Tree, save_tree
-from peft_lab.tree.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TREE_KIND_KEY
+from peft_lab.tree.load import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from peft_lab.tree.safetensors import TREE_KIND_KEY
 from tests.helpers.merge import file_digests, tiny_llama_dirs
 
 

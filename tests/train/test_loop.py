@@ -114,6 +114,25 @@ def test_dataset_without_expected_columns_fails_before_training(tmp_path):
         run_train(tmp_path, "model=tiny_bert", "trainer=tiny", "adapter=none", "data=digits")
 
 
+def test_outputs_that_would_replace_inputs_or_foreign_dirs_fail_before_training(tmp_path):
+    """adapter/ (model/ for full fine-tuning) is replaced at the end of a run: only a previous run's output may be."""
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    (tmp_path / "run" / "adapter" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"output_dir/adapter .*not written by peft-lab as a 'adapter' output"):
+        run_train(tmp_path, *TINY, "adapter=lora")
+    assert (tmp_path / "run" / "adapter" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # a model dir given as model.path where this run writes model/ (fine-tuning a previous run's output in place)
+    model = tmp_path / "prev" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"output_dir/model .* is the input"):
+        run_train(tmp_path, "model=hf", f"model.path={model}", "trainer=tiny", "adapter=none", name="prev")
+    with pytest.raises(UserError, match=r"output_dir .* is inside the input"):
+        run_train(tmp_path, "model=hf", f"model.path={model}", "trainer=tiny", "adapter=none", name="prev/model/x")
+    assert sorted(p.name for p in tmp_path.joinpath("prev").rglob("*")) == ["config.json", "model"]
+
+
 def test_causal_lm(tmp_path):
     m, out = run_train(tmp_path, "model=tiny_llama", "trainer=tiny", "adapter=lora", "data.max_train_samples=16",
                        "data.max_eval_samples=8", "model.max_length=32")

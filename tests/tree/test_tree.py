@@ -1,7 +1,5 @@
-"""The parameter tree: leaves, lazy ops, checks, safetensors/HF/PEFT I/O, atomic output."""
+"""The parameter tree: leaves, lazy ops, checks, and structured leaves through safetensors."""
 
-import json
-import struct
 
 import pytest
 import torch
@@ -19,7 +17,6 @@ from peft_lab.tree import (
     Tree,
     apply,
     apply_to_module,
-    atomic_output_dir,
     check_compatible,
     delta,
     exclude,
@@ -30,7 +27,6 @@ from peft_lab.tree import (
     tree_map,
     zip_map,
 )
-from peft_lab.tree.io import read_header
 
 dims = st.integers(1, 9)
 
@@ -121,34 +117,6 @@ def test_structured_round_trip_through_safetensors(tmp_path):
     assert back["layer.sparse.weight"].indices.dtype == torch.int32
 
 
-def test_sharded_dir_loads_in_transformers(tmp_path):
-    from transformers import AutoModel, BertConfig, BertModel
-
-    cfg = BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24)
-    model = BertModel(cfg)
-    cfg.save_pretrained(tmp_path / "m")
-    tree = Tree.from_module(model)
-    files = save_tree(tree, tmp_path / "m", max_shard_size="8KB", metadata={"k": "v"})
-    assert len(files) > 1
-    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(model.state_dict())
-    loaded = AutoModel.from_pretrained(tmp_path / "m")
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-    # and our own lazy reader sees the same tensors in the same order
-    lazy = load_tree(tmp_path / "m")
-    assert list(lazy) == list(tree)
-    assert all(isinstance(leaf, Lazy) for leaf in lazy.values())
-
-
-def test_dtype_cast_on_save_keeps_int_buffers(tmp_path):
-    tree = Tree({"w": torch.randn(3, 3), "ids": torch.arange(5)})
-    save_tree(tree, tmp_path / "x.safetensors", dtype=torch.bfloat16)
-    header, meta = read_header(tmp_path / "x.safetensors")
-    assert header["w"]["dtype"] == "BF16" and header["ids"]["dtype"] == "I64"
-    assert meta["format"] == "pt"
-
-
 def test_ops_are_lazy_and_correct(tmp_path):
     base = Tree({"a": torch.ones(2, 2), "b": torch.zeros(3), "ids": torch.arange(3)})
     ft = Tree({"a": torch.full((2, 2), 3.0), "b": torch.ones(3), "ids": torch.arange(3)})
@@ -195,156 +163,3 @@ def test_apply_to_module_structured():
     assert lin.weight[0, 0] == w0[0, 0] + 2 and lin.weight[1, 1] == w0[1, 1] + 4
     apply_to_module(lin, d, -2.0)
     torch.testing.assert_close(lin.weight.detach(), w0)
-
-
-@pytest.fixture
-def tiny_bert_dir(tmp_path):
-    from transformers import AutoModelForSequenceClassification, BertConfig
-
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, num_labels=3)
-    model = AutoModelForSequenceClassification.from_config(cfg)
-    model.save_pretrained(tmp_path / "base")
-    return tmp_path / "base", model
-
-
-@pytest.mark.parametrize("kind", ["lora", "lora_rs", "lokr"])
-def test_peft_dirs_open_as_deltas_matching_peft_merge(tiny_bert_dir, tmp_path, kind):
-    from peft import LoKrConfig, LoraConfig, get_peft_model
-
-    base_dir, model = tiny_bert_dir
-    if kind == "lokr":
-        cfg = LoKrConfig(r=2, alpha=4, target_modules=["query", "intermediate.dense"], init_weights=False)
-    else:
-        cfg = LoraConfig(r=2, lora_alpha=6, target_modules=["query", "value"], modules_to_save=["classifier"],
-                         init_lora_weights=False, use_rslora=kind == "lora_rs", rank_pattern={"value": 3})
-    pm = get_peft_model(model, cfg)
-    if kind != "lokr":
-        with torch.no_grad():
-            pm.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
-    pm.save_pretrained(tmp_path / "ad")
-    base = load_tree(base_dir)
-    d = load_tree(tmp_path / "ad", base=base)
-    merged = pm.merge_and_unload().state_dict()
-    assert d, "no deltas"
-    for name, leaf in d.items():
-        torch.testing.assert_close(leaf.dense(), merged[name] - base[name].dense(), rtol=1e-5, atol=1e-6, msg=name)
-    if kind != "lokr":
-        assert "classifier.weight" in d
-
-
-def test_peft_dir_needs_matching_base(tiny_bert_dir, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
-    base_dir, model = tiny_bert_dir
-    get_peft_model(model, LoraConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path / "ad")
-    other = Tree({"encoder.x.weight": torch.zeros(2, 2)}, source="other")
-    with pytest.raises(UserError, match="does not have"):
-        load_tree(tmp_path / "ad", base=other)
-
-
-def test_corrupt_and_truncated_files_are_named(tmp_path):
-    good = tmp_path / "g.safetensors"
-    save_tree(Tree({"w": torch.randn(64, 64)}), good)
-    raw = good.read_bytes()
-    (tmp_path / "t.safetensors").write_bytes(raw[:-100])
-    with pytest.raises(UserError, match="truncated"):
-        load_tree(tmp_path / "t.safetensors")
-    (tmp_path / "c.safetensors").write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}" + b"x" * 10)
-    with pytest.raises(UserError, match="corrupt"):
-        load_tree(tmp_path / "c.safetensors")
-    (tmp_path / "e.safetensors").write_bytes(b"abc")
-    with pytest.raises(UserError, match="not a safetensors"):
-        load_tree(tmp_path / "e.safetensors")
-    with pytest.raises(UserError, match="no such file"):
-        load_tree(tmp_path / "missing")
-
-
-def test_pickle_refused_unless_allowed(tmp_path):
-    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(UserError, match="pickle") as e:
-        load_tree(tmp_path)
-    assert "safetensors" in str(e.value) and "allow_pickle" in str(e.value)
-    with pytest.raises(UserError, match="pickle"):
-        load_tree(tmp_path / "pytorch_model.bin")
-    t = load_tree(tmp_path, allow_pickle=True)
-    assert torch.equal(t["w"].dense(), torch.ones(2))
-
-
-def test_atomic_output_dir(tmp_path):
-    out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_output_dir(out) as tmp:
-            (tmp / "a").write_text("half")
-            raise RuntimeError("boom")
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-    with atomic_output_dir(out) as tmp:
-        (tmp / "a").write_text("done")
-    assert (out / "a").read_text() == "done"
-    with pytest.raises(UserError, match="not empty"):
-        with atomic_output_dir(out):
-            pass
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        (tmp / "b").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["b"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-def test_own_adapter_dir_opens_as_delta_tree(tmp_path):
-    from peft_lab.tree import is_delta
-    from peft_lab.tree.io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, TREE_KIND_KEY
-
-    d = tmp_path / "ad"
-    d.mkdir()
-    (d / ADAPTER_CONFIG).write_text('{"adapter": "sparse"}')
-    delta_tree = Tree({"encoder.w": Sparse(torch.tensor([1, 2]), torch.tensor([0.5, -1.0]), (2, 2))})
-    save_tree(delta_tree, d / ADAPTER_WEIGHTS, metadata={TREE_KIND_KEY: "delta"})
-    base = Tree({"bert.encoder.w": torch.zeros(2, 2)})
-    t = load_tree(d, base=base)
-    assert is_delta(t) and list(t) == ["bert.encoder.w"]
-    assert torch.equal(t["bert.encoder.w"].dense(), torch.tensor([[0.0, 0.5], [-1.0, 0.0]]))
-    assert not is_delta(base)
-    with pytest.raises(UserError, match="do not fit"):
-        load_tree(d, base=Tree({"encoder.w": torch.zeros(3, 2)}))
-
-
-def test_save_tree_streams_chunked_leaves(tmp_path):
-    """A leaf exposing `chunks(dtype)` is written slice by slice and reads back as the whole tensor."""
-    from peft_lab.tree import Thunk
-
-    full = torch.randn(5, 7)
-
-    class Chunked(Thunk):
-        def chunks(self, dtype):
-            flat = full.reshape(-1).to(dtype)
-            return (flat[i : i + 4] for i in range(0, flat.numel(), 4))
-
-    leaf = Chunked(lambda: full, [], full.shape, torch.float32, name="w")
-    save_tree(Tree({"w": leaf, "b": torch.ones(3)}), tmp_path / "m.safetensors", dtype=torch.bfloat16)
-    back = load_tree(tmp_path / "m.safetensors")
-    assert torch.equal(back["w"].dense(None), full.to(torch.bfloat16))
-
-    class Short(Thunk):
-        def chunks(self, dtype):
-            return iter([full.reshape(-1)[:10].to(dtype)])
-
-    with pytest.raises(RuntimeError, match="declared"):
-        save_tree(Tree({"w": Short(lambda: full, [], full.shape, torch.float32)}), tmp_path / "bad.safetensors")
-
-
-def test_file_rewritten_at_same_path_is_read_afresh(tmp_path):
-    p = tmp_path / "w.safetensors"
-    save_tree(Tree({"w": torch.zeros(4)}), p)
-    assert torch.equal(load_tree(p)["w"].dense(), torch.zeros(4))
-    # same path, new layout: read through the new header, never the old file's memory map
-    save_tree(Tree({"a": torch.full((3,), 2.0), "w": torch.ones(4)}), p)
-    assert torch.equal(load_tree(p)["w"].dense(), torch.ones(4))
-
-
-def test_atomic_output_dir_has_the_usual_permissions(tmp_path):
-    import os
-
-    with atomic_output_dir(tmp_path / "o") as tmp:
-        (tmp / "f").write_text("x")
-    mask = os.umask(0)
-    os.umask(mask)
-    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o777 & ~mask

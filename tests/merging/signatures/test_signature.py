@@ -371,7 +371,7 @@ def test_failures_leave_nothing_and_inputs_unchanged(tmp_path, monkeypatch):
         patch(m, [(sig, 1.0)], tmp_path / "p")
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
-    with pytest.raises(UserError, match="overwrite the input"):
+    with pytest.raises(UserError, match="is the input"):
         patch(m, [(sig, 1.0)], m)
     patch(m, [(sig, 1.0)], tmp_path / "p")
     with pytest.raises(UserError, match="not empty"):
@@ -413,7 +413,7 @@ def test_running_var_is_patched_multiplicatively():
 def test_robust_given_as_an_adapter_delta_and_bad_values():
     """A robust *adapter* trained from the clean model is a delta tree: its signature is that delta."""
     from peft_lab.tree import LowRank
-    from peft_lab.tree.io import TREE_KIND_KEY
+    from peft_lab.tree.safetensors import TREE_KIND_KEY
 
     clean = _model(0)
     g = torch.Generator().manual_seed(1)
