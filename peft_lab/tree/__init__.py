@@ -1,4 +1,4 @@
-"""The parameter tree: the currency between adapters, merges and I/O (see DESIGN.md)."""
+"""The parameter tree: the currency between adapters, merges and I/O (see docs/design.md)."""
 
 from peft_lab.tree.check import check_compatible, mismatches
 from peft_lab.tree.core import Tree
