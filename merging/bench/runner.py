@@ -55,7 +55,7 @@ class BenchConfig:
     n_val: int = 200
     n_test: int = 400
     ft_steps: int = 80
-    # paper defaults (ALGORITHMS.md B1-B4); where the CPU budget deviates, the preset says so
+    # paper defaults (docs/methods.md); where the CPU budget deviates, the preset says so
     ta_lambda: float = 0.3  # AdaMerging repo's task-arithmetic baseline
     ties_density: float = 0.2
     ties_lambda: float = 0.3  # AdaMerging repo's TIES baseline: dis-sum, K = 20%, λ = 0.3

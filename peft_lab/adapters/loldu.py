@@ -6,7 +6,7 @@
 
 Trainable: z (r values per layer; + σ when `train_scale`). Frozen: perm, L_r, Ū_r, z0, σ0.
 
-Choices where the official code (SKDDJ/LoLDU) is unsafe or implicit (ALGORITHMS.md A3):
+Choices where the official code (SKDDJ/LoLDU) is unsafe or implicit (docs/adapters.md#loldu):
 - we keep W and add `P L_r diag(σz − σ0z0) Ū_r`, which equals the paper's `W_res + σ P L_r diag(z) Ū_r` but is
   exact at init (the coefficient is exactly 0) and never rounds W_res to a half dtype;
 - parameters exist as soon as `attach` returns (the official code creates them on the first forward);

@@ -4,7 +4,7 @@
 
 The forward and backward run through `peft_lab.kernels.sparse_linear`, which never builds a dense copy of W + S
 and computes the values' gradient at the k positions only (an SDDMM), unlike PEFT's SHiRA, which densifies W on
-every forward (ALGORITHMS.md A5.2, A5.5).
+every forward (docs/kernels.md).
 
 Budget: k = r·(out + in) per layer, the number of parameters of a rank-r LoRA (SHiRA's rule, so `adapter.r`
 sweeps compare like with like), or, when `density` is given, by `density_scope`:

@@ -1,4 +1,4 @@
-"""`peft-lab train`: a Hydra app over one training loop on accelerate (see DESIGN.md, Training).
+"""`peft-lab train`: a Hydra app over one training loop on accelerate (see docs/training.md).
 
 Python API (what the CLI calls):
 

@@ -1,4 +1,4 @@
-"""Kronecker specifics: LoKr through PEFT and DiffuseKronA's choices (ALGORITHMS.md A4)."""
+"""Kronecker specifics: LoKr through PEFT and DiffuseKronA's choices (docs/adapters.md#kronecker)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""LoLDU specifics (ALGORITHMS.md A3)."""
+"""LoLDU specifics: the choices listed in docs/adapters.md#loldu."""
 
 from __future__ import annotations
 

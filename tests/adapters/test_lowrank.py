@@ -1,4 +1,4 @@
-"""LoRA and PiSSA specifics (ALGORITHMS.md A1, A2)."""
+"""LoRA and PiSSA specifics (docs/adapters.md#lora, #pissa)."""
 
 from __future__ import annotations
 

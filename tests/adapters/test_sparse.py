@@ -1,4 +1,4 @@
-"""Sparse adapter specifics: budget, selection strategies, the kernel path, SpIEL grow/drop (ALGORITHMS.md A5)."""
+"""Sparse adapter specifics: budget, selection strategies, the kernel path, SpIEL grow/drop (docs/adapters.md#sparse)."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Tolerances (Triton vs reference, both accumulate in float32):
   error ratio below 1e-3;
 - value gradients are float32 sums of exact products of the (16-bit) inputs: rtol 1e-5 in every dtype;
 - the scatter (index op) must match bit for bit.
-The reference against dense float64/float32 autograd: rtol 1e-5 (ALGORITHMS.md A5.2).
+The reference against dense float64/float32 autograd: rtol 1e-5.
 The csr backend against the reference: the same tolerances per dtype, and 1e-10 in float64.
 """
 

@@ -7,7 +7,7 @@ and whole tensors, float32 and bfloat16 files, adapter inputs and the data-drive
 
 A change that is meant to change results regenerates the file and says why in its commit:
 
-    PEFT_LAB_WRITE_DIGESTS=1 .venv/bin/python -m pytest tests/test_merge_digests.py
+    PEFT_LAB_WRITE_DIGESTS=1 .venv/bin/python -m pytest tests/merging/test_digests.py
 """
 
 from __future__ import annotations

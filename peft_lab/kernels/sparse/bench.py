@@ -1,4 +1,4 @@
-"""Benchmark of the sparse-delta linear y = x·(W + S)^T + b (ALGORITHMS.md A5.2), five paths side by side.
+"""Benchmark of the sparse-delta linear y = x·(W + S)^T + b (docs/kernels.md), five paths side by side.
 
     python -m peft_lab.kernels.sparse.bench            # 4096x4096 weight, x 8x512, bfloat16, 0.1% / 1% / 5%
     python -m peft_lab.kernels.sparse.bench --quick    # small shapes, a minute on a CPU

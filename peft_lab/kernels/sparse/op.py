@@ -1,7 +1,7 @@
 """The sparse-delta linear as one autograd op: y = x·(W + S)^T + b, gradients for x, the values (and W, b).
 
 S is zero except at a `SparsePattern`'s positions, where it holds `values` (SpIEL's "linear-sd",
-https://arxiv.org/abs/2401.16405; ALGORITHMS.md A5.2). The dense
+https://arxiv.org/abs/2401.16405; docs/kernels.md). The dense
 parts are ordinary matmuls (x·W^T, dy·W); the sparse parts go to a backend with the four functions of
 `reference.py`. Nothing of size (out, in) is built: the value gradient is the SDDMM
 `dvalues[k] = sum_b dy[b, rows[k]] · x[b, cols[k]]`, and only x, W (a reference), the values and the pattern

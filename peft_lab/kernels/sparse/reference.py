@@ -1,4 +1,4 @@
-"""Reference (the spec) for the sparse-delta linear, after ALGORITHMS.md A5.2 (SpIEL, arXiv 2401.16405).
+"""Reference (the spec) for the sparse-delta linear of SpIEL (arXiv 2401.16405; docs/kernels.md).
 
 S is zero except S[rows[k], cols[k]] = values[k] over a weight W of shape (out, in); for x (B, in):
     forward          y  = x·W^T + x·S^T + b,   the sparse part  y[b, rows[k]] += values[k] · x[b, cols[k]]

@@ -125,7 +125,7 @@ class MiniLM(_TextConfig):
         train_pooler: count BERT's pooler (the 384x384 dense + tanh under the classifier, 148 k values) as part of
             the head, trained in full. all-MiniLM-L6-v2 was trained as a sentence encoder with mean pooling, so its
             pooler never learnt to summarise a text; frozen, it slows fine-tuning a lot (BBC News with LoRA r=8:
-            87% validation accuracy at step 50 with it frozen, 94% with it trained; see the README).
+            87% validation accuracy at step 50 with it frozen, 94% with it trained; see CHANGELOG.md).
     """
 
     name = "minilm"

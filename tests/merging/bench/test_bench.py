@@ -1,6 +1,6 @@
 """`peft-lab bench merge` end to end on a trimmed configuration (real MiniLM, 2 tasks, a few steps): every method
 row is produced for both variants, tuned hyperparameters come from the grids, outputs are written, and the CLI
-rejects bad arguments. The full benchmark's numbers are in the README, not asserted here."""
+rejects bad arguments. The full benchmark's numbers are in benchmarks/README.md, not asserted here."""
 
 import csv
 import json

@@ -1,4 +1,4 @@
-"""Fisher merging: the per-example Fisher (torch.func vs a Python loop), the invariants of ALGORITHMS.md B3,
+"""Fisher merging: the per-example Fisher (torch.func vs a Python loop), the invariants of Fisher merging (docs/methods.md#fisher),
 the merge method through its `prepare`/`merge_tensor` interface, and bad input."""
 
 import logging
@@ -104,7 +104,7 @@ def test_fisher_num_examples_and_empty_data():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The weighted average (ALGORITHMS.md B3 invariants)
+# The weighted average (Fisher merging's invariants)
 # ---------------------------------------------------------------------------------------------------------
 shapes = st.sampled_from([(1,), (3,), (2, 5), (4, 1, 3)])
 

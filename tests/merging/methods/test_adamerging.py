@@ -1,4 +1,4 @@
-"""AdaMerging / AdaMerging++: the invariants of ALGORITHMS.md B4 on a tiny multi-head model, the merge method
+"""AdaMerging / AdaMerging++: AdaMerging's invariants on a tiny multi-head model, the merge method
 through its `prepare`/`merge_tensor` interface, the saved coefficients and bad input."""
 
 import copy

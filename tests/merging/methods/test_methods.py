@@ -1,4 +1,4 @@
-"""Merge methods: the registry/config contract, invariants from ALGORITHMS.md (B1, B2, B6, B7, B8, C) as
+"""Merge methods: the registry/config contract, each method's invariants (docs/methods.md) as
 property tests on small random tensors, chunking independence, and cross-checks with peft's merge_utils."""
 
 from __future__ import annotations
