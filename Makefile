@@ -23,8 +23,11 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# style (ruff: lint rules, complexity <= 15, 120 columns, formatting) and the import graph (no cycles, one-way layers)
 lint: $(STAMP)
 	$(PY) -m ruff check peft_lab merging tests benchmarks
+	$(PY) -m ruff format --check peft_lab merging tests benchmarks
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layering.py
 
 demo: $(STAMP)
 	$(PY) -m peft_lab.demo

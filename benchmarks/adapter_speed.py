@@ -181,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     shira = rows.get("peft_shira")
     if ref is None:
         return 1
-    head = ("| method | trainable | CPU-s/step | wall s/step | x LoRA (CPU) | extra MiB | method MiB "
-            "| vs SHiRA method MiB |")
+    head = (
+        "| method | trainable | CPU-s/step | wall s/step | x LoRA (CPU) | extra MiB | method MiB "
+        "| vs SHiRA method MiB |"
+    )
     print("\n" + head + "\n|" + "---|" * (head.count("|") - 1))
     for m, r in rows.items():
         method_mib = f"{r['extra_mib'] - frozen:.0f}" if frozen is not None else "n/a"

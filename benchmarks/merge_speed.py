@@ -29,13 +29,31 @@ import time
 from pathlib import Path
 
 SIZES = {  # TinyLlama-1.1B's shape, and the same with fewer layers
-    "1.1B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000),
-    "0.4B": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000),
-    "smoke": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=4096),  # a few seconds: checks the script itself
-}  # fmt: skip
+    "1.1B": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "0.4B": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=6,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "smoke": dict(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=4096,
+    ),  # a few seconds: checks the script itself
+}
 RUNS = {  # name -> (merge_method, parameters, per-model parameters, number of models)
     "linear": ("linear", {}, {"weight": 1.0}, 3),
     "task_arithmetic": ("task_arithmetic", {"lambda": 0.5}, {"weight": 1.0}, 3),
@@ -59,8 +77,13 @@ def make_models(root: Path, size: str) -> tuple[Path, list[Path]]:
 
     from peft_lab.tree import Thunk, Tree, save_tree
 
-    cfg = LlamaConfig(**SIZES[size], max_position_embeddings=2048, tie_word_embeddings=False, dtype="bfloat16",
-                      architectures=["LlamaForCausalLM"])  # fmt: skip
+    cfg = LlamaConfig(
+        **SIZES[size],
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+        architectures=["LlamaForCausalLM"],
+    )
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in LlamaForCausalLM(cfg).state_dict().items()}
     dirs = [root / size / n for n in ("base", "v0", "v1", "v2")]
@@ -79,8 +102,9 @@ def make_models(root: Path, size: str) -> tuple[Path, list[Path]]:
             continue
         tmp = d.with_name(d.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        tree = Tree({k: Thunk(lambda k=k, i=i: tensor(k, i - 1), [], s, torch.bfloat16, name=k)
-                     for k, s in shapes.items()})  # fmt: skip
+        tree = Tree(
+            {k: Thunk(lambda k=k, i=i: tensor(k, i - 1), [], s, torch.bfloat16, name=k) for k, s in shapes.items()}
+        )
         t0 = time.time()
         save_tree(tree, tmp, max_shard_size="500MB")
         cfg.save_pretrained(tmp)
@@ -189,8 +213,13 @@ def warm(paths: list[Path]) -> float:
 
 def recipe_for(run: str, base: Path, models: list[Path]) -> dict:
     method, params, per, n = RUNS[run]
-    r = {"merge_method": method, "base_model": str(base), "dtype": "bfloat16", "parameters": params,
-         "models": [{"model": str(m), "parameters": per} for m in models[:n]]}  # fmt: skip
+    r = {
+        "merge_method": method,
+        "base_model": str(base),
+        "dtype": "bfloat16",
+        "parameters": params,
+        "models": [{"model": str(m), "parameters": per} for m in models[:n]],
+    }
     if method in ("linear", "soup"):  # averages of the base and the 3 variants
         del r["base_model"]
         r["models"] = [{"model": str(m), "parameters": per} for m in [base, *models][: n + 1]]
@@ -206,12 +235,19 @@ def _parse() -> argparse.Namespace:
     ap.add_argument("--mergekit-sizes", default="1.1B", help="sizes to run mergekit on (it is slow)")
     ap.add_argument("--hash-cost", action="store_true", help="also time linear with hash=none")
     ap.add_argument("--repeats", type=int, default=3, help="timings of each peft-lab merge (the median is used)")
-    ap.add_argument("--pairs", type=int, default=0,
-                    help="instead: N paired runs (peft-lab, then mergekit) per method, each tool with its default "
-                         "settings (no OMP_NUM_THREADS); reports the range of times and of the ratios")  # fmt: skip
-    ap.add_argument("--contention", action="store_true",
-                    help="instead: peft-lab with threads=1 and threads=auto, on an idle machine and beside a "
-                         "CPU-bound process on one core")  # fmt: skip
+    ap.add_argument(
+        "--pairs",
+        type=int,
+        default=0,
+        help="instead: N paired runs (peft-lab, then mergekit) per method, each tool with its default "
+        "settings (no OMP_NUM_THREADS); reports the range of times and of the ratios",
+    )
+    ap.add_argument(
+        "--contention",
+        action="store_true",
+        help="instead: peft-lab with threads=1 and threads=auto, on an idle machine and beside a "
+        "CPU-bound process on one core",
+    )
     ap.add_argument("--floor", nargs="+", help=argparse.SUPPRESS)
     return ap.parse_args()
 
@@ -225,15 +261,21 @@ def _inputs(a: argparse.Namespace, size: str) -> tuple[Path, list[Path]]:
     gb = warm([base, *models])
     load = os.getloadavg()
     mem = {k: v for k, v in (line.split(":") for line in open("/proc/meminfo").read().splitlines()[:5])}
-    print(f"  {gb:.1f} GB of inputs read into the page cache; load average {load[0]:.1f}; "
-          f"MemAvailable {mem['MemAvailable'].strip()}", flush=True)  # fmt: skip
+    print(
+        f"  {gb:.1f} GB of inputs read into the page cache; load average {load[0]:.1f}; "
+        f"MemAvailable {mem['MemAvailable'].strip()}",
+        flush=True,
+    )
     return base, models
 
 
 def _peft_lab(rec: Path, out: Path, opts: dict | None = None, one_thread: bool = True) -> dict:
     extra = [f"{k}={v}" for k, v in (opts or {}).items()]
-    res = timed([sys.executable, "-m", "peft_lab", "merge", "--config", str(rec), "--out", str(out), "--no-progress",
-                 *extra], cwd=REPO, one_thread=one_thread)  # fmt: skip
+    res = timed(
+        [sys.executable, "-m", "peft_lab", "merge", "--config", str(rec), "--out", str(out), "--no-progress", *extra],
+        cwd=REPO,
+        one_thread=one_thread,
+    )
     shutil.rmtree(out)
     return res
 
@@ -273,7 +315,10 @@ def standard(a, size: str, base: Path, models: list[Path], runs: list[str]) -> l
         for _ in range(a.repeats):  # write speed into fresh page-cache pages varies run to run: the median
             res = _peft_lab(rec, out)
             tries.append(res)
-            print(f"  peft-lab {label}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB", flush=True)
+            print(
+                f"  peft-lab {label}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB",
+                flush=True,
+            )
         res = sorted(tries, key=lambda r: r["wall"])[len(tries) // 2]
         results.append({"size": size, "run": label, "tool": "peft-lab", **res, "walls": [r["wall"] for r in tries]})
         if a.mergekit and run in MERGEKIT and size in a.mergekit_sizes.split(",") and not opts:
@@ -281,7 +326,10 @@ def standard(a, size: str, base: Path, models: list[Path], runs: list[str]) -> l
             res = timed([a.mergekit, str(rec), str(out), "--no-cuda", "--quiet"])
             shutil.rmtree(out)
             results.append({"size": size, "run": run, "tool": "mergekit", **res})
-            print(f"  mergekit {run}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB", flush=True)
+            print(
+                f"  mergekit {run}: {res['wall']:.1f} s wall, {res['cpu']:.1f} CPU-s, {res['rss_gb']:.2f} GB",
+                flush=True,
+            )
     run_floor()
     return results
 
@@ -305,9 +353,15 @@ def paired(a, size: str, base: Path, models: list[Path], runs: list[str]) -> lis
                 shutil.rmtree(out)
             results.append(row)
             mk = row.get("mergekit")
-            print(f"  pair {i} {run}: peft-lab {ours['wall']:.1f} s ({ours['rss_gb']:.2f} GB)"
-                  + (f", mergekit {mk['wall']:.1f} s ({mk['rss_gb']:.2f} GB), {mk['wall'] / ours['wall']:.1f}x" if mk else ""),
-                  flush=True)  # fmt: skip
+            print(
+                f"  pair {i} {run}: peft-lab {ours['wall']:.1f} s ({ours['rss_gb']:.2f} GB)"
+                + (
+                    f", mergekit {mk['wall']:.1f} s ({mk['rss_gb']:.2f} GB), {mk['wall'] / ours['wall']:.1f}x"
+                    if mk
+                    else ""
+                ),
+                flush=True,
+            )
     return results
 
 
@@ -337,8 +391,11 @@ def contention(a, size: str, base: Path, models: list[Path], runs: list[str]) ->
                             hog.kill()
                             hog.wait()
                     results.append({"size": size, "run": run, "busy": busy, "threads": threads, "rep": rep, **res})
-                    print(f"  {run} threads={threads} {'busy' if busy else 'idle'}: {res['wall']:.1f} s wall, "
-                          f"{res['cpu']:.1f} CPU-s", flush=True)  # fmt: skip
+                    print(
+                        f"  {run} threads={threads} {'busy' if busy else 'idle'}: {res['wall']:.1f} s wall, "
+                        f"{res['cpu']:.1f} CPU-s",
+                        flush=True,
+                    )
     return results
 
 
@@ -366,7 +423,9 @@ def _range(xs: list[float], fmt: str = "{:.1f}") -> str:
 
 
 def report_pairs(results: list[dict]) -> None:
-    print("\n| size | run | pairs | peft-lab wall s | peak RSS GB | mergekit wall s | peak RSS GB | mergekit / peft-lab |")
+    print(
+        "\n| size | run | pairs | peft-lab wall s | peak RSS GB | mergekit wall s | peak RSS GB | mergekit / peft-lab |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for size in dict.fromkeys(r["size"] for r in results):
         for run in dict.fromkeys(r["run"] for r in results if r["size"] == size):
@@ -376,8 +435,10 @@ def report_pairs(results: list[dict]) -> None:
             mk = [r["mergekit"] for r in rows if "mergekit" in r]
             if mk:
                 ratios = [r["mergekit"]["wall"] / r["peft-lab"]["wall"] for r in rows if "mergekit" in r]
-                cols += (f" | {_range([m['wall'] for m in mk])} | {_range([m['rss_gb'] for m in mk], '{:.2f}')}"
-                         f" | {_range(ratios)}x")  # fmt: skip
+                cols += (
+                    f" | {_range([m['wall'] for m in mk])} | {_range([m['rss_gb'] for m in mk], '{:.2f}')}"
+                    f" | {_range(ratios)}x"
+                )
             else:
                 cols += " | | | "
             print(f"| {size} | {run} | {len(rows)} | {cols} |")
@@ -390,14 +451,22 @@ def report_contention(results: list[dict]) -> None:
         for run in dict.fromkeys(r["run"] for r in results if r["size"] == size):
             for busy in (False, True):
                 for threads in (1, "auto"):
-                    rows = [r for r in results if (r["size"], r["run"], r["busy"], r["threads"]) == (size, run, busy, threads)]
-                    print(f"| {size} | {run} | {'one core busy' if busy else 'idle'} | {threads} | "
-                          f"{_range([r['wall'] for r in rows])} | {_range([r['cpu'] for r in rows])} |")  # fmt: skip
+                    rows = [
+                        r
+                        for r in results
+                        if (r["size"], r["run"], r["busy"], r["threads"]) == (size, run, busy, threads)
+                    ]
+                    print(
+                        f"| {size} | {run} | {'one core busy' if busy else 'idle'} | {threads} | "
+                        f"{_range([r['wall'] for r in rows])} | {_range([r['cpu'] for r in rows])} |"
+                    )
 
 
 def report(results: list[dict]) -> None:
-    print("\n| size | run | peft-lab wall s | CPU-s | peak RSS GB | / floor (wall) | mergekit wall s | CPU-s "
-          "| peak RSS GB | mergekit / peft-lab (wall) |")
+    print(
+        "\n| size | run | peft-lab wall s | CPU-s | peak RSS GB | / floor (wall) | mergekit wall s | CPU-s "
+        "| peak RSS GB | mergekit / peft-lab (wall) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in dict.fromkeys(r["size"] for r in results):
         floors = [r for r in results if r["size"] == size and r["tool"] == "floor"]
@@ -408,15 +477,18 @@ def report(results: list[dict]) -> None:
         for r in results:
             if r["size"] != size or r["tool"] != "peft-lab":
                 continue
-            mk = next((m for m in results if m["size"] == size and m["tool"] == "mergekit" and m["run"] == r["run"]),
-                      None)  # fmt: skip
+            mk = next(
+                (m for m in results if m["size"] == size and m["tool"] == "mergekit" and m["run"] == r["run"]), None
+            )
             mkcols = " | | | "
             if mk:
                 mkcols = f"{mk['wall']:.1f} | {mk['cpu']:.1f} | {mk['rss_gb']:.2f} | {mk['wall'] / r['wall']:.1f}x"
             walls = r.get("walls", [r["wall"]])
             label = r["run"] + (f" (median of {'/'.join(f'{w:.1f}' for w in walls)})" if len(walls) > 1 else "")
-            print(f"| {size} | {label} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rss_gb']:.2f} | "
-                  f"{r['wall'] / fl['wall']:.2f} | {mkcols} |")
+            print(
+                f"| {size} | {label} | {r['wall']:.1f} | {r['cpu']:.1f} | {r['rss_gb']:.2f} | "
+                f"{r['wall'] / fl['wall']:.2f} | {mkcols} |"
+            )
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ def train(model: CNN, data, *, epochs: int, lr: float, kind: str | None, seed: i
     for _ in range(epochs):
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), 64):
-            b = perm[i:i + 64]
+            b = perm[i : i + 64]
             xb = corrupt(x[b], kind, g) if kind else x[b]
             loss = F.cross_entropy(model(xb), y[b])
             opt.zero_grad()
@@ -135,7 +135,7 @@ def run_seed(seed: int, work: Path, cfg, scales_plot) -> tuple[dict, dict, dict,
     {(depth, corruption): {column: acc}})."""
     torch.manual_seed(seed)
     data = digits(seed)
-    xt, yt = (t[:cfg.test_limit] for t in data["test"])
+    xt, yt = (t[: cfg.test_limit] for t in data["test"])
     g = torch.Generator().manual_seed(10_000 + seed)
     cols = ["clean", *CORRUPTIONS]
     tests = {c: (xt if c == "clean" else corrupt(xt, c, g), yt) for c in cols}
@@ -199,7 +199,8 @@ def run_seed(seed: int, work: Path, cfg, scales_plot) -> tuple[dict, dict, dict,
     rows["B fine-tuned: + projected σ_noise (A)"] = patched(sib_dir, [(proj, 1.0)])
     rows["B fine-tuned: + all three σ (A) x1/3"] = patched(sib_dir, [(sigs[(c, 32)], 1 / 3) for c in CORRUPTIONS])
     rows["B fine-tuned: robust (noise) reference"] = evaluate(
-        train(copy_of(sibling), data["B"], epochs=cfg.ft_epochs, lr=1e-3, kind="noise", seed=seed + 9))
+        train(copy_of(sibling), data["B"], epochs=cfg.ft_epochs, lr=1e-3, kind="noise", seed=seed + 9)
+    )
     rows["B (from scratch)"] = evaluate(scratch)
     rows["B scratch: + σ_noise (A)"] = patched(scr_dir, [(sigs[("noise", 32)], 1.0)])
 
@@ -211,8 +212,11 @@ def run_seed(seed: int, work: Path, cfg, scales_plot) -> tuple[dict, dict, dict,
     for d in cfg.depths:  # how many weight layers the signature keeps (3 = the default, the shallow half)
         for c in CORRUPTIONS:
             sig = extract(ct, load_tree(robust_dirs[c]), layers=d, name=f"{c}_d{d}")
-            depth[(d, c)] = {**patched(clean_dir, [(sig, 1.0)]), "bytes": sig.nbytes,
-                             "layers": ", ".join(x for x in sig.record["layers"] if x.startswith(("conv", "fc")))}
+            depth[(d, c)] = {
+                **patched(clean_dir, [(sig, 1.0)]),
+                "bytes": sig.nbytes,
+                "layers": ", ".join(x for x in sig.record["layers"] if x.startswith(("conv", "fc"))),
+            }
     return rows, curve, sizes, depth
 
 
@@ -226,8 +230,10 @@ def table(rows_by_seed: list[dict], cols: list[str]) -> tuple[str, list[list]]:
     for name in names:
         vals = np.array([[r[name][c] for c in cols] for r in rows_by_seed]) * 100  # (seeds, cols)
         corr = vals[:, 1:].mean(1)
-        cells = [f"{m:.1f} ± {s:.1f}" if len(vals) > 1 else f"{m:.1f}"
-                 for m, s in zip(vals.mean(0), vals.std(0), strict=True)]  # fmt: skip
+        cells = [
+            f"{m:.1f} ± {s:.1f}" if len(vals) > 1 else f"{m:.1f}"
+            for m, s in zip(vals.mean(0), vals.std(0), strict=True)
+        ]
         cm = f"{corr.mean():.1f} ± {corr.std():.1f}" if len(vals) > 1 else f"{corr.mean():.1f}"
         md.append(f"| {name} | " + " | ".join(cells) + f" | {cm} |")
         csv.append([name, *[f"{m:.2f}" for m in vals.mean(0)], f"{corr.mean():.2f}"])
@@ -235,16 +241,21 @@ def table(rows_by_seed: list[dict], cols: list[str]) -> tuple[str, list[list]]:
 
 
 def depth_table(depths: list[dict], ds) -> str:
-    md = ["| weight layers kept | tensors kept | signature (float32) | clean test, mean of the three patched | "
-          + " | ".join(f"{c} test, clean + σ_{c}" for c in CORRUPTIONS) + " |",
-          "|---|---|---:|---:|" + "---:|" * len(CORRUPTIONS)]  # fmt: skip
+    md = [
+        "| weight layers kept | tensors kept | signature (float32) | clean test, mean of the three patched | "
+        + " | ".join(f"{c} test, clean + σ_{c}" for c in CORRUPTIONS)
+        + " |",
+        "|---|---|---:|---:|" + "---:|" * len(CORRUPTIONS),
+    ]
     for d in ds:
         clean = np.mean([[r[(d, c)]["clean"] for c in CORRUPTIONS] for r in depths]) * 100
         own = [np.mean([r[(d, c)][c] for r in depths]) * 100 for c in CORRUPTIONS]
         r0 = depths[0][(d, CORRUPTIONS[0])]
-        md.append(f"| {d}{' (default)' if d == 3 else ''} | {r0['layers']} (+ their BN) | "
-                  f"{r0['bytes'] / 1024:.1f} KiB | "
-                  f"{clean:.1f} | " + " | ".join(f"{x:.1f}" for x in own) + " |")
+        md.append(
+            f"| {d}{' (default)' if d == 3 else ''} | {r0['layers']} (+ their BN) | "
+            f"{r0['bytes'] / 1024:.1f} KiB | "
+            f"{clean:.1f} | " + " | ".join(f"{x:.1f}" for x in own) + " |"
+        )
     return "\n".join(md)
 
 

@@ -28,15 +28,33 @@ from peft_lab.hydra_app import HydraApp, is_multirun, job_dirname, split_args
 __all__ = ["main"]
 
 # overrides that do not change what is merged, left out of a sweep job's output dir name
-_NOT_IN_DIRNAME = {"out", "base", "models", "overwrite", "progress", "hash", "max_shard_size", "chunk_size", "threads",
-                   "allow_pickle", "allow_nonfinite"}  # fmt: skip
+_NOT_IN_DIRNAME = {
+    "out",
+    "base",
+    "models",
+    "overwrite",
+    "progress",
+    "hash",
+    "max_shard_size",
+    "chunk_size",
+    "threads",
+    "allow_pickle",
+    "allow_nonfinite",
+}
 # Hydra runs in a scratch dir (outputs go to `out`); a sweep job's UserError ends the sweep at once
 APP = HydraApp(
-    "peft-lab merge", "merge", scratch=True, prefix="peft-lab merge: ",
-    hints=((r"Could not override 'method\.([^']+)'",
+    "peft-lab merge",
+    "merge",
+    scratch=True,
+    prefix="peft-lab merge: ",
+    hints=(
+        (
+            r"Could not override 'method\.([^']+)'",
             r"the method has no parameter '\1' (see conf/method/<name>.yaml for its parameters; per-model values go "
-            r"in models=[{model: PATH, parameters: {...}}])."),),
-)  # fmt: skip
+            r"in models=[{model: PATH, parameters: {...}}]).",
+        ),
+    ),
+)
 
 
 def _yaml_value(text: str) -> Any:
@@ -49,19 +67,22 @@ def _yaml_value(text: str) -> Any:
 def _config_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="peft-lab merge", description="Merge models as a mergekit-style YAML recipe says.")
     flag = {"action": "store_true", "default": None}
-    p.add_argument("--config", required=True,
-                   help="mergekit-style recipe (merge_method, base_model, models, parameters, dtype)")
+    p.add_argument(
+        "--config", required=True, help="mergekit-style recipe (merge_method, base_model, models, parameters, dtype)"
+    )
     p.add_argument("--out", required=True, help="output dir (must not exist or be empty, unless --overwrite)")
     p.add_argument("--overwrite", **flag, help="replace OUT once the new merge is complete")
     p.add_argument("--allow-pickle", **flag, help="load .bin/.pt inputs (can run code from them)")
     p.add_argument("--allow-nonfinite", **flag, help="merge inputs holding NaN/inf")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars (default: on a terminal)")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars (default: on a terminal)"
+    )
     p.add_argument("--max-shard-size", default=None, help="output shard size, e.g. 5GB (default) or 500MB")
     p.add_argument("--hash", default=None, choices=["sha256", "none"], help="input content hash recorded in the recipe")
-    p.add_argument("options", nargs="*", metavar="KEY=VALUE",
-                   help="run options as in the Hydra form, e.g. overwrite=true")
-    return p  # fmt: skip
+    p.add_argument(
+        "options", nargs="*", metavar="KEY=VALUE", help="run options as in the Hydra form, e.g. overwrite=true"
+    )
+    return p
 
 
 def _config_form(argv: list[str]) -> int:
@@ -69,9 +90,13 @@ def _config_form(argv: list[str]) -> int:
 
     a = _config_parser().parse_args(argv)
     opts: dict[str, Any] = {
-        "overwrite": a.overwrite, "allow_pickle": a.allow_pickle, "allow_nonfinite": a.allow_nonfinite,
-        "progress": a.progress, "max_shard_size": a.max_shard_size, "hash": a.hash,
-    }  # fmt: skip
+        "overwrite": a.overwrite,
+        "allow_pickle": a.allow_pickle,
+        "allow_nonfinite": a.allow_nonfinite,
+        "progress": a.progress,
+        "max_shard_size": a.max_shard_size,
+        "hash": a.hash,
+    }
     for item in a.options:
         key, sep, value = item.partition("=")
         if not sep:
@@ -101,8 +126,11 @@ def _defer_method_values(overrides: list[str]) -> list[str]:
     not exist: a one-value `method.X=V` becomes `method.X=choice(V)`, applied per job after its method is chosen."""
     if not any(a.startswith("method=") and "," in a for a in overrides):
         return overrides
-    return [f"{k}=choice({v})" if k.startswith("method.") and not re.search(r"[,(\[{]", v) else a
-            for a in overrides for k, _, v in [a.partition("=")]]  # fmt: skip
+    return [
+        f"{k}=choice({v})" if k.startswith("method.") and not re.search(r"[,(\[{]", v) else a
+        for a in overrides
+        for k, _, v in [a.partition("=")]
+    ]
 
 
 def _merge_job(cfg, *, multirun: bool, outs: list[Path]) -> None:

@@ -24,8 +24,16 @@ from peft_lab.errors import UserError
 from peft_lab.tree import model_weight_files, read_header
 from peft_lab.tree.load import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_SUFFIXES
 
-__all__ = ["RECIPE_KEY", "RECIPE_FILE", "Hasher", "input_files", "record", "patch_metadata", "write_recipe_file",
-           "read_recipe"]  # fmt: skip
+__all__ = [
+    "RECIPE_KEY",
+    "RECIPE_FILE",
+    "Hasher",
+    "input_files",
+    "record",
+    "patch_metadata",
+    "write_recipe_file",
+    "read_recipe",
+]
 
 RECIPE_KEY = "peft_lab.merge_recipe"  # safetensors header metadata key holding the recipe (JSON)
 RECIPE_FILE = "merge_recipe.yaml"
@@ -51,7 +59,9 @@ class Hasher(threading.Thread):
     """sha256 of every input file, in a background thread (hashlib releases the GIL on large buffers).
     `stop()` ends it early (a failed merge does not keep reading its inputs)."""
 
-    CHUNK = 1 << 20  # read into one reused buffer that stays in cache (a fresh 8 MB bytes object per read cost page faults)
+    CHUNK = (
+        1 << 20
+    )  # read into one reused buffer that stays in cache (a fresh 8 MB bytes object per read cost page faults)
 
     def __init__(self, files: Sequence[Path], kind: str):
         super().__init__(daemon=True, name="peft-lab-hash")
@@ -90,8 +100,14 @@ class Hasher(threading.Thread):
         return f"{kind}:" + "0" * 64
 
 
-def record(recipe: dict[str, Any], inputs: Sequence[tuple[str, str, bool | None]], hash_kind: str,
-           digests: dict[Path, str] | None, *, allow_nonfinite: bool = False) -> dict[str, Any]:  # fmt: skip
+def record(
+    recipe: dict[str, Any],
+    inputs: Sequence[tuple[str, str, bool | None]],
+    hash_kind: str,
+    digests: dict[Path, str] | None,
+    *,
+    allow_nonfinite: bool = False,
+) -> dict[str, Any]:
     """The recorded recipe: `recipe` (the canonical recipe dict) plus one entry per input
     (`(role, path, is_delta)`, role `base` or `model`) with its files' digests (placeholders until known)."""
     from peft_lab import __version__
@@ -104,8 +120,10 @@ def record(recipe: dict[str, Any], inputs: Sequence[tuple[str, str, bool | None]
             entry["kind"] = "delta" if is_delta else "model"
         if hash_kind != "none":
             root = Path(path)
-            entry["files"] = {(f.name if root.is_dir() else str(f)): (digests[f] if digests else Hasher.placeholder(hash_kind))
-                              for f in input_files(path)}  # fmt: skip
+            entry["files"] = {
+                (f.name if root.is_dir() else str(f)): (digests[f] if digests else Hasher.placeholder(hash_kind))
+                for f in input_files(path)
+            }
         entries.append(entry)
     rec["inputs"] = entries
     rec["hash"] = hash_kind

@@ -37,11 +37,17 @@ from peft_lab.params import Checked, build, param, param_key, specs
 __all__ = ["Recipe", "InputModel", "Options", "parse_recipe", "load_recipe", "hydra_to_dict", "DTYPES", "OPTION_KEYS"]
 
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float64": torch.float64, "fp64": torch.float64,
-}  # fmt: skip
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 HASHES = ("sha256", "none")
 RECIPE_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
@@ -173,8 +179,14 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
     models = _models(cls, raw.get("models"), base, defaults, where)
     _check_count(cls, models, base, where)
     method.check_models([m.params for m in models], [m.path for m in models])
-    return Recipe(method=method, base=base, models=tuple(models), dtype=dtype, options=opts,
-                  data=None if data is None else dict(data))  # fmt: skip
+    return Recipe(
+        method=method,
+        base=base,
+        models=tuple(models),
+        dtype=dtype,
+        options=opts,
+        data=None if data is None else dict(data),
+    )
 
 
 def _without_extras(raw: Any, where: str) -> dict[str, Any]:
@@ -323,10 +335,12 @@ def _check_count(cls: type[MergeMethod], models: list[InputModel], base: str | N
     if len(models) >= cls.min_models and (cls.max_models is None or len(models) <= cls.max_models):
         return
     want = (
-        f"exactly {cls.min_models}" if cls.max_models == cls.min_models
-        else f"at least {cls.min_models}" if cls.max_models is None
+        f"exactly {cls.min_models}"
+        if cls.max_models == cls.min_models
+        else f"at least {cls.min_models}"
+        if cls.max_models is None
         else f"{cls.min_models} to {cls.max_models}"
-    )  # fmt: skip
+    )
     raise UserError(
         f"{where}: {cls.name} merges {want} model(s) besides the base, got {len(models)}"
         + (" (entries equal to base_model count as the base)." if base is not None and cls.needs_base else ".")

@@ -46,13 +46,27 @@ from peft_lab.tree.fs import guard_output
 __all__ = ["run_merge", "read_recipe", "RECIPE_KEY", "RECIPE_FILE", "COPIED_FILES"]
 
 COPIED_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja", "chat_template.json", "preprocessor_config.json",
-)  # fmt: skip
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
 
 
-def run_merge(recipe: str | os.PathLike | Mapping[str, Any] | Recipe, out_dir: str | os.PathLike, **options: Any) -> Path:
+def run_merge(
+    recipe: str | os.PathLike | Mapping[str, Any] | Recipe, out_dir: str | os.PathLike, **options: Any
+) -> Path:
     """Merge as a recipe says and write an HF-loadable model dir to `out_dir` (what `peft-lab merge` does).
 
     Args:
@@ -105,8 +119,16 @@ class _Merge:
                     f"{m.path} is an adapter (changes to a base model); give base_model, the model it was trained on."
                 )
             inputs.append(Input(m.path, tree, is_delta(tree), m.params))
-        return MergeStreams(self.method, base, inputs, base_label=r.base, chunk_size=self.opts.chunk_size,
-                            allow_nonfinite=self.opts.allow_nonfinite, bar=self.bar, threads=self.threads)  # fmt: skip
+        return MergeStreams(
+            self.method,
+            base,
+            inputs,
+            base_label=r.base,
+            chunk_size=self.opts.chunk_size,
+            allow_nonfinite=self.opts.allow_nonfinite,
+            bar=self.bar,
+            threads=self.threads,
+        )
 
     def check(self, streams: MergeStreams, out: Path) -> None:
         lines: list[str] = []
@@ -119,14 +141,25 @@ class _Merge:
                 f"The models do not line up with {streams.ref.source} ({len(lines)} problem(s)); they must share the "
                 "architecture (tensor names and shapes):\n  " + "\n  ".join(shown)
             )
-        guard_output(out, [self.r.base, *streams.labels], kind="merge", overwrite=self.opts.overwrite, what="The output dir")
+        guard_output(
+            out, [self.r.base, *streams.labels], kind="merge", overwrite=self.opts.overwrite, what="The output dir"
+        )
 
     def bar(self, total: int, desc: str, unit: str = "B"):
         from tqdm.auto import tqdm
 
         show = self.opts.progress if self.opts.progress is not None else sys.stderr.isatty()
-        return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024, disable=not show,
-                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)  # fmt: skip
+        return tqdm(
+            total=total,
+            desc=desc,
+            unit=unit,
+            unit_scale=unit == "B",
+            unit_divisor=1024,
+            disable=not show,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
 
     def record(self, streams: MergeStreams, digests: dict[Path, str] | None) -> dict[str, Any]:
         roles = [("base", self.r.base, None)] if self.r.base else []
@@ -143,9 +176,16 @@ class _Merge:
 
     def _write(self, streams: MergeStreams, out: Path) -> Path:
         ref, m = streams.ref, self.method
-        out_dtype = {n: (self.r.dtype or leaf.dtype) if leaf.dtype.is_floating_point else leaf.dtype for n, leaf in ref.items()}
-        merged = Tree({n: _MergedLeaf(streams, n, leaf.shape, out_dtype[n]) if leaf.dtype.is_floating_point else leaf
-                       for n, leaf in ref.items()}, source="merge")  # fmt: skip
+        out_dtype = {
+            n: (self.r.dtype or leaf.dtype) if leaf.dtype.is_floating_point else leaf.dtype for n, leaf in ref.items()
+        }
+        merged = Tree(
+            {
+                n: _MergedLeaf(streams, n, leaf.shape, out_dtype[n]) if leaf.dtype.is_floating_point else leaf
+                for n, leaf in ref.items()
+            },
+            source="merge",
+        )
         total = sum(leaf.numel * out_dtype[n].itemsize for n, leaf in ref.items())
         paths = ([self.r.base] if self.r.base else []) + streams.labels
         hasher = None
@@ -160,8 +200,14 @@ class _Merge:
                     hasher.start()
                 m.prepare(streams.merge_inputs({} if self.r.data is None else {"data": self.r.data}))
                 with intra_op_threads(self.threads), self.bar(total, f"{m.name} -> {out.name}") as bar:
-                    written = save_tree(merged, tmp, metadata={RECIPE_KEY: placeholder}, max_shard_size=self.opts.max_shard_size,
-                                        stem=self.weight_stem(config_src), on_tensor=lambda _k, nbytes: bar.update(nbytes))  # fmt: skip
+                    written = save_tree(
+                        merged,
+                        tmp,
+                        metadata={RECIPE_KEY: placeholder},
+                        max_shard_size=self.opts.max_shard_size,
+                        stem=self.weight_stem(config_src),
+                        on_tensor=lambda _k, nbytes: bar.update(nbytes),
+                    )
                 for fname, text in m.artifacts().items():  # files a method writes beside the model
                     (tmp / fname).write_text(text)
                 if config_src is not None:

@@ -33,7 +33,16 @@ from peft_lab.tree import Lazy, Leaf, Tree, apply, delta
 from peft_lab.tree.safetensors import TREE_KIND_KEY
 from peft_lab.tree.safetensors import TensorReader as FileTable
 
-__all__ = ["FileTable", "TensorSource", "Input", "MergeStreams", "in_memory", "merge_trees", "check_finite_chunk", "DEFAULT_CHUNK"]
+__all__ = [
+    "FileTable",
+    "TensorSource",
+    "Input",
+    "MergeStreams",
+    "in_memory",
+    "merge_trees",
+    "check_finite_chunk",
+    "DEFAULT_CHUNK",
+]
 
 DEFAULT_CHUNK = 1 << 22  # elements per streamed chunk (memory is a few chunks of float32 per input)
 
@@ -106,9 +115,18 @@ class MergeStreams:
         bar: `bar(total, desc, unit)` -> a progress-bar context (default: none).
     """
 
-    def __init__(self, method: MergeMethod, base: Tree | None, inputs: Sequence[Input], *, base_label: str | None = None,
-                 chunk_size: int = DEFAULT_CHUNK, allow_nonfinite: bool = False, bar: Callable | None = None,
-                 threads: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        method: MergeMethod,
+        base: Tree | None,
+        inputs: Sequence[Input],
+        *,
+        base_label: str | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+        allow_nonfinite: bool = False,
+        bar: Callable | None = None,
+        threads: int | None = None,
+    ):
         self.method, self.base, self.inputs = method, base, list(inputs)
         self.base_label = base_label or (base.source if base is not None else None)
         self.chunk_size, self.allow_nonfinite, self.threads = chunk_size, allow_nonfinite, threads
@@ -152,8 +170,14 @@ class MergeStreams:
 
     def job(self, name: str, **kw) -> TensorJob:
         leaf = self.ref[name]
-        return TensorJob(name, tuple(leaf.shape), [i.params for i in self.inputs], labels=self.labels,
-                         chunked=leaf.numel > self.chunk_size, **kw)  # fmt: skip
+        return TensorJob(
+            name,
+            tuple(leaf.shape),
+            [i.params for i in self.inputs],
+            labels=self.labels,
+            chunked=leaf.numel > self.chunk_size,
+            **kw,
+        )
 
     def float_names(self) -> list[str]:
         return [n for n, leaf in self.ref.items() if leaf.dtype.is_floating_point]
@@ -216,8 +240,9 @@ class MergeStreams:
         if not self.method.streaming:  # a whole-tensor method: one read of the whole tensor
             base, ts = self.read(name, base_src, srcs, 0, numel)
             shape = job.shape
-            out = self.method.merge_tensor(name, None if base is None else base.view(shape), [t.view(shape) for t in ts],
-                                           job.model_params)  # fmt: skip
+            out = self.method.merge_tensor(
+                name, None if base is None else base.view(shape), [t.view(shape) for t in ts], job.model_params
+            )
             yield self.checked(out.reshape(-1), name, 0).to(dtype)
             return
         from merging.fused import raw  # the bfloat16 raw-bits path; numba is imported by its first loop only
@@ -261,8 +286,10 @@ def in_memory(
         model_params = [method.ModelParams() for _ in models]
     sub = (lambda m: {n: m[n] for n in names if n in m}) if names is not None else (lambda m: m)
     base_tree = None if base is None else _as_tree(sub(base), "base", False)
-    inputs = [Input(f"model {i}", _as_tree(sub(m), f"model {i}", deltas), deltas, p)
-              for i, (m, p) in enumerate(zip(models, model_params, strict=True))]  # fmt: skip
+    inputs = [
+        Input(f"model {i}", _as_tree(sub(m), f"model {i}", deltas), deltas, p)
+        for i, (m, p) in enumerate(zip(models, model_params, strict=True))
+    ]
     return MergeStreams(method, base_tree, inputs, base_label="base", chunk_size=chunk_size, allow_nonfinite=True)
 
 

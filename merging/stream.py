@@ -51,7 +51,9 @@ def chunk_ranges(numel: int, chunk: int) -> Iterator[tuple[int, int]]:
         yield s, min(s + chunk, numel)
 
 
-def sample_ranges(numel: int, block: int = SAMPLE_BLOCK, every: int = SAMPLE_EVERY) -> tuple[list[tuple[int, int]], float]:
+def sample_ranges(
+    numel: int, block: int = SAMPLE_BLOCK, every: int = SAMPLE_EVERY
+) -> tuple[list[tuple[int, int]], float]:
     """Blocks of `block` elements, one in `every`: a representative 1/`every` of a tensor for quantile
     estimates (whole when small). Returns (ranges, fraction of the elements they cover)."""
     if numel <= block:

@@ -23,8 +23,11 @@ COMMANDS = {
     "bench": ("peft_lab.bench", "benchmarks: merge [--quick] | kernels"),
 }
 
-USAGE = "usage: peft-lab {" + ",".join(COMMANDS) + "} [ARGS...]\n\n" + "\n".join(
-    f"  {name:<10} {help}" for name, (_, help) in COMMANDS.items()
+USAGE = (
+    "usage: peft-lab {"
+    + ",".join(COMMANDS)
+    + "} [ARGS...]\n\n"
+    + "\n".join(f"  {name:<10} {help}" for name, (_, help) in COMMANDS.items())
 )
 
 
@@ -34,8 +37,10 @@ def debug_enabled(argv: list[str]) -> bool:
 
 def report_user_error(err: UserError) -> None:
     msg = str(err).strip() or type(err).__name__
-    paragraphs = [textwrap.fill(p, 110, break_long_words=False, break_on_hyphens=False) if "\n" not in p else p
-                  for p in msg.split("\n\n")]
+    paragraphs = [
+        textwrap.fill(p, 110, break_long_words=False, break_on_hyphens=False) if "\n" not in p else p
+        for p in msg.split("\n\n")
+    ]
     print("peft-lab: error: " + "\n\n".join(paragraphs), file=sys.stderr)
 
 

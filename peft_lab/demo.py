@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         return rc
     metrics = json.loads((out / "metrics.json").read_text())
     t_train = time.time() - t0
-    print(f"   {metrics['adapter']} on {metrics['model']}: {metrics['trainable_params']:,} trainable of "
-          f"{metrics['total_params']:,} parameters; {metrics['steps']} steps; "
-          f"test accuracy {metrics['eval_accuracy']:.4f}")
+    print(
+        f"   {metrics['adapter']} on {metrics['model']}: {metrics['trainable_params']:,} trainable of "
+        f"{metrics['total_params']:,} parameters; {metrics['steps']} steps; "
+        f"test accuracy {metrics['eval_accuracy']:.4f}"
+    )
     if metrics["adapter"] == "none":
         print("   (adapter=none: a full fine-tune has no adapter to merge; done)")
         return 0
@@ -78,13 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     from peft_lab.train import evaluate_model
 
     merged = evaluate_model(out / "merged", out, split="test")
-    rows = [("adapter on the base (as trained)", metrics["eval_accuracy"], metrics["eval_loss"]),
-            ("merged model (plain HF dir)", merged["accuracy"], merged["loss"])]
+    rows = [
+        ("adapter on the base (as trained)", metrics["eval_accuracy"], metrics["eval_loss"]),
+        ("merged model (plain HF dir)", merged["accuracy"], merged["loss"]),
+    ]
     print(f"\n   {'':34} {'test accuracy':>13} {'test loss':>10}")
     for name, acc, loss in rows:
         print(f"   {name:34} {acc:13.4f} {loss:10.4f}")
-    print(f"\n   wall {time.time() - t0:.0f} s (training {t_train:.0f} s), CPU {_cpu_seconds() - c0:.0f} s; "
-          f"outputs in {out}/")
+    print(
+        f"\n   wall {time.time() - t0:.0f} s (training {t_train:.0f} s), CPU {_cpu_seconds() - c0:.0f} s; "
+        f"outputs in {out}/"
+    )
     same_loss = abs(merged["loss"] - metrics["eval_loss"]) <= 1e-3 * abs(metrics["eval_loss"])
     if abs(merged["accuracy"] - metrics["eval_accuracy"]) > 1e-9 or not same_loss:
         print("peft-lab demo: error: the merged model does not score what the adapter scored.", file=sys.stderr)

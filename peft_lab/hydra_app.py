@@ -28,8 +28,16 @@ from typing import Any, Literal, TypeVar
 from peft_lab.config import conf_dir, hydra_argv
 from peft_lab.errors import UserError
 
-__all__ = ["HydraApp", "hydra_error", "compose_all", "split_args", "is_multirun", "is_info", "parse_override",
-           "job_dirname"]  # fmt: skip
+__all__ = [
+    "HydraApp",
+    "hydra_error",
+    "compose_all",
+    "split_args",
+    "is_multirun",
+    "is_info",
+    "parse_override",
+    "job_dirname",
+]
 
 T = TypeVar("T")
 INFO_FLAGS = {"--help", "-h", "--hydra-help", "--version", "--cfg", "-c", "--info", "--shell-completion", "-sc"}
@@ -148,10 +156,17 @@ class HydraApp:
         for tok in overrides:
             parse_override(tok, self.prefix)
         scratch = tempfile.mkdtemp(prefix="peft-lab-hydra-") if self.scratch else None
-        extra = [] if scratch is None else [
-            f"hydra.run.dir={scratch}", f"hydra.sweep.dir={scratch}", "hydra.output_subdir=null",
-            "hydra/job_logging=none", "hydra/hydra_logging=none",  # leave the logging of the process as it is
-        ]  # fmt: skip
+        extra = (
+            []
+            if scratch is None
+            else [
+                f"hydra.run.dir={scratch}",
+                f"hydra.sweep.dir={scratch}",
+                "hydra.output_subdir=null",
+                "hydra/job_logging=none",
+                "hydra/hydra_logging=none",  # leave the logging of the process as it is
+            ]
+        )
         job = Job(task, self.sweep_errors)
         app = hydra.main(config_path=str(conf_dir()), config_name=self.config_name, version_base="1.3")(job)
         try:

@@ -317,8 +317,12 @@ def describe(tp: Any, finite: bool = True) -> str:
         if (typing.get_origin(tp) or tp) is tuple and args and args[-1] is not Ellipsis:
             return f"a list of {len(args)} items: " + ", ".join(describe(a, finite) for a in args)
         return "a list of " + _plural(args[0] if args else Any, finite)
-    simple = {bool: "true or false", int: "an integer", float: "a finite number" if finite else "a number",
-              str: "a string"}  # fmt: skip
+    simple = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a finite number" if finite else "a number",
+        str: "a string",
+    }
     if tp in simple:
         return simple[tp]
     if dataclasses.is_dataclass(tp):

@@ -47,9 +47,7 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise UserError(
-                f"Unknown {self.kind} {name!r}. Available: {', '.join(self.names())}."
-            ) from None
+            raise UserError(f"Unknown {self.kind} {name!r}. Available: {', '.join(self.names())}.") from None
 
     def names(self) -> list[str]:
         self._load()

@@ -32,7 +32,11 @@ def run_cli(*args: str, cwd: str | os.PathLike | None = None, env: dict | None =
     e.update(env or {})
     return subprocess.run(
         [sys.executable, "-m", "peft_lab", *map(str, args)],
-        cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -1,13 +1,11 @@
 """The distribution ships every package and every config (so an installed wheel works like the checkout)."""
 
-
 import pytest
 
 from peft_lab.config import conf_dir
 from tests.conftest import REPO
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-
 
 
 def _pyproject():

@@ -129,7 +129,10 @@ def adamerge(
     """
     T = len(deltas)
     if not (len(heads) == len(samplers) == T) or T == 0:
-        raise UserError(f"adamerging: {T} task vectors, {len(heads)} heads and {len(samplers)} data sources must match (and be > 0).")
+        raise UserError(
+            f"adamerging: {T} task vectors, {len(heads)} heads and {len(samplers)} data sources must match "
+            "(and be > 0)."
+        )
     names = list(names if names is not None else base)
     _check_heads(module, heads, names)
     rows = len(names) if params.granularity == "layer" else 1
@@ -195,8 +198,13 @@ def _check_heads(module: torch.nn.Module, heads: Sequence[Mapping[str, torch.Ten
 # ---------------------------------------------------------------------------------------------------------
 # From a recipe's `data` block
 # ---------------------------------------------------------------------------------------------------------
-def learn_from_data(inputs: MergeInputs, params: AdaMergingParams, vectors: Sequence[Mapping[str, torch.Tensor]],
-                    names: Sequence[str], heads: Sequence[str]) -> AdaResult:  # fmt: skip
+def learn_from_data(
+    inputs: MergeInputs,
+    params: AdaMergingParams,
+    vectors: Sequence[Mapping[str, torch.Tensor]],
+    names: Sequence[str],
+    heads: Sequence[str],
+) -> AdaResult:
     """Learn the coefficients on unlabeled examples of each task (default split: test, as the paper).
 
     Args:
@@ -215,8 +223,13 @@ def learn_from_data(inputs: MergeInputs, params: AdaMergingParams, vectors: Sequ
     batch_size = data.batch_size or params.batch_size  # the data config's batch size wins, as for Fisher
     for j in range(len(inputs.deltas)):
         delta = inputs.deltas[j]
-        head_params.append({nmap[n]: inputs.base[n].dense(torch.float32) + delta[n].dense(torch.float32)
-                            for n in heads if n in nmap and n in delta})  # fmt: skip
+        head_params.append(
+            {
+                nmap[n]: inputs.base[n].dense(torch.float32) + delta[n].dense(torch.float32)
+                for n in heads
+                if n in nmap and n in delta
+            }
+        )
         texts, _ = load_examples(data.tasks[j], "test")
         texts = texts[: data.num_examples] if data.num_examples else texts
         where = data.tasks[j].dataset or data.tasks[j].path
@@ -241,14 +254,17 @@ def _load_module_base(inputs: MergeInputs, names: Sequence[str]):
     if missing:
         raise UserError(
             f"adamerging: {src} holds {len(missing)} tensor(s) that {type(model).__name__} (from its config.json) "
-            f"does not have: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. AdaMerging runs the model to "
+            f"does not have: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. "
+            "AdaMerging runs the model to "
             "learn a coefficient per tensor; remove those tensors, or name them in `heads` to keep the first "
             "model's copy unmerged."
         )
     return model, tokenizer, nmap
 
 
-def shuffled_batches(pool: Mapping[str, torch.Tensor], batch_size: int, per_step: int, gen: torch.Generator) -> Callable[[], dict]:
+def shuffled_batches(
+    pool: Mapping[str, torch.Tensor], batch_size: int, per_step: int, gen: torch.Generator
+) -> Callable[[], dict]:
     """A sampler drawing batches the way the official AdaMerging loop does: every step starts a fresh shuffle of
     the task's examples and takes its first `per_step` batches (no repeats within a step, a new order each step).
     When the examples run out within a step, another shuffle continues it (the official loader would stop).

@@ -30,7 +30,16 @@ import torch
 from peft_lab.errors import UserError
 from peft_lab.tree import Tree, apply_to_module, is_delta
 
-__all__ = ["TaskSpec", "MergeData", "parse_data", "load_examples", "model_dir", "name_map", "batches", "fishers_from_data"]
+__all__ = [
+    "TaskSpec",
+    "MergeData",
+    "parse_data",
+    "load_examples",
+    "model_dir",
+    "name_map",
+    "batches",
+    "fishers_from_data",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +55,9 @@ class TaskSpec:
 
     def __post_init__(self):
         if bool(self.dataset) == bool(self.path):
-            raise UserError("data: each task names exactly one of `dataset` (a registered dataset) or `path` (a local file).")
+            raise UserError(
+                "data: each task names exactly one of `dataset` (a registered dataset) or `path` (a local file)."
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +86,9 @@ def parse_data(cfg: Any, n_models: int) -> MergeData:
     if isinstance(tasks, Mapping):
         tasks = [tasks] * n_models
     if len(tasks) != n_models:
-        raise UserError(f"data.tasks has {len(tasks)} entries for {n_models} models: give one per model, in the order of `models`.")
+        raise UserError(
+            f"data.tasks has {len(tasks)} entries for {n_models} models: give one per model, in the order of `models`."
+        )
     specs = []
     fields = {f.name for f in dataclasses.fields(TaskSpec)}
     for i, t in enumerate(tasks):
@@ -110,7 +123,9 @@ def load_examples(spec: TaskSpec, default_split: str) -> tuple[list[Any], list[i
         try:
             from peft_lab.data import build_dataset
         except ImportError:
-            raise UserError(f"data: dataset {spec.dataset!r} needs peft_lab.data's builders, which this install lacks.") from None
+            raise UserError(
+                f"data: dataset {spec.dataset!r} needs peft_lab.data's builders, which this install lacks."
+            ) from None
         dd = build_dataset(spec.dataset, **dict(spec.params))
         if split not in dd:
             raise UserError(f"data: dataset {spec.dataset!r} has no split {split!r} (it has {', '.join(dd)}).")
@@ -118,7 +133,9 @@ def load_examples(spec: TaskSpec, default_split: str) -> tuple[list[Any], list[i
     cols = list(ds.column_names)
     inp_col = spec.text_column if spec.text_column in cols else ("image" if "image" in cols else None)
     if inp_col is None:
-        raise UserError(f"data: {where} has no column {spec.text_column!r} (it has {', '.join(cols)}); set text_column.")
+        raise UserError(
+            f"data: {where} has no column {spec.text_column!r} (it has {', '.join(cols)}); set text_column."
+        )
     labels = list(ds[spec.label_column]) if spec.label_column in cols else None
     if len(ds) == 0:
         raise UserError(f"data: {where} has no examples; a data-driven merge needs at least one per task.")
@@ -135,7 +152,14 @@ def model_dir(tree: Tree) -> Path | None:
 
 
 # files any of which makes a dir hold a tokenizer (fast, WordPiece, SentencePiece, BPE)
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+)
 
 
 def load_classifier(src: Path, what: str) -> torch.nn.Module:
@@ -209,12 +233,17 @@ def batches(tokenizer, texts, labels, batch_size: int, max_length: int, num_clas
     if labels is not None:
         bad = sorted({int(y) for y in labels if not 0 <= int(y) < num_classes})
         if bad:
-            raise UserError(f"data: {where} has labels {bad[:5]} but the model has {num_classes} classes; the data does not fit the model.")
+            raise UserError(
+                f"data: {where} has labels {bad[:5]} but the model has {num_classes} classes; "
+                "the data does not fit the model."
+            )
     if not all(isinstance(t, str) for t in texts[:8]):
         raise UserError(f"data: {where}: the input column does not hold text, but the model is a text model.")
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     for i in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         b = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         _check_encoded(b, special, texts, i, where)
         if labels is not None:
@@ -249,14 +278,30 @@ def fishers_from_data(inputs, params, which: Sequence[int]) -> list[Tree]:
         model, tok, names = _load_module(inputs, j)
         from peft_lab.tree import matches
 
-        merge = {n: m for n, m in names.items() if not (heads and matches(n, heads)) and n in dict(model.named_parameters())}
+        merge = {
+            n: m for n, m in names.items() if not (heads and matches(n, heads)) and n in dict(model.named_parameters())
+        }
         texts, labels = load_examples(data.tasks[j], "train")
         n = min(len(texts), data.num_examples or params.num_examples)
         where = data.tasks[j].dataset or data.tasks[j].path
-        stream = batches(tok, texts[:n], labels[:n] if labels else None, data.batch_size or params.batch_size,
-                         data.max_length, model.config.num_labels, where)
-        f = diagonal_fisher(model, list(merge.values()), stream, labels=params.labels, chunk_size=params.chunk_size,
-                            engine=params.engine, generator=gen)
+        stream = batches(
+            tok,
+            texts[:n],
+            labels[:n] if labels else None,
+            data.batch_size or params.batch_size,
+            data.max_length,
+            model.config.num_labels,
+            where,
+        )
+        f = diagonal_fisher(
+            model,
+            list(merge.values()),
+            stream,
+            labels=params.labels,
+            chunk_size=params.chunk_size,
+            engine=params.engine,
+            generator=gen,
+        )
         inv = {m: t for t, m in merge.items()}
         out.append(Tree({inv[m]: v for m, v in f.items()}, source=f"fisher of {inputs.labels[j]}"))
         log.info("fisher: computed the Fisher of %s on %d examples of %s", inputs.labels[j], n, where)

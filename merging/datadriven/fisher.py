@@ -92,7 +92,9 @@ def _length_groups(batch: dict[str, torch.Tensor], rows: torch.Tensor):
         raise UserError("Fisher: the attention mask is not right-padded (ones then zeros); pad on the right.")
     per_row = lengths[rows]
     for n in per_row.unique().tolist():
-        sub = {k: (v[:, :n] if v.dim() >= 2 and v.shape[1] == L else v) for k, v in batch.items() if k != "attention_mask"}
+        sub = {
+            k: (v[:, :n] if v.dim() >= 2 and v.shape[1] == L else v) for k, v in batch.items() if k != "attention_mask"
+        }
         yield (per_row == n).nonzero().squeeze(1), sub
 
 
@@ -175,9 +177,13 @@ def diagonal_fisher(
         if engine != "vmap":
             why = _verify_hooks(module, names, first, gold_key)
             if why is not None and engine == "hooks":
-                raise UserError(f"Fisher engine='hooks' cannot compute this model's Fisher: {why}; use engine=vmap or auto.")
+                raise UserError(
+                    f"Fisher engine='hooks' cannot compute this model's Fisher: {why}; use engine=vmap or auto."
+                )
             if why is not None:
-                log.info("fisher: per-example gradients through torch.func vmap (the hooks engine does not apply: %s)", why)
+                log.info(
+                    "fisher: per-example gradients through torch.func vmap (the hooks engine does not apply: %s)", why
+                )
             use_hooks = why is None
         args = (module, names, batches, labels, gold_key, num_examples, chunk_size, generator)
         try:
@@ -265,7 +271,9 @@ def _accumulate_hooks(module, names, batches, labels, gold_key, num_examples, ch
                 for s in range(0, B, chunk_size):
                     e = min(B, s + chunk_size)
                     ex = {k: v[s:e] for k, v in batch.items()}
-                    _hooks_pass(hooks, module, ex, lambda _, s=s, e=e: (ys[s * per : e * per], ws[s * per : e * per], C))
+                    _hooks_pass(
+                        hooks, module, ex, lambda _, s=s, e=e: (ys[s * per : e * per], ws[s * per : e * per], C)
+                    )
             seen += B
     return hooks.total, seen
 
@@ -292,7 +300,8 @@ def _verify_hooks(module, names, batch: Batch, gold_key: str) -> str | None:
     num = sum(float((hooks.total[n] - ref[n] * len(y)).double().square().sum()) for n in names)
     den = sum(float((ref[n] * len(y)).double().square().sum()) for n in names)
     if num > 1e-6 * den + 1e-30:
-        return f"its per-example gradients differ from a per-example backward (relative error {(num / max(den, 1e-300)) ** 0.5:.1e})"
+        rel = (num / max(den, 1e-300)) ** 0.5
+        return f"its per-example gradients differ from a per-example backward (relative error {rel:.1e})"
     return None
 
 

@@ -42,8 +42,13 @@ def _is_hf_rms_norm(m: nn.Module) -> bool:
     """transformers' `*RMSNorm` (Llama, Mistral, Qwen2, ...): `weight * (x / rms(x))` with `variance_epsilon`.
     (Variants that scale by `1 + weight`, e.g. Gemma's, have no `variance_epsilon` and are not taken.)"""
     w = getattr(m, "weight", None)
-    return (type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and isinstance(w, nn.Parameter)
-            and w.dim() == 1 and set(m._parameters) == {"weight"})
+    return (
+        type(m).__name__.endswith("RMSNorm")
+        and hasattr(m, "variance_epsilon")
+        and isinstance(w, nn.Parameter)
+        and w.dim() == 1
+        and set(m._parameters) == {"weight"}
+    )
 
 
 def _rms_norm(mod: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -125,9 +130,13 @@ class SquaredGradHooks:
             x, B = inputs[0], self.batch_size
             if x.dim() == 0 or out.dim() < 2:
                 raise HooksUnsupported(f"module {mname} has no batch dimension")
-            if not out.requires_grad:  # nothing upstream needs a gradient: start the graph here (the weights are frozen)
+            if (
+                not out.requires_grad
+            ):  # nothing upstream needs a gradient: start the graph here (the weights are frozen)
                 out = out.detach().requires_grad_()
-            if x.shape[0] == 1 and B > 1:  # broadcast over the batch (e.g. BERT's position ids): give each example its own copy
+            if (
+                x.shape[0] == 1 and B > 1
+            ):  # broadcast over the batch (e.g. BERT's position ids): give each example its own copy
                 x, out = x.expand(B, *x.shape[1:]), out.expand(B, *out.shape[1:])
             if x.shape[0] != B or out.shape[0] != B:
                 raise HooksUnsupported(f"module {mname}: input dim 0 is {x.shape[0]}, not the batch's {B} examples")

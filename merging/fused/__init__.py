@@ -1,6 +1,7 @@
 """Fused CPU loops for the TIES/DARE merges and the soup's mask check, compiled with numba.
 
-The torch code in `merging/methods/_gta.py`, `merging/methods/_kth_largest.py` and `merging/methods/soup.py` is the reference: chains
+The torch code in `merging/methods/_gta.py`, `merging/methods/_kth_largest.py` and `merging/methods/soup.py` is the
+reference: chains
 of whole-chunk ops (trim, weight, sum, elect, agree, divide; abs, compare, count; draw, mask, rescale) that
 read and write every element ~15 times per model. The loops here do the same float32 arithmetic in the same
 order, one block of elements at a time:
@@ -35,8 +36,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["ENABLED", "available", "band", "dare_drop", "first_mask_mismatch", "gta_combine", "raw_dot3", "raw_lerp",
-           "raw_merge"]
+__all__ = [
+    "ENABLED",
+    "available",
+    "band",
+    "dare_drop",
+    "first_mask_mismatch",
+    "gta_combine",
+    "raw_dot3",
+    "raw_lerp",
+    "raw_merge",
+]
 
 ENABLED = os.environ.get("PEFT_LAB_FUSED", "1") != "0"
 
@@ -99,13 +109,34 @@ def gta_combine(
         if abs(d) >= 1e-8:  # mergekit leaves the sum undivided when the weights cancel
             div_mode, div_value = 1, np.float32(d)
     b = base.reshape(-1).contiguous().numpy() if base is not None else out.numpy()
-    _compiled()._gta_combine(out.numpy(), b, base is not None, arrs, thr, w, consensus, normalize, div_mode, div_value,
-                             np.float32(lam), lam != 1, zero_sign < 0)  # fmt: skip
+    _compiled()._gta_combine(
+        out.numpy(),
+        b,
+        base is not None,
+        arrs,
+        thr,
+        w,
+        consensus,
+        normalize,
+        div_mode,
+        div_value,
+        np.float32(lam),
+        lam != 1,
+        zero_sign < 0,
+    )
     return out
 
 
-def dare_drop(x: torch.Tensor, g: np.random.SFC64, density: float, *, apply: bool, sums: bool = True, op: int = 0,
-              factor: float = 1.0) -> tuple[float, float]:  # fmt: skip
+def dare_drop(
+    x: torch.Tensor,
+    g: np.random.SFC64,
+    density: float,
+    *,
+    apply: bool,
+    sums: bool = True,
+    op: int = 0,
+    factor: float = 1.0,
+) -> tuple[float, float]:
     """DARE's random drop on a flat float32 chunk with the mask stream `g` (advanced past it, as
     `merging.methods._gta.dare_keep` would): returns the L1 norms of `x` before and after the drop (float64 sums;
     zeros unless `sums`);
@@ -114,8 +145,9 @@ def dare_drop(x: torch.Tensor, g: np.random.SFC64, density: float, *, apply: boo
     st = g.state
     state = st["state"]["state"].copy()
     cut = min(round(density * 2**32), 2**32) - 2**31
-    before, after = _compiled()._dare_drop(x.reshape(-1).numpy(), state, np.int64(cut), sums, apply, op,
-                               np.float32(factor))  # fmt: skip
+    before, after = _compiled()._dare_drop(
+        x.reshape(-1).numpy(), state, np.int64(cut), sums, apply, op, np.float32(factor)
+    )
     g.state = {**st, "state": {"state": state}}
     return float(before), float(after)
 
@@ -167,9 +199,21 @@ def raw_merge(
             divide, div_value = True, np.float32(d)
     to_bf16, out16, out32 = _raw_out(n, out_dtype)
     b = base if base is not None else out16[:0]
-    status = _compiled()._raw_merge(out16, out32, to_bf16, xs, b, base is not None, code,
-                                 np.asarray(weights, dtype=np.float32), div_value, divide, np.float32(lam), lam != 1,
-                                 check)  # fmt: skip
+    status = _compiled()._raw_merge(
+        out16,
+        out32,
+        to_bf16,
+        xs,
+        b,
+        base is not None,
+        code,
+        np.asarray(weights, dtype=np.float32),
+        div_value,
+        divide,
+        np.float32(lam),
+        lam != 1,
+        check,
+    )
     return None if status else _raw_tensor(out16, out32, to_bf16)
 
 
@@ -190,8 +234,9 @@ def raw_dot3(x0: np.ndarray, x1: np.ndarray, *, check: bool = True) -> tuple[flo
     return None if bad else (float(dot), float(n0), float(n1))
 
 
-def raw_lerp(x0: np.ndarray, x1: np.ndarray, c0: float, c1: float, *, out_dtype: torch.dtype = torch.bfloat16,
-             check: bool = True) -> torch.Tensor | None:  # fmt: skip
+def raw_lerp(
+    x0: np.ndarray, x1: np.ndarray, c0: float, c1: float, *, out_dtype: torch.dtype = torch.bfloat16, check: bool = True
+) -> torch.Tensor | None:
     """c0·x0 + c1·x1 from bfloat16 bits, computed as the torch path's `x0.mul_(c0).add_(x1, alpha=c1)` (float32,
     one fused multiply-add), as a new tensor of `out_dtype` (bfloat16 or float32); None when `check` and the
     result holds NaN/inf."""

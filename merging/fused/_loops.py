@@ -330,7 +330,8 @@ def _raw_merge(out16, out32, to_bf16, xs, base, has_base, mode, w, div_value, di
     # model; base: (n,) uint16), mirroring the torch path op by op in float32:
     #   mode 0 (merging.methods.linear.weighted_average): m = x_0·w_0 (x_0 when w_0 == 1); m = fma(w_t, x_t, m);
     #     m /= div (normalize);
-    #   mode 1 (merging.methods._gta.combine, no consensus): m = Σ_t (x_t − b)·w_t in model order; m /= div; m *= λ; m + b.
+    #   mode 1 (merging.methods._gta.combine, no consensus): m = Σ_t (x_t − b)·w_t in model order; m /= div; m *= λ;
+    #     m + b.
     # Returns 0, or 1 when an input (`check`) or the result holds NaN/inf: the caller then reruns the chunk on
     # the torch path, which names the tensor and element in its error.
     T, n = xs.shape

@@ -52,7 +52,9 @@ def plan(streams: MergeStreams, job: TensorJob, base_src, srcs, dtype: torch.dty
     return spec if fused.available() else None
 
 
-def chunks(streams: MergeStreams, job: TensorJob, base_src, srcs, dtype: torch.dtype, spec: dict) -> Iterator[torch.Tensor]:
+def chunks(
+    streams: MergeStreams, job: TensorJob, base_src, srcs, dtype: torch.dtype, spec: dict
+) -> Iterator[torch.Tensor]:
     """The merged tensor, chunk by chunk, through the fused pass `spec` names."""
     if spec["mode"] == "slerp":
         yield from _slerp_chunks(streams, job, base_src, srcs[0], dtype, spec["t"])
@@ -67,15 +69,25 @@ def chunks(streams: MergeStreams, job: TensorJob, base_src, srcs, dtype: torch.d
             files.read_into(base_src.leaf, s, e, bb[:n])
         for t, src in enumerate(srcs):
             files.read_into(src.leaf, s, e, xs[t, :n])
-        out = fused.raw_merge(xs[:, :n], bb[:n] if base_src is not None else None, spec["mode"], spec["weights"],
-                              normalize=spec["normalize"], lam=spec.get("lam", 1.0), out_dtype=dtype, check=check)  # fmt: skip
+        out = fused.raw_merge(
+            xs[:, :n],
+            bb[:n] if base_src is not None else None,
+            spec["mode"],
+            spec["weights"],
+            normalize=spec["normalize"],
+            lam=spec.get("lam", 1.0),
+            out_dtype=dtype,
+            check=check,
+        )
         if out is None:  # NaN/inf in an input or the result: the torch path raises the error that names it
             base, ts = streams.read(job.name, base_src, srcs, s, e)
             out = streams.checked(streams.method.merge_chunk(job, s, base, ts), job.name, s).to(dtype)
         yield out
 
 
-def _slerp_chunks(streams: MergeStreams, job: TensorJob, base_src, src, dtype: torch.dtype, t: float) -> Iterator[torch.Tensor]:
+def _slerp_chunks(
+    streams: MergeStreams, job: TensorJob, base_src, src, dtype: torch.dtype, t: float
+) -> Iterator[torch.Tensor]:
     from merging.methods.slerp import slerp_coefficients
 
     check = not streams.allow_nonfinite

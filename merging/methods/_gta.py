@@ -200,8 +200,16 @@ def dare_keep(n: int, density: float, g: np.random.SFC64) -> torch.Tensor:
     return u < cut
 
 
-def dare_drop(tau: torch.Tensor, g: np.random.SFC64, density: float, *, apply: bool, sums: bool = True, op: int = 0,
-              factor: float = 1.0) -> tuple[float, float]:  # fmt: skip
+def dare_drop(
+    tau: torch.Tensor,
+    g: np.random.SFC64,
+    density: float,
+    *,
+    apply: bool,
+    sums: bool = True,
+    op: int = 0,
+    factor: float = 1.0,
+) -> tuple[float, float]:
     """DARE's drop of a flat float32 chunk with the mask stream `g`: the L1 norms of `tau` before and after it
     (float64; 0 unless `sums`), and with `apply`, `tau *= keep` in place, then `*= factor` (`op=1`) or
     `/= factor` (`op=2`). One fused pass when numba is available (`merging.fused.dare_drop`), else these ops."""
@@ -255,7 +263,9 @@ class GTAMethod(MergeMethod):
         # the official rule: keep |τ| >= kthvalue(|τ|, N − ⌊d·N⌋), the (⌊d·N⌋ + 1)-th largest, ties included. A
         # missed bracket costs another pass over the model: bracket 4x wider than for one tensor (the counts are
         # histograms of bit patterns, so a wider bracket costs almost nothing)
-        sels = {t: KthLargest(total, min(int(d * total) + 1, total), z=24.0) for t, d in enumerate(dens) if d < 1 and total}
+        sels = {
+            t: KthLargest(total, min(int(d * total) + 1, total), z=24.0) for t, d in enumerate(dens) if d < 1 and total
+        }
 
         def sample(job, start, base, chunks):
             for t, sel in sels.items():
@@ -286,7 +296,9 @@ class GTAMethod(MergeMethod):
         total = [0.0]
 
         def add(job, start, base, chunks):
-            xs = [hardshrink_at_least(x, th).mul_(w) for x, th, w in zip(chunks, self._global_thr, weights, strict=True)]
+            xs = [
+                hardshrink_at_least(x, th).mul_(w) for x, th, w in zip(chunks, self._global_thr, weights, strict=True)
+            ]
             S = xs[0]
             for x in xs[1:]:
                 S.add_(x)
@@ -422,10 +434,25 @@ class GTAMethod(MergeMethod):
             else:
                 thr = [0.0] * len(tensors)
                 xs = [self._sparsified(job, t, start, tau) for t, tau in enumerate(tensors)]
-            return fused.gta_combine(base, xs, thr, weights, consensus=self.consensus, normalize=self.params.normalize,
-                                     lam=self.params.lambda_, zero_sign=self._zero_sign)  # fmt: skip
-        return combine(base, self._weighted(job, start, tensors), weights, consensus=self.consensus,
-                       normalize=self.params.normalize, lam=self.params.lambda_, zero_sign=self._zero_sign)  # fmt: skip
+            return fused.gta_combine(
+                base,
+                xs,
+                thr,
+                weights,
+                consensus=self.consensus,
+                normalize=self.params.normalize,
+                lam=self.params.lambda_,
+                zero_sign=self._zero_sign,
+            )
+        return combine(
+            base,
+            self._weighted(job, start, tensors),
+            weights,
+            consensus=self.consensus,
+            normalize=self.params.normalize,
+            lam=self.params.lambda_,
+            zero_sign=self._zero_sign,
+        )
 
     def components(self, job: TensorJob, start: int, tensors) -> list[torch.Tensor]:
         """Per model, what it contributes to the consensus merge: x_t = w_t · sparsify(τ_t) where its sign agrees

@@ -230,7 +230,9 @@ class KthLargest:
             self.L, self.U = self.lo, self.hi
             self._below_L, self._above_U = self.n - self._above - self._ncand, self._above
             c = torch.sort(torch.cat(cands), descending=True).values
-            if not self._bracket_at(need, self._ncand, (c, torch.full((c.numel(),), float(self._thin), dtype=torch.float64))):
+            if not self._bracket_at(
+                need, self._ncand, (c, torch.full((c.numel(),), float(self._thin), dtype=torch.float64))
+            ):
                 raise RuntimeError("KthLargest made no progress")
         else:
             if need <= 0:  # above hi, where exactly `above` values lie

@@ -81,7 +81,9 @@ def ties_task_vectors(inputs: MergeInputs, names: Sequence[str], density: float)
     out: list[dict[str, torch.Tensor]] = [{} for _ in inputs.deltas]
     for n in names:
         shape = tuple(inputs.base[n].shape)
-        taus = [d[n].dense(torch.float32).reshape(-1) if n in d else torch.zeros(math.prod(shape)) for d in inputs.deltas]
+        taus = [
+            d[n].dense(torch.float32).reshape(-1) if n in d else torch.zeros(math.prod(shape)) for d in inputs.deltas
+        ]
         for k, c in enumerate(ties.components(TensorJob(n, shape, mp), 0, taus)):
             out[k][n] = c.reshape(shape)
     return out
@@ -127,8 +129,10 @@ class AdaMerging(MergeMethod):
             self.result = learn_from_data(inputs, p, vectors, names, [n for n in floats if self.is_head(n)])
         lam = self.result.lambdas
         if lam.shape[1] != len(inputs.deltas) or lam.shape[0] not in (1, len(names)):
-            raise UserError(f"adamerging: coefficients of shape {tuple(lam.shape)} do not fit {len(names)} tensors x "
-                            f"{len(inputs.deltas)} models.")  # fmt: skip
+            raise UserError(
+                f"adamerging: coefficients of shape {tuple(lam.shape)} do not fit {len(names)} tensors x "
+                f"{len(inputs.deltas)} models."
+            )
         self.row = {n: i for i, n in enumerate(self.result.names)} if lam.shape[0] > 1 else {}
         log.info("adamerging: learned %s coefficients: %s", p.granularity, _summary(lam))
 
@@ -137,7 +141,10 @@ class AdaMerging(MergeMethod):
         out: list[dict[str, torch.Tensor]] = [{} for _ in inputs.deltas]
         for n in names:
             shape = tuple(inputs.base[n].shape)
-            taus = [d[n].dense(torch.float32).reshape(-1) if n in d else torch.zeros(math.prod(shape)) for d in inputs.deltas]
+            taus = [
+                d[n].dense(torch.float32).reshape(-1) if n in d else torch.zeros(math.prod(shape))
+                for d in inputs.deltas
+            ]
             for k, v in enumerate(self.task_vectors(TensorJob(n, shape, []), 0, taus)):
                 out[k][n] = v.reshape(shape)
         return out
@@ -148,7 +155,9 @@ class AdaMerging(MergeMethod):
             return list(taus)
         return self._ties.components(TensorJob(job.name, job.shape, self._ties_params), start, taus)
 
-    def merge_chunk(self, job: TensorJob, start: int, base: torch.Tensor | None, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    def merge_chunk(
+        self, job: TensorJob, start: int, base: torch.Tensor | None, tensors: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         if self.is_head(job.name):
             return base.add_(tensors[0])  # the first model's head, as Fisher merging does
         if self.result is None:  # not prepared (no data): the coefficients stay at their init, i.e. task arithmetic

@@ -173,14 +173,18 @@ class Fisher(MergeMethod):
         for j, f in enumerate(fishers):
             norm = fisher_norm(f, names) if (p.normalize and f is not None) else 0.0
             if p.normalize and f is not None and norm == 0.0:
-                log.warning("fisher: the Fisher of %s is zero everywhere; its weight is not normalised.", inputs.labels[j])
+                log.warning(
+                    "fisher: the Fisher of %s is zero everywhere; its weight is not normalised.", inputs.labels[j]
+                )
             coeffs.append(weights[j] / norm if norm > 0 else weights[j])
         self.fishers, self.coeffs = fishers, coeffs
         self.fallback = [n for n in names if all(f is None or n not in f for f in fishers)]
         if self.fallback:
             log.info(
                 "fisher: %d tensor(s) have no Fisher in any model and are merged as the plain weighted average: %s%s",
-                len(self.fallback), ", ".join(self.fallback[:8]), " ..." if len(self.fallback) > 8 else "",
+                len(self.fallback),
+                ", ".join(self.fallback[:8]),
+                " ..." if len(self.fallback) > 8 else "",
             )
 
     def _is_head(self, name: str) -> bool:
@@ -188,7 +192,11 @@ class Fisher(MergeMethod):
 
     @staticmethod
     def _check_fisher(f: Tree, model: Tree, label: str) -> None:
-        bad = [f"{n} {tuple(f[n].shape)} vs model {tuple(model[n].shape)}" for n in f if n in model and tuple(f[n].shape) != tuple(model[n].shape)]
+        bad = [
+            f"{n} {tuple(f[n].shape)} vs model {tuple(model[n].shape)}"
+            for n in f
+            if n in model and tuple(f[n].shape) != tuple(model[n].shape)
+        ]
         unknown = [n for n in f if n not in model]
         if bad or unknown:
             raise UserError(
@@ -204,8 +212,10 @@ class Fisher(MergeMethod):
             return tensors[0]
         if "fishers" not in job.state:
             fishers = self.fishers or [None] * len(tensors)  # not prepared: no Fisher anywhere
-            job.state["fishers"] = [None if (f is None or job.name not in f) else f[job.name].dense(torch.float32).reshape(-1)
-                                    for f in fishers]  # fmt: skip
+            job.state["fishers"] = [
+                None if (f is None or job.name not in f) else f[job.name].dense(torch.float32).reshape(-1)
+                for f in fishers
+            ]
         fs = [None if x is None else x[start : start + tensors[0].numel()] for x in job.state["fishers"]]
         if all(x is None for x in fs):
             w = self.coeffs_raw(job.model_params)

@@ -54,7 +54,9 @@ class Linear(MergeMethod):
 
     def check_models(self, model_params, labels) -> None:
         if self.params.normalize and sum(p.weight for p in model_params) == 0:
-            raise UserError("The weights of the models sum to 0, so normalize=true cannot divide by them; give a positive weight.")
+            raise UserError(
+                "The weights of the models sum to 0, so normalize=true cannot divide by them; give a positive weight."
+            )
 
     def raw_spec(self, job):
         return {"mode": "linear", "weights": [p.weight for p in job.model_params], "normalize": self.params.normalize}

@@ -43,8 +43,10 @@ class _Pair(argparse.Action):
             if not pairs:
                 raise UserError(f"--scale {value}: give it after the --signature it belongs to.")
             if pairs[-1][1] is not None:
-                raise UserError(f"--scale {value}: {pairs[-1][0]} already has --scale {pairs[-1][1]:g}; "
-                                "repeat --signature to patch it twice.")
+                raise UserError(
+                    f"--scale {value}: {pairs[-1][0]} already has --scale {pairs[-1][1]:g}; "
+                    "repeat --signature to patch it twice."
+                )
             pairs[-1][1] = value
         ns.pairs = pairs
 
@@ -57,10 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--clean", required=True, help="the clean model (HF dir or .safetensors)")
     ex.add_argument("--robust", required=True, help="the robust model, or an adapter trained from the clean one")
     ex.add_argument("--out", required=True, help="the signature file (.safetensors)")
-    ex.add_argument("--layers", default=None, help="N (first N weight layers), PATTERN[,PATTERN], rel:R, or all "
-                    "(default: the shallow half)")
-    ex.add_argument("--bits", type=int, default=32, choices=[32, 16, 8, 4], help="storage: float32, float16, int8, int4")
-    ex.add_argument("--pretrained", default=None, help="θ_pre: use the projection form (clean and robust fine-tuned from it)")
+    ex.add_argument(
+        "--layers",
+        default=None,
+        help="N (first N weight layers), PATTERN[,PATTERN], rel:R, or all (default: the shallow half)",
+    )
+    ex.add_argument(
+        "--bits", type=int, default=32, choices=[32, 16, 8, 4], help="storage: float32, float16, int8, int4"
+    )
+    ex.add_argument(
+        "--pretrained", default=None, help="θ_pre: use the projection form (clean and robust fine-tuned from it)"
+    )
     ex.add_argument("--name", default=None, help="the signature's name (default: the file's stem)")
     ex.add_argument("--no-stats", action="store_true", help="leave normalisation running statistics out")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing file")
@@ -131,8 +140,10 @@ def _list(paths: list[str]) -> None:
         print(f"{p}: a model with {len(steps)} patch step(s)" + (":" if steps else " (no peft-lab patch record)."))
         for st in steps:
             sigs = ", ".join(f"{e['name']} x{e['scale']:g} (hash {e['hash'][:12]})" for e in st["signatures"])
-            print(f"  step {st['id']}: {sigs}; {len(st['keys'])} tensors; "
-                  f"{'bitwise restorable' if st['restore'] else 'subtract-only'}")
+            print(
+                f"  step {st['id']}: {sigs}; {len(st['keys'])} tensors; "
+                f"{'bitwise restorable' if st['restore'] else 'subtract-only'}"
+            )
     if rows:
         print(_table(rows))
 
@@ -154,18 +165,30 @@ def main(argv: list[str]) -> int:
         robust = load_tree(ns.robust, base=clean)
         pre = load_tree(ns.pretrained) if ns.pretrained else None
         name = ns.name or Path(ns.out).name.removesuffix(".safetensors")
-        sig = extract(clean, robust, layers=LayerSelection.parse(ns.layers), bits=ns.bits, pretrained=pre,
-                      name=name, stats=not ns.no_stats)
+        sig = extract(
+            clean,
+            robust,
+            layers=LayerSelection.parse(ns.layers),
+            bits=ns.bits,
+            pretrained=pre,
+            name=name,
+            stats=not ns.no_stats,
+        )
         path = save_signatures([sig], ns.out, overwrite=ns.overwrite, inputs=inputs)
         r = sig.record
         full = sum(clean[k].nbytes for k in sig.tree)
-        print(f"signature {name!r} ({r['mode']}, layers {r['selection']}): {len(r['layers'])} layers, {len(sig.tree)} "
-              f"tensors, {r['scheme'].split(';')[0]}: {sig.nbytes} bytes (those tensors take {full} bytes in the "
-              f"model); max |error| of storage {r['max_abs_error']:.3g}")
+        print(
+            f"signature {name!r} ({r['mode']}, layers {r['selection']}): {len(r['layers'])} layers, {len(sig.tree)} "
+            f"tensors, {r['scheme'].split(';')[0]}: {sig.nbytes} bytes (those tensors take {full} bytes in the "
+            f"model); max |error| of storage {r['max_abs_error']:.3g}"
+        )
         print(f"  layers ({r['order']} order): {', '.join(r['layers'])}")
         if r["order"] == "natural":
-            print(f"  note: {ns.clean} does not record its layer order (no config.json naming its class); layers were "
-                  "counted in natural name order. Check the list above, or select them by pattern.", file=sys.stderr)
+            print(
+                f"  note: {ns.clean} does not record its layer order (no config.json naming its class); layers were "
+                "counted in natural name order. Check the list above, or select them by pattern.",
+                file=sys.stderr,
+            )
         print(f"  wrote {path} (hash {sig.hash[:12]})")
         return 0
     if ns.cmd in ("patch", "unpatch"):
@@ -185,10 +208,12 @@ def main(argv: list[str]) -> int:
         _list(ns.paths)
         return 0
     if ns.cmd == "pack":
-        sigs = [s for spec in ns.signatures for s in
-                ([resolve_signature(spec)] if "::" in spec else load_signatures(spec))]
-        path = save_signatures(sigs, ns.out, overwrite=ns.overwrite,
-                               inputs=[spec.partition("::")[0] for spec in ns.signatures])
+        sigs = [
+            s for spec in ns.signatures for s in ([resolve_signature(spec)] if "::" in spec else load_signatures(spec))
+        ]
+        path = save_signatures(
+            sigs, ns.out, overwrite=ns.overwrite, inputs=[spec.partition("::")[0] for spec in ns.signatures]
+        )
         print(f"packed {len(sigs)} signatures ({', '.join(s.name for s in sigs)}) into {path}")
         return 0
     return 2

@@ -39,8 +39,9 @@ def modules(tree: Tree) -> dict[str, list[str]]:
 def weight_layers(tree: Tree) -> list[str]:
     """Modules that own a float `weight` of dim >= 2 (linear, conv, embedding), in order: what `--layers N`
     counts. Norm layers and biases ride along with the weight layer before them."""
-    return [m for m, names in modules(tree).items()
-            if any(n.endswith("weight") and len(tree[n].shape) >= 2 for n in names)]
+    return [
+        m for m, names in modules(tree).items() if any(n.endswith("weight") and len(tree[n].shape) >= 2 for n in names)
+    ]
 
 
 def _natural(name: str) -> list:
@@ -149,7 +150,11 @@ class LayerSelection:
         if self.everything:
             return list(mods)
         if self.patterns:
-            kept = [m for m, names in mods.items() if matches(m, self.patterns) or any(matches(n, self.patterns) for n in names)]
+            kept = [
+                m
+                for m, names in mods.items()
+                if matches(m, self.patterns) or any(matches(n, self.patterns) for n in names)
+            ]
             if not kept:
                 raise UserError(
                     f"--layers {','.join(self.patterns)}: no tensor of {clean.source} matches. Modules are named "

@@ -111,8 +111,13 @@ def _open(model_path, out, pairs: Pairs, overwrite: bool) -> tuple[_Layout, Tree
     if not lay.is_dir and out.suffix != ".safetensors":
         raise UserError(f"--out {out}: the model is a single .safetensors file, so the output must be one too.")
     sig_files = [p for s, _ in pairs if Path(p := str(s.tree.source).partition("::")[0]).exists()]
-    guard_output(out, [lay.path, lay.restore if lay.restore.exists() else None, *sig_files], kind=PATCH_OUTPUT,
-                 overwrite=overwrite, side_files=() if lay.is_dir else (_sidecar(out),))
+    guard_output(
+        out,
+        [lay.path, lay.restore if lay.restore.exists() else None, *sig_files],
+        kind=PATCH_OUTPUT,
+        overwrite=overwrite,
+        side_files=() if lay.is_dir else (_sidecar(out),),
+    )
     model = load_tree(lay.path)
     if is_delta(model):
         raise UserError(f"{lay.path} is an adapter or a delta; patch a full model.")
@@ -124,7 +129,9 @@ def _open(model_path, out, pairs: Pairs, overwrite: bool) -> tuple[_Layout, Tree
             st["restore"] = False
     if rec["steps"] and rec.get("state") != content_hash(model, _union(rec["steps"])):
         # changed outside peft-lab after patching: copying the originals back would silently undo that change
-        notes.append("the patched tensors changed after patching (outside peft-lab); their kept copies are no longer used")
+        notes.append(
+            "the patched tensors changed after patching (outside peft-lab); their kept copies are no longer used"
+        )
         for st in rec["steps"]:
             st["restore"] = False
     return lay, model, rec, restore, notes
@@ -134,7 +141,9 @@ def _entries(pairs: Pairs) -> list[dict[str, Any]]:
     return [{"name": s.name, "hash": s.hash, "scale": float(a), "source": str(s.tree.source)} for s, a in pairs]
 
 
-def _finish(lay: _Layout, model: Tree, new: Tree, touched: list[str], rec: dict, restore: dict, out, overwrite: bool) -> Path:
+def _finish(
+    lay: _Layout, model: Tree, new: Tree, touched: list[str], rec: dict, restore: dict, out, overwrite: bool
+) -> Path:
     """Materialise the touched tensors, record the state hash, write weights + restore copies atomically."""
     vals = {k: Dense(new[k].dense(None)) for k in touched}
     new = new.replace((k, vals.get(k, leaf)) for k, leaf in new.items())
@@ -166,7 +175,9 @@ def _finish(lay: _Layout, model: Tree, new: Tree, touched: list[str], rec: dict,
     return out
 
 
-def patch(model_path: str | os.PathLike, pairs: Pairs, out: str | os.PathLike, *, overwrite: bool = False) -> PatchResult:
+def patch(
+    model_path: str | os.PathLike, pairs: Pairs, out: str | os.PathLike, *, overwrite: bool = False
+) -> PatchResult:
     """Write `model + Σ scale·signature` to `out`, keeping copies of the touched tensors for `unpatch`.
 
     Args:
@@ -213,7 +224,11 @@ def unpatch(
     steps = rec["steps"]
     given = Counter((s.hash, float(a)) for s, a in pairs)
     top = steps[-1] if steps else None
-    if top is not None and top["restore"] and Counter((e["hash"], float(e["scale"])) for e in top["signatures"]) == given:
+    if (
+        top is not None
+        and top["restore"]
+        and Counter((e["hash"], float(e["scale"])) for e in top["signatures"]) == given
+    ):
         new = model.replace((k, restore[f"{top['id']}/{k}"] if k in top["keys"] else leaf) for k, leaf in model.items())
         keep = {f"{st['id']}/{k}": restore[f"{st['id']}/{k}"] for st in steps[:-1] if st["restore"] for k in st["keys"]}
         rec["steps"] = steps[:-1]
@@ -228,8 +243,15 @@ def unpatch(
     lowest, unknown = len(steps), []
     for (h, a), n in given.items():
         for _ in range(n):
-            hit = next(((i, e) for i in reversed(range(len(steps))) for e in steps[i]["signatures"]
-                        if e["hash"] == h and float(e["scale"]) == a), None)
+            hit = next(
+                (
+                    (i, e)
+                    for i in reversed(range(len(steps)))
+                    for e in steps[i]["signatures"]
+                    if e["hash"] == h and float(e["scale"]) == a
+                ),
+                None,
+            )
             if hit is not None:
                 steps[hit[0]]["signatures"].remove(hit[1])
                 lowest = min(lowest, hit[0])
@@ -237,22 +259,32 @@ def unpatch(
             sig = next(s for s, x in pairs if s.hash == h and float(x) == a)
             others = [e["scale"] for st in steps for e in st["signatures"] if e["hash"] == h]
             if others and not force:
-                raise UserError(f"{sig.name} was patched into {lay.path} at scale {', '.join(f'{x:g}' for x in others)}, "
-                                f"not {a:g}; unpatch it with --scale {others[-1]:g}.")
+                raise UserError(
+                    f"{sig.name} was patched into {lay.path} at scale {', '.join(f'{x:g}' for x in others)}, "
+                    f"not {a:g}; unpatch it with --scale {others[-1]:g}."
+                )
             unknown.append(f"{sig.name} (hash {h[:12]}, scale {a:g})")
     if unknown and not force:
-        raise UserError(f"{', '.join(unknown)}: never patched into {lay.path}, whose record lists {_describe(steps)}. "
-                        "Pass the signatures and scales it lists (or --force to subtract anyway).")
+        raise UserError(
+            f"{', '.join(unknown)}: never patched into {lay.path}, whose record lists {_describe(steps)}. "
+            "Pass the signatures and scales it lists (or --force to subtract anyway)."
+        )
     if unknown:
         notes.append(f"subtracted {', '.join(unknown)} although the record does not list it (--force)")
     if not notes:
-        notes.append("subtracted, so within one rounding step of the original rather than bitwise: " + (
-            "the model has no patch record" if not steps
-            else "taken off out of patch order" if lowest < len(steps) - 1
-            else "the copies of the last patch step are missing" if not steps[-1]["restore"]
-            else "only part of the last patch step (taking off the rest later restores the original bytes)"
-        ))
-    for st in steps[lowest + 1:]:  # their copies include the signatures just subtracted
+        notes.append(
+            "subtracted, so within one rounding step of the original rather than bitwise: "
+            + (
+                "the model has no patch record"
+                if not steps
+                else "taken off out of patch order"
+                if lowest < len(steps) - 1
+                else "the copies of the last patch step are missing"
+                if not steps[-1]["restore"]
+                else "only part of the last patch step (taking off the rest later restores the original bytes)"
+            )
+        )
+    for st in steps[lowest + 1 :]:  # their copies include the signatures just subtracted
         st["restore"] = False
     rec["steps"] = [st for st in steps if st["signatures"]]
     new = apply_signatures(model, pairs, sign=-1.0)

@@ -102,8 +102,10 @@ class Signature:
 
     def __repr__(self) -> str:
         r = self.record
-        return (f"Signature({self.name!r}, {len(self.tree)} tensors, {r.get('bits')} bits, {self.nbytes} bytes, "
-                f"mode={r.get('mode')}, hash={self.hash[:12]})")
+        return (
+            f"Signature({self.name!r}, {len(self.tree)} tensors, {r.get('bits')} bits, {self.nbytes} bytes, "
+            f"mode={r.get('mode')}, hash={self.hash[:12]})"
+        )
 
 
 def _is_mul(name: str) -> bool:
@@ -228,14 +230,19 @@ def extract(
         "multiplicative": mul,
         "bits": bits,
         "scheme": {32: "float32", 16: "float16"}.get(
-            bits, f"int{bits} symmetric per-channel (dim 0), round-to-nearest, float32 scales; "
-            f"|error| <= max|x_c|/{2 * (2 ** (bits - 1) - 1)}"),
+            bits,
+            f"int{bits} symmetric per-channel (dim 0), round-to-nearest, float32 scales; "
+            f"|error| <= max|x_c|/{2 * (2 ** (bits - 1) - 1)}",
+        ),
         "max_abs_error": max_err,
         "sources": {
             "clean": {"path": str(clean.source), "hash": content_hash(clean)},
             "robust": {"path": str(robust_src.source), "hash": content_hash(robust_src)},
-            **({"pretrained": {"path": str(pretrained.source), "hash": content_hash(pretrained)}}
-               if pretrained is not None else {}),
+            **(
+                {"pretrained": {"path": str(pretrained.source), "hash": content_hash(pretrained)}}
+                if pretrained is not None
+                else {}
+            ),
         },
         "hash": _signature_hash(tree, mul),
         "tool": f"peft-lab {__version__}",
@@ -254,13 +261,16 @@ def check_fit(model: Tree, pairs: Sequence[tuple[Signature, float]]) -> None:
             if k not in model:
                 lines.append(f"{sig.name}: {k} is not in the model")
             elif tuple(model[k].shape) != tuple(leaf.shape):
-                lines.append(f"{sig.name}: {k} is {tuple(leaf.shape)} in the signature, {tuple(model[k].shape)} in the model")
+                lines.append(
+                    f"{sig.name}: {k} is {tuple(leaf.shape)} in the signature, {tuple(model[k].shape)} in the model"
+                )
             elif not model[k].dtype.is_floating_point:
                 lines.append(f"{sig.name}: {k} is {model[k].dtype} in the model, not a float tensor")
     if lines:
         raise UserError(
             f"The signature(s) do not fit {model.source} ({len(lines)} tensor(s)); a signature patches models of the "
-            "architecture it was extracted from:\n  " + "\n  ".join(lines[:40])
+            "architecture it was extracted from:\n  "
+            + "\n  ".join(lines[:40])
             + (f"\n  ... and {len(lines) - 40} more" if len(lines) > 40 else "")
         )
 
@@ -277,8 +287,10 @@ def apply_signatures(model: Tree, pairs: Sequence[tuple[Signature, float]], *, s
     for sig, scale in pairs:
         for k, op in sig.ops.items():
             if ops.setdefault(k, op) != op:
-                raise UserError(f"{k}: one signature stores it as a difference, another as a log-ratio; "
-                                "they were made by incompatible tools and cannot be composed.")
+                raise UserError(
+                    f"{k}: one signature stores it as a difference, another as a log-ratio; "
+                    "they were made by incompatible tools and cannot be composed."
+                )
             contrib.setdefault(k, []).append((sig.hash, float(scale), sig.tree[k]))
     out = {}
     for name, leaf in model.items():
@@ -300,8 +312,13 @@ def apply_signatures(model: Tree, pairs: Sequence[tuple[Signature, float]], *, s
 # ---------------------------------------------------------------------------------------------------------
 # Files and banks
 # ---------------------------------------------------------------------------------------------------------
-def save_signatures(sigs: Sequence[Signature], path: str | os.PathLike, *, overwrite: bool = False,
-                    inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+def save_signatures(
+    sigs: Sequence[Signature],
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
     """Write one signature (keys = parameter names, readable as a delta tree by `load_tree`) or a bank of
     several (keys `<name>/<param>`) as one safetensors file, atomically.
 
@@ -317,7 +334,9 @@ def save_signatures(sigs: Sequence[Signature], path: str | os.PathLike, *, overw
     names = [s.name for s in sigs]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise UserError(f"two signatures are named {', '.join(dup)}; a bank needs distinct names (extract with --name).")
+        raise UserError(
+            f"two signatures are named {', '.join(dup)}; a bank needs distinct names (extract with --name)."
+        )
     bank = len(sigs) > 1
     leaves, records = {}, {}
     for s in sigs:
@@ -336,8 +355,9 @@ def _read_file(path: Path, verify: bool) -> list[Signature]:
     tree = load_tree(path)
     raw = tree.meta.get(SIGNATURES_KEY)
     if raw is None:
-        raise UserError(f"{path}: not a signature file (no {SIGNATURES_KEY} metadata). Make one with "
-                        "`peft-lab signature extract`.")
+        raise UserError(
+            f"{path}: not a signature file (no {SIGNATURES_KEY} metadata). Make one with `peft-lab signature extract`."
+        )
     try:
         records = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -345,16 +365,22 @@ def _read_file(path: Path, verify: bool) -> list[Signature]:
     sigs = []
     for name, rec in records.items():
         if rec.get("format") != FORMAT:
-            raise UserError(f"{path}: signature {name!r} has format {rec.get('format')!r}; this peft-lab reads {FORMAT}.")
+            raise UserError(
+                f"{path}: signature {name!r} has format {rec.get('format')!r}; this peft-lab reads {FORMAT}."
+            )
         prefix = rec.get("prefix", "")
-        leaves = {k[len(prefix):]: leaf for k, leaf in tree.items() if k.startswith(prefix)}
+        leaves = {k[len(prefix) :]: leaf for k, leaf in tree.items() if k.startswith(prefix)}
         if list(leaves) != rec["keys"]:
-            raise UserError(f"{path}: signature {name!r} lists {len(rec['keys'])} tensors but the file holds "
-                            f"{len(leaves)} under its prefix; the file is corrupt.")
+            raise UserError(
+                f"{path}: signature {name!r} lists {len(rec['keys'])} tensors but the file holds "
+                f"{len(leaves)} under its prefix; the file is corrupt."
+            )
         sub = Tree(leaves, source=f"{path}::{name}" if prefix else str(path))
         if verify and _signature_hash(sub, rec.get("multiplicative", [])) != rec["hash"]:
-            raise UserError(f"{path}: the tensors of signature {name!r} do not match its recorded hash; the file "
-                            "was edited or is corrupt. Extract it again.")
+            raise UserError(
+                f"{path}: the tensors of signature {name!r} do not match its recorded hash; the file "
+                "was edited or is corrupt. Extract it again."
+            )
         sigs.append(Signature(name, sub, rec))
     return sigs
 
@@ -381,11 +407,13 @@ def resolve_signature(spec: str | os.PathLike) -> Signature:
     if name:
         hits = [x for x in sigs if x.name == name]
         if len(hits) != 1:
-            raise UserError(f"{path}: {'no' if not hits else 'several'} signature(s) named {name!r}; it holds "
-                            f"{', '.join(x.name for x in sigs)}.")
+            raise UserError(
+                f"{path}: {'no' if not hits else 'several'} signature(s) named {name!r}; it holds "
+                f"{', '.join(x.name for x in sigs)}."
+            )
         return hits[0]
     if len(sigs) > 1:
-        raise UserError(f"{path} holds {len(sigs)} signatures ({', '.join(x.name for x in sigs)}); pick one with "
-                        f"{path}::NAME.")
+        raise UserError(
+            f"{path} holds {len(sigs)} signatures ({', '.join(x.name for x in sigs)}); pick one with {path}::NAME."
+        )
     return sigs[0]
-

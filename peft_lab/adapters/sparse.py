@@ -78,7 +78,9 @@ class SparseConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.density_scope == "model" and self.density is None:
-            raise UserError("adapter.density_scope=model spreads adapter.density over the model: set adapter.density too.")
+            raise UserError(
+                "adapter.density_scope=model spreads adapter.density over the model: set adapter.density too."
+            )
         if self.selection_accumulation_steps >= self.reselection_steps:
             raise UserError(
                 "adapter.selection_accumulation_steps must be below reselection_steps, got "
@@ -201,9 +203,14 @@ class SparseFT(OwnAdapter):
         sizes = {t: model.get_submodule(t).weight.numel() for t in targets}
         total = max(1, round(self.config.density * n_model))
         budgets = {t: min(n, max(1, round(total * n / sum(sizes.values())))) for t, n in sizes.items()}
-        log.info("sparse: density %.4g of %d model parameters = %d entries over %d target layers (%.3g%% of them)",
-                 self.config.density, n_model, sum(budgets.values()), len(budgets),
-                 100 * sum(budgets.values()) / sum(sizes.values()))  # fmt: skip
+        log.info(
+            "sparse: density %.4g of %d model parameters = %d entries over %d target layers (%.3g%% of them)",
+            self.config.density,
+            n_model,
+            sum(budgets.values()),
+            len(budgets),
+            100 * sum(budgets.values()) / sum(sizes.values()),
+        )
         return budgets
 
     def attach(self, model: nn.Module) -> nn.Module:

@@ -18,8 +18,13 @@ from peft_lab.errors import UserError
 __all__ = ["HFDataset"]
 
 _FILE_BUILDERS = {
-    ".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text",
-}  # fmt: skip
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
 
 
 @DATASETS.register("hf")

@@ -55,8 +55,13 @@ def _check_targets(model: torch.nn.Module, patterns: list[str] | None, what: str
     names = [n for n, _ in model.named_modules() if n]
     bad = [p for p in patterns if not any(matches(n, p) for n in names)]
     if bad:
-        leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if n and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding))})
+        leaves = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if n and isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding))
+            }
+        )
         raise UserError(
             f"{what}: {', '.join(map(repr, bad))} match(es) no module of {type(model).__name__}. Its layer names "
             f"end in: {', '.join(leaves[:40])}{' ...' if len(leaves) > 40 else ''} (patterns match dotted suffixes, "
@@ -118,7 +123,11 @@ def _local_inputs(run: RunConfig) -> list[str]:
             return [v]
         return [x for item in v for x in flat(item)]
 
-    values = [getattr(run.model, "path", None), getattr(run.data, "path", None), *flat(getattr(run.data, "data_files", None))]
+    values = [
+        getattr(run.model, "path", None),
+        getattr(run.data, "path", None),
+        *flat(getattr(run.data, "data_files", None)),
+    ]
     return [str(v) for v in values if isinstance(v, (str, os.PathLike)) and str(v) and Path(v).expanduser().exists()]
 
 
@@ -172,9 +181,21 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
     from accelerate.utils import set_seed
 
     set_seed(run.seed)
-    res = fit(accelerator=accelerator, module=module, trainable=trainable, task=task, train_ds=splits["train"],
-              val_ds=splits["validation"], test_ds=splits.get("test"), cfg=run.trainer, seed=run.seed, out_dir=out,
-              open_session=open_session, adapter=adapter, fingerprint=run.fingerprint())  # fmt: skip
+    res = fit(
+        accelerator=accelerator,
+        module=module,
+        trainable=trainable,
+        task=task,
+        train_ds=splits["train"],
+        val_ds=splits["validation"],
+        test_ds=splits.get("test"),
+        cfg=run.trainer,
+        seed=run.seed,
+        out_dir=out,
+        open_session=open_session,
+        adapter=adapter,
+        fingerprint=run.fingerprint(),
+    )
     accelerator.wait_for_everyone()
     metrics = _metrics(run, res, task, accelerator.num_processes, n_train, n_total)
     if main:
@@ -236,9 +257,16 @@ def _parameter_counts(run: RunConfig, module, trainable: dict, total_before: int
     n_train = sum(p.numel() for p in trainable.values())
     n_total = sum(p.numel() for p in module.parameters())
     n_total += sum(p.numel() for p in trainable.values() if not any(p is q for q in module.parameters()))
-    log.info("%s on %s with adapter=%s: %d trainable of %d parameters (%.3f%%); base model %d", run.model_name,
-             run.data_name, run.adapter_name, n_train, n_total, 100 * n_train / max(n_total, 1),
-             total_before)  # fmt: skip
+    log.info(
+        "%s on %s with adapter=%s: %d trainable of %d parameters (%.3f%%); base model %d",
+        run.model_name,
+        run.data_name,
+        run.adapter_name,
+        n_train,
+        n_total,
+        100 * n_train / max(n_total, 1),
+        total_before,
+    )
     return n_train, n_total
 
 

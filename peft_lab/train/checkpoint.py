@@ -72,9 +72,20 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, torch.Tensor], optimizer, scheduler,
-                    state: dict[str, Any], adapter_state: dict[str, Any] | None = None, rank: int = 0,
-                    is_main: bool = True, keep: int = 1, barrier=lambda: None) -> Path:
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    tensors: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    state: dict[str, Any],
+    adapter_state: dict[str, Any] | None = None,
+    rank: int = 0,
+    is_main: bool = True,
+    keep: int = 1,
+    barrier=lambda: None,
+) -> Path:
     """Write checkpoint `step` under `root` atomically and prune all but the newest `keep`.
 
     Every process calls this (each saves its RNG state); only `is_main` writes the shared files. `barrier`
@@ -104,8 +115,17 @@ def save_checkpoint(root: str | Path, step: int, *, tensors: dict[str, torch.Ten
     return final
 
 
-def load_checkpoint(path: str | Path, *, module: torch.nn.Module, extra: dict[str, torch.Tensor], optimizer,
-                    scheduler, adapter=None, rank: int = 0, fingerprint: str | None = None) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    module: torch.nn.Module,
+    extra: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    adapter=None,
+    rank: int = 0,
+    fingerprint: str | None = None,
+) -> dict[str, Any]:
     """Restore a checkpoint into `module` (trained parameters + buffers, by state_dict name), `extra` (trained tensors
     that are not module parameters), the optimizer, the scheduler, the adapter's training state and this
     process's RNGs; returns state.json."""

@@ -62,8 +62,9 @@ def compose_jobs(overrides: list[str], multirun: bool) -> list[Any]:
     RunConfigs. Raises UserError for the first job that does not compose or validate."""
     from peft_lab.train.config import resolve
 
-    return compose_all("train", overrides, multirun, lambda cfg: resolve(cfg, dict(cfg.hydra.runtime.choices)),
-                       job_name="train")  # fmt: skip
+    return compose_all(
+        "train", overrides, multirun, lambda cfg: resolve(cfg, dict(cfg.hydra.runtime.choices)), job_name="train"
+    )
 
 
 def _job(cfg) -> dict:

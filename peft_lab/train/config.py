@@ -132,6 +132,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able: every group as {"name": key, **all its fields} (what config.yaml and W&B record)."""
+
         def node(name, obj):
             return {"name": name, **dataclasses.asdict(obj)} if name else dataclasses.asdict(obj)
 
@@ -149,8 +150,18 @@ class RunConfig:
         resumes only a run with the same fingerprint."""
         d = self.to_dict()
         d.pop("logger")
-        for k in ("resume", "progress", "log_every", "eval_every", "save_every", "keep_checkpoints", "num_workers",
-                  "num_threads", "eval_batch_size", "save_base_model"):
+        for k in (
+            "resume",
+            "progress",
+            "log_every",
+            "eval_every",
+            "save_every",
+            "keep_checkpoints",
+            "num_workers",
+            "num_threads",
+            "eval_batch_size",
+            "save_base_model",
+        ):
             d["trainer"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -172,9 +172,18 @@ class WandbLogger(Logger):
         run_id = (state or {}).get("wandb_id") or secrets.token_hex(4)
         settings = wandb.Settings(silent=True, console="off", disable_git=True, save_code=False, x_disable_stats=True)
         run = wandb.init(
-            project=self.project, entity=self.entity, group=self.group, tags=list(self.tags) or None,
-            name=self.run_name, dir=str(run_dir), config=config, mode=mode, id=run_id, resume="allow",
-            reinit="finish_previous", settings=settings,
+            project=self.project,
+            entity=self.entity,
+            group=self.group,
+            tags=list(self.tags) or None,
+            name=self.run_name,
+            dir=str(run_dir),
+            config=config,
+            mode=mode,
+            id=run_id,
+            resume="allow",
+            reinit="finish_previous",
+            settings=settings,
         )
         return _WandbSession(run, run_id)
 

@@ -55,9 +55,15 @@ def build_optimizer(params: dict[str, torch.nn.Parameter], cfg: TrainerConfig) -
     rest = [p for p in params.values() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    log.info("optimizer: AdamW lr=%g; %d tensors (%d values) with weight decay %g, %d tensors (%d values) without",
-             cfg.lr, len(decay), sum(p.numel() for p in decay), cfg.weight_decay, len(rest),
-             sum(p.numel() for p in rest))  # fmt: skip
+    log.info(
+        "optimizer: AdamW lr=%g; %d tensors (%d values) with weight decay %g, %d tensors (%d values) without",
+        cfg.lr,
+        len(decay),
+        sum(p.numel() for p in decay),
+        cfg.weight_decay,
+        len(rest),
+        sum(p.numel() for p in rest),
+    )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
 
 
@@ -97,9 +103,22 @@ def evaluate(accelerator, module, task, ds, batch_size: int) -> dict[str, float]
     return task.finalize({k: float(v) for k, v in sums.items()})
 
 
-def fit(*, accelerator, module, trainable: dict[str, torch.nn.Parameter], task, train_ds, val_ds, test_ds,
-        cfg: TrainerConfig, seed: int, out_dir: Path, open_session, adapter=None,
-        fingerprint: str | None = None) -> FitResult:  # fmt: skip
+def fit(
+    *,
+    accelerator,
+    module,
+    trainable: dict[str, torch.nn.Parameter],
+    task,
+    train_ds,
+    val_ds,
+    test_ds,
+    cfg: TrainerConfig,
+    seed: int,
+    out_dir: Path,
+    open_session,
+    adapter=None,
+    fingerprint: str | None = None,
+) -> FitResult:
     """Train `module` (whose trainable parameters are `trainable`) for `cfg.max_steps` optimizer steps, resuming from
     the newest checkpoint in `out_dir/checkpoints` when there is one (and `cfg.resume`), then evaluate.
 
@@ -107,8 +126,21 @@ def fit(*, accelerator, module, trainable: dict[str, torch.nn.Parameter], task, 
     optimizer = build_optimizer(trainable, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     module, optimizer = accelerator.prepare(module, optimizer)
-    loop = _Loop(accelerator, module, accelerator.unwrap_model(module), trainable, optimizer, scheduler, task, cfg,
-                 out_dir, val_ds, test_ds, adapter, fingerprint)  # fmt: skip
+    loop = _Loop(
+        accelerator,
+        module,
+        accelerator.unwrap_model(module),
+        trainable,
+        optimizer,
+        scheduler,
+        task,
+        cfg,
+        out_dir,
+        val_ds,
+        test_ds,
+        adapter,
+        fingerprint,
+    )
     loop.resume()
     loop.session = open_session(loop.state.step, loop.state.logger)
     loop.state.logger = loop.session.state()
@@ -121,9 +153,16 @@ def _loader(train_ds, task, cfg: TrainerConfig, seed: int, accelerator, step: in
     """The training batches of this process from optimizer step `step` on (the same stream after a resume)."""
     return torch.utils.data.DataLoader(
         Columnar(train_ds),
-        batch_sampler=ResumableBatches(len(train_ds), cfg.batch_size, seed, accelerator.process_index,
-                                       accelerator.num_processes, start=step * cfg.grad_accum),  # fmt: skip
-        collate_fn=task.collate, num_workers=cfg.num_workers,
+        batch_sampler=ResumableBatches(
+            len(train_ds),
+            cfg.batch_size,
+            seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+            start=step * cfg.grad_accum,
+        ),
+        collate_fn=task.collate,
+        num_workers=cfg.num_workers,
         # its own generator: creating an iterator would otherwise draw from the global RNG, which a resumed run
         # has just restored, and shift every later dropout mask
         generator=torch.Generator().manual_seed(seed),
@@ -133,8 +172,9 @@ def _loader(train_ds, task, cfg: TrainerConfig, seed: int, accelerator, step: in
 def _final_metrics(final: dict[str, float], has_test: bool) -> dict[str, float]:
     """eval_* from test (validation if there is no test split) and generated samples, val_* from validation."""
     split = "test" if has_test else "val"
-    metrics: dict[str, Any] = {f"eval_{k.split('/', 1)[1]}": v for k, v in final.items()
-                               if k.startswith((f"{split}/", "gen/"))}  # fmt: skip
+    metrics: dict[str, Any] = {
+        f"eval_{k.split('/', 1)[1]}": v for k, v in final.items() if k.startswith((f"{split}/", "gen/"))
+    }
     metrics.update({f"val_{k.split('/', 1)[1]}": v for k, v in final.items() if k.startswith("val/")})
     metrics["eval_split"] = "test" if has_test else "validation"
     return metrics
@@ -171,9 +211,16 @@ class _Loop:
         ckpt = latest_checkpoint(self.ckpt_root) if self.cfg.resume else None
         if ckpt is None:
             return
-        saved = load_checkpoint(ckpt, module=self.raw, extra=self.extra, optimizer=self.optimizer,
-                                scheduler=self.scheduler, adapter=self.adapter,
-                                rank=self.accelerator.process_index, fingerprint=self.fingerprint)  # fmt: skip
+        saved = load_checkpoint(
+            ckpt,
+            module=self.raw,
+            extra=self.extra,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            adapter=self.adapter,
+            rank=self.accelerator.process_index,
+            fingerprint=self.fingerprint,
+        )
         self.state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         log.info("resumed from %s (step %d of %d)", ckpt, self.state.step, self.cfg.max_steps)
 
@@ -185,10 +232,19 @@ class _Loop:
         tensors = {k: v for k, v in sd.items() if k in train_names or k in buffers}
         tensors.update({k: p.detach() for k, p in self.extra.items()})
         adapter_state = self.adapter.training_state() if hasattr(self.adapter, "training_state") else None
-        save_checkpoint(self.ckpt_root, state.step, tensors=tensors, optimizer=self.optimizer,
-                        scheduler=self.scheduler, state={**state.__dict__, "fingerprint": self.fingerprint},
-                        adapter_state=adapter_state, rank=acc.process_index, is_main=acc.is_main_process,
-                        keep=self.cfg.keep_checkpoints, barrier=acc.wait_for_everyone)  # fmt: skip
+        save_checkpoint(
+            self.ckpt_root,
+            state.step,
+            tensors=tensors,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            state={**state.__dict__, "fingerprint": self.fingerprint},
+            adapter_state=adapter_state,
+            rank=acc.process_index,
+            is_main=acc.is_main_process,
+            keep=self.cfg.keep_checkpoints,
+            barrier=acc.wait_for_everyone,
+        )
 
     def run_eval(self, final: bool = False) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -246,12 +302,21 @@ class _Loop:
         """The mean training loss since the last log (and the LR, the epoch) to the logger, and without a
         progress bar to the log."""
         cfg, state, world = self.cfg, self.state, self.accelerator.num_processes
-        row = {"train/loss": sum(window) / len(window), "train/lr": self.scheduler.get_last_lr()[0],
-               "train/epoch": state.step * cfg.grad_accum * cfg.batch_size * world / n_train}  # fmt: skip
+        row = {
+            "train/loss": sum(window) / len(window),
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/epoch": state.step * cfg.grad_accum * cfg.batch_size * world / n_train,
+        }
         self.session.log(row, state.step)
         if bar.disable and self.accelerator.is_main_process:  # no bar (not a terminal): progress goes to the log
-            log.info("step %d/%d: loss %.4f, lr %.3g, %.2f s/step", state.step, cfg.max_steps, row["train/loss"],
-                     row["train/lr"], state.train_seconds / state.step)  # fmt: skip
+            log.info(
+                "step %d/%d: loss %.4f, lr %.3g, %.2f s/step",
+                state.step,
+                cfg.max_steps,
+                row["train/loss"],
+                row["train/lr"],
+                state.train_seconds / state.step,
+            )
         window.clear()
 
     def train(self, loader, n_train: int) -> None:
@@ -263,8 +328,9 @@ class _Loop:
         self.module.train()
         # progress=None: tqdm decides (shown on a terminal only)
         disable = True if not self.accelerator.is_main_process else (None if cfg.progress is None else not cfg.progress)
-        bar = tqdm(total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=disable)  # fmt: skip
+        bar = tqdm(
+            total=cfg.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=disable
+        )
         window: list[float] = []
         batches = iter(loader)
         while state.step < cfg.max_steps:

@@ -33,13 +33,15 @@ def summarize(sweep_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     """(Markdown table, rows) for every job dir under `sweep_dir` (a dir with `.hydra/overrides.yaml`)."""
     root = Path(sweep_dir)
     rows = []
+
     def order(p: Path) -> tuple[int, str]:  # by job number (the `N_` Hydra puts in front), then name
         num = p.name.split("_", 1)[0]
         return (int(num) if num.isdigit() else 1 << 30, p.name)
 
     jobs = sorted((p for p in root.iterdir() if (p / ".hydra" / "overrides.yaml").exists()), key=order)
-    per_job = [[o.lstrip("+") for o in yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text()) or []]
-               for j in jobs]  # fmt: skip
+    per_job = [
+        [o.lstrip("+") for o in yaml.safe_load((j / ".hydra" / "overrides.yaml").read_text()) or []] for j in jobs
+    ]
     common = [o for o in per_job[0] if all(o in p for p in per_job)] if per_job else []
     for job, overrides in zip(jobs, per_job, strict=True):
         m_path = job / "metrics.json"

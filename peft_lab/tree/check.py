@@ -31,9 +31,7 @@ def mismatches(
         extra = [n for n in tree if n not in ref_names]
         missing = [] if allow_subset else [n for n in reference if n not in names]
         if extra:
-            lines.append(
-                f"{label}: {len(extra)} tensor(s) not in {reference.source}: {_few(extra)}"
-            )
+            lines.append(f"{label}: {len(extra)} tensor(s) not in {reference.source}: {_few(extra)}")
         if missing:
             lines.append(f"{label}: {len(missing)} tensor(s) of {reference.source} missing: {_few(missing)}")
         for n in tree:

@@ -86,18 +86,26 @@ def guard_output(
     for label, inp in _inputs(inputs):
         where = f"the input {label}" + (f" (that is, {inp})" if str(inp) != str(label) else "")
         if target == inp:
-            raise UserError(f"{what} {out} is {where}; writing it would replace that input. Inputs are never "
-                            "modified: choose another output path.")
+            raise UserError(
+                f"{what} {out} is {where}; writing it would replace that input. Inputs are never "
+                "modified: choose another output path."
+            )
         if inp in target.parents:
-            raise UserError(f"{what} {out} is inside {where}; writing it would change that input. Inputs are never "
-                            "modified: choose an output path outside every input.")
+            raise UserError(
+                f"{what} {out} is inside {where}; writing it would change that input. Inputs are never "
+                "modified: choose an output path outside every input."
+            )
         if replaces and target in inp.parents:
-            raise UserError(f"{what} {out} contains {where}; writing the output there replaces {out} as a whole and "
-                            "would delete that input. Choose an output path that holds none of the inputs.")
+            raise UserError(
+                f"{what} {out} contains {where}; writing the output there replaces {out} as a whole and "
+                "would delete that input. Choose an output path that holds none of the inputs."
+            )
         for s in sides:
             if s == inp or inp in s.parents:
-                raise UserError(f"{what} {out} would also write {s}, which is {where}. Inputs are never modified: "
-                                "choose another output path.")
+                raise UserError(
+                    f"{what} {out} would also write {s}, which is {where}. Inputs are never modified: "
+                    "choose another output path."
+                )
     if replaces:
         for p in [target, *sides]:
             check_replaceable(p, kind=kind, overwrite=overwrite, what=what)
@@ -124,8 +132,10 @@ def check_replaceable(path: Path, *, kind: str, overwrite: bool, what: str = "")
             if not any(path.iterdir()):
                 return
         if not overwrite:
-            raise UserError(f"{path} already exists and is not empty. Choose another output path, or pass {OVERWRITE} "
-                            "to replace it.")
+            raise UserError(
+                f"{path} already exists and is not empty. Choose another output path, or pass {OVERWRITE} "
+                "to replace it."
+            )
     elif path.exists() or path.is_symlink():
         if not overwrite:
             raise UserError(f"{path} already exists. Choose another path, or pass {OVERWRITE} to replace it.")
@@ -160,6 +170,7 @@ def atomic_output_dir(out: PathLike, *, kind: str, overwrite: bool = False) -> I
     tmp = _new_dir(out.parent, f".{out.name}.tmp-")
     prev_term = None
     if threading.current_thread() is threading.main_thread():
+
         def _on_term(signum, frame):
             raise KeyboardInterrupt(f"signal {signum}")
 
@@ -171,7 +182,9 @@ def atomic_output_dir(out: PathLike, *, kind: str, overwrite: bool = False) -> I
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise UserError(f"Disk full while writing {out} ({e.filename or tmp}); nothing was written. Free space and run again.") from None
+            raise UserError(
+                f"Disk full while writing {out} ({e.filename or tmp}); nothing was written. Free space and run again."
+            ) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

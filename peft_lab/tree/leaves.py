@@ -12,8 +12,8 @@ Structured deltas (`LowRank`, `Kronecker`, `Sparse`, `LDU`) also round-trip thro
 `factors()` / `meta()` / `Leaf.from_factors(kind, factors, meta)`: a leaf named `p` is stored as the keys
 `p.<factor>` and its kind + meta go into the safetensors header (see `peft_lab.tree.save`).
 
-`Lazy` is file-backed (a tensor of a safetensors file, read into memory on demand) and `Thunk` is a computation over other
-leaves that runs only when `dense()` is called: `tree.ops.delta` and `tree.ops.tree_map` return thunks, so
+`Lazy` is file-backed (a tensor of a safetensors file, read into memory on demand) and `Thunk` is a computation
+over other leaves that runs only when `dense()` is called: `tree.ops.delta` and `tree.ops.tree_map` return thunks, so
 building a task-vector tree reads nothing, and a merge streams tensor by tensor.
 """
 
@@ -288,7 +288,8 @@ class Sparse(Leaf):
     def __init__(self, indices: torch.Tensor, values: torch.Tensor, shape: Sequence[int]):
         if indices.dim() != 1 or values.dim() != 1 or indices.numel() != values.numel():
             raise ValueError(
-                f"Sparse needs 1-D indices and values of equal length, got {tuple(indices.shape)} and {tuple(values.shape)}"
+                "Sparse needs 1-D indices and values of equal length, "
+                f"got {tuple(indices.shape)} and {tuple(values.shape)}"
             )
         if indices.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"Sparse indices must be int32 or int64, got {indices.dtype}")

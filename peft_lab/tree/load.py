@@ -123,7 +123,7 @@ def load_model_dir(model_dir: str | os.PathLike) -> Tree:
 def _pickle_message(path: Path) -> str:
     return (
         f"{path} is a pickle file; loading it can execute arbitrary code, so peft-lab refuses it. Convert it to "
-        "safetensors once, from a source you trust: `python -c \"import torch, safetensors.torch as st; "
+        'safetensors once, from a source you trust: `python -c "import torch, safetensors.torch as st; '
         f"st.save_file(torch.load('{path}', weights_only=True), '{path.with_suffix('.safetensors')}')\"` "
         "(for a transformers model: `AutoModel.from_pretrained(dir).save_pretrained(dir, "
         "safe_serialization=True)`), or pass allow_pickle=true to load it anyway."
@@ -188,7 +188,11 @@ def load_own_adapter_dir(adapter_dir: str | os.PathLike, *, base: Tree | None = 
     names = set(base) if base is not None else None
     leaves = {_resolve(k, names, str(d)): leaf for k, leaf in raw.items()}
     if base is not None:
-        bad = [f"{k} {tuple(v.shape)} vs base {tuple(base[k].shape)}" for k, v in leaves.items() if tuple(v.shape) != tuple(base[k].shape)]
+        bad = [
+            f"{k} {tuple(v.shape)} vs base {tuple(base[k].shape)}"
+            for k, v in leaves.items()
+            if tuple(v.shape) != tuple(base[k].shape)
+        ]
         if bad:
             raise UserError(f"{d}: the adapter's deltas do not fit the base model: {'; '.join(bad[:10])}.")
     return Tree(leaves, source=str(d), meta={**raw.meta, TREE_KIND_KEY: "delta"})
@@ -198,9 +202,13 @@ def load_own_adapter_dir(adapter_dir: str | os.PathLike, *, base: Tree | None = 
 # PEFT adapter dirs -> delta trees
 # ---------------------------------------------------------------------------------------------------------
 _PEFT_PREFIX = "base_model.model."
-_LORA_RX = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?\.(?P<p>weight|bias)$")
+_LORA_RX = re.compile(
+    r"^(?P<mod>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?\.(?P<p>weight|bias)$"
+)
 _LORA_EMB_RX = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)(\.[^.]+)?$")
-_LOKR_RX = re.compile(r"^(?P<mod>.+)\.(?P<part>lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a|lokr_w2_b|lokr_t2)(\.[^.]+)?$")
+_LOKR_RX = re.compile(
+    r"^(?P<mod>.+)\.(?P<part>lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a|lokr_w2_b|lokr_t2)(\.[^.]+)?$"
+)
 
 
 def _pattern_value(module: str, patterns: Mapping[str, Any], default: Any) -> Any:
@@ -274,7 +282,10 @@ def _peft_config(d: Path) -> dict[str, Any]:
     if kind not in ("LORA", "LOKR"):
         raise UserError(f"{d}: PEFT adapter type {kind!r} is not supported as a delta tree (LORA and LOKR are).")
     if cfg.get("use_dora"):
-        raise UserError(f"{d}: DoRA adapters are not plain deltas (their magnitude depends on the base); merge them with PEFT first.")
+        raise UserError(
+            f"{d}: DoRA adapters are not plain deltas (their magnitude depends on the base); "
+            "merge them with PEFT first."
+        )
     return cfg
 
 
@@ -305,8 +316,16 @@ def _peft_groups(raw: Tree, kind: str) -> tuple[dict[str, dict[str, torch.Tensor
     return groups, full
 
 
-def _add_lora(leaves: dict[str, Leaf], mod: str, parts: dict[str, torch.Tensor], scale: float, fan_in_fan_out: bool,
-              base: Tree | None, base_names: set[str] | None, where: str) -> None:
+def _add_lora(
+    leaves: dict[str, Leaf],
+    mod: str,
+    parts: dict[str, torch.Tensor],
+    scale: float,
+    fan_in_fan_out: bool,
+    base: Tree | None,
+    base_names: set[str] | None,
+    where: str,
+) -> None:
     if "lora_embedding_A" in parts:  # A (r, num), B (dim, r); weight (num, dim) = (B A)^T
         leaf = LowRank(parts["lora_embedding_A"].T, parts["lora_embedding_B"].T, scale)
     else:
@@ -321,14 +340,22 @@ def _add_lora(leaves: dict[str, Leaf], mod: str, parts: dict[str, torch.Tensor],
     if base is not None and tuple(base[wname].shape) != tuple(leaf.shape):
         if leaf.numel != base[wname].numel:
             raise UserError(
-                f"{where}: the delta for {wname} has shape {tuple(leaf.shape)} but the base has {tuple(base[wname].shape)}."
+                f"{where}: the delta for {wname} has shape {tuple(leaf.shape)} "
+                f"but the base has {tuple(base[wname].shape)}."
             )
         leaf = LowRank(leaf.B, leaf.A, leaf.scale, base[wname].shape)  # conv LoRA: (out, in, k, k)
     leaves[wname] = leaf
 
 
-def _add_lokr(leaves: dict[str, Leaf], mod: str, parts: dict[str, torch.Tensor], scale: float,
-              base: Tree | None, base_names: set[str] | None, where: str) -> None:
+def _add_lokr(
+    leaves: dict[str, Leaf],
+    mod: str,
+    parts: dict[str, torch.Tensor],
+    scale: float,
+    base: Tree | None,
+    base_names: set[str] | None,
+    where: str,
+) -> None:
     if "lokr_t2" in parts:
         raise UserError(f"{where}: LoKr with use_effective_conv2d (Tucker factor) is not supported as a delta tree.")
     w1 = parts["lokr_w1"] if "lokr_w1" in parts else parts["lokr_w1_a"] @ parts["lokr_w1_b"]

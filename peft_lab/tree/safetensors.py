@@ -262,14 +262,17 @@ class TensorReader:
         self._fill(f, key, pos + start * dtype.itemsize, memoryview(raw.numpy()))
         return raw.view(dtype).float()
 
-    def read_tensor(self, path: str | os.PathLike, key: str, dtype: torch.dtype | None = None,
-                    shape: Sequence[int] | None = None) -> torch.Tensor:
+    def read_tensor(
+        self, path: str | os.PathLike, key: str, dtype: torch.dtype | None = None, shape: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """The whole tensor, in its stored dtype and shape (a fresh tensor); `dtype`/`shape`, when given, must be
         what the file holds (they are what the caller opened it as)."""
         f, key, pos, stored, file_shape = self._locate((path, key, dtype))
         if shape is not None and tuple(shape) != tuple(file_shape):
-            raise UserError(f"{f.path}: tensor {key!r} has shape {tuple(file_shape)} in the file but was opened as "
-                            f"{tuple(shape)} (was the file rewritten since it was opened?).")
+            raise UserError(
+                f"{f.path}: tensor {key!r} has shape {tuple(file_shape)} in the file but was opened as "
+                f"{tuple(shape)} (was the file rewritten since it was opened?)."
+            )
         raw = torch.empty(nbytes(stored, file_shape), dtype=torch.uint8)
         self._fill(f, key, pos, memoryview(raw.numpy()))
         return raw.view(stored).reshape(tuple(file_shape))
@@ -296,8 +299,9 @@ _PREADV = hasattr(os, "preadv")
 _SHARED = TensorReader(max_open=32, revalidate=True)
 
 
-def read_tensor(path: str | os.PathLike, key: str, dtype: torch.dtype | None = None,
-                shape: Sequence[int] | None = None) -> torch.Tensor:
+def read_tensor(
+    path: str | os.PathLike, key: str, dtype: torch.dtype | None = None, shape: Sequence[int] | None = None
+) -> torch.Tensor:
     """One whole tensor of a safetensors file (see `TensorReader.read_tensor`), through the shared reader."""
     return _SHARED.read_tensor(path, key, dtype, shape)
 
@@ -326,7 +330,11 @@ def write_safetensors(
     offset = 0
     for key, dtype, shape, _ in entries:
         n = nbytes(dtype, shape)
-        header[key] = {"dtype": TORCH_TO_ST[dtype], "shape": [int(s) for s in shape], "data_offsets": [offset, offset + n]}
+        header[key] = {
+            "dtype": TORCH_TO_ST[dtype],
+            "shape": [int(s) for s in shape],
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header to 8-byte alignment

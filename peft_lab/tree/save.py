@@ -32,11 +32,19 @@ def parse_size(size: int | str | None) -> int | None:
     m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(size), re.I)
     if not m:
         raise UserError(f"max_shard_size: cannot read {size!r} (use e.g. '5GB' or '500MB').")
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     return int(float(m.group(1)) * units[(m.group(2) or "").upper()])
-
-
 
 
 def _leaf_entries(name: str, leaf: Leaf, dtype: torch.dtype | None) -> tuple[list[Entry], dict[str, Any] | None]:
@@ -121,7 +129,10 @@ def save_tree(
         for key, dt, shape, _ in shard:
             weight_map[key] = f.name
             total += nbytes(dt, shape)
-    index = {"metadata": {"total_size": total, **{k: v for k, v in meta.items() if k != LEAVES_KEY}}, "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": total, **{k: v for k, v in meta.items() if k != LEAVES_KEY}},
+        "weight_map": weight_map,
+    }
     (path / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return files
 

@@ -1,4 +1,5 @@
-"""Sparse adapter specifics: budget, selection strategies, the kernel path, SpIEL grow/drop (docs/adapters.md#sparse)."""
+"""Sparse adapter specifics: budget, selection strategies, the kernel path, SpIEL grow/drop
+(docs/adapters.md#sparse)."""
 
 from __future__ import annotations
 
@@ -103,7 +104,6 @@ def test_forward_and_value_gradient_match_dense_reference():
     assert layer.base_layer.weight.grad is None
 
 
-
 def test_adapter_forward_is_the_delta_output():
     torch.manual_seed(0)
     model = MLP()
@@ -113,6 +113,7 @@ def test_adapter_forward_is_the_delta_output():
     x = torch.randn(2, 5, 33)
     with torch.no_grad():
         torch.testing.assert_close(layer.adapter_forward(x), layer(x) - layer.base_layer(x), rtol=1e-5, atol=1e-6)
+
 
 def test_reselection_rate_schedule():
     assert reselection_rate(5, 100, True, 0.2, "linear") == 1.0

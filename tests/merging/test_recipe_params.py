@@ -31,8 +31,10 @@ def fisher_files(tmp_path):
 
 
 def _fisher_recipe(root: Path, heads) -> dict:
-    models = [{"model": str(root / f"m{j}.safetensors"), "parameters": {"fisher": str(root / f"f{j}.safetensors")}}
-              for j in range(2)]  # fmt: skip
+    models = [
+        {"model": str(root / f"m{j}.safetensors"), "parameters": {"fisher": str(root / f"f{j}.safetensors")}}
+        for j in range(2)
+    ]
     return {"merge_method": "fisher", "models": models, "parameters": {"heads": heads}}
 
 
@@ -55,8 +57,10 @@ def test_a_string_heads_is_one_pattern_in_a_yaml_recipe(fisher_files, tmp_path):
 
 def test_a_string_heads_is_one_pattern_in_the_hydra_form(fisher_files, tmp_path, monkeypatch):
     monkeypatch.chdir(fisher_files)
-    models = "models=[{model: m0.safetensors, parameters: {fisher: f0.safetensors}}," \
-             "{model: m1.safetensors, parameters: {fisher: f1.safetensors}}]"  # fmt: skip
+    models = (
+        "models=[{model: m0.safetensors, parameters: {fisher: f0.safetensors}},"
+        "{model: m1.safetensors, parameters: {fisher: f1.safetensors}}]"
+    )
     assert merge_main(["method=fisher", models, f"out={tmp_path / 'h'}", "method.heads=classifier.*"]) == 0
     expected = _merged(run_merge(_fisher_recipe(fisher_files, ["classifier.*"]), tmp_path / "l"))
     merged = _merged(tmp_path / "h")
@@ -67,8 +71,12 @@ def test_a_string_heads_is_one_pattern_in_the_hydra_form(fisher_files, tmp_path,
 
 def _recipe(method: str, **parameters) -> dict:
     """A recipe over input paths that do not exist: a parameter error must come before any file is read."""
-    return {"merge_method": method, "base_model": "/no/base", "parameters": parameters,
-            "models": [{"model": "/no/m0"}, {"model": "/no/m1"}]}  # fmt: skip
+    return {
+        "merge_method": method,
+        "base_model": "/no/base",
+        "parameters": parameters,
+        "models": [{"model": "/no/m0"}, {"model": "/no/m1"}],
+    }
 
 
 @pytest.mark.parametrize(
@@ -93,8 +101,10 @@ def test_wrong_types_are_refused_while_parsing(tmp_path, method, parameters, mat
 
 def test_numeric_strings_from_yaml_are_numbers(tmp_path):
     rec = tmp_path / "r.yaml"
-    rec.write_text("merge_method: adamerging\nbase_model: b\nmodels: [m0, m1]\n"
-                   "parameters: {lr: 1e-3, density: 5e-1, steps: '12'}\n")  # fmt: skip
+    rec.write_text(
+        "merge_method: adamerging\nbase_model: b\nmodels: [m0, m1]\n"
+        "parameters: {lr: 1e-3, density: 5e-1, steps: '12'}\n"
+    )
     assert yaml.safe_load(rec.read_text())["parameters"]["lr"] == "1e-3"  # what PyYAML hands over
     p = load_recipe(rec).method.params
     assert (p.lr, p.density, p.steps) == (1e-3, 0.5, 12)

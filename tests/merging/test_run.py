@@ -40,8 +40,12 @@ def weights(d: Path) -> dict[str, torch.Tensor]:
 
 
 def recipe(method, base, models, params=None, per_model=None, **kw):
-    r = {"merge_method": method, "models": [{"model": str(m), "parameters": (per_model or {})} for m in models],
-         "parameters": params or {}, **kw}  # fmt: skip
+    r = {
+        "merge_method": method,
+        "models": [{"model": str(m), "parameters": (per_model or {})} for m in models],
+        "parameters": params or {},
+        **kw,
+    }
     if base is not None:
         r["base_model"] = str(base)
     return r
@@ -64,8 +68,13 @@ def test_cli_merge_is_an_hf_model_dir_with_its_recipe(llama, tmp_path, cli):
 
     # an HF dir: config + tokenizer files from the base, shards + index, recipe
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "tokenizer_config.json", "special_tokens_map.json", "model.safetensors.index.json",
-            "merge_recipe.yaml"} <= names  # fmt: skip
+    assert {
+        "config.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "model.safetensors.index.json",
+        "merge_recipe.yaml",
+    } <= names
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 1
     assert not list(tmp_path.glob(".out.tmp-*"))
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -102,15 +111,35 @@ def test_yaml_and_hydra_forms_give_identical_bytes(llama, tmp_path, monkeypatch)
     base, fts = llama
     monkeypatch.chdir(base.parent)
     rec = tmp_path / "r.yaml"
-    rec.write_text(yaml.safe_dump({
-        "merge_method": "dare_ties", "base_model": "base", "dtype": "float16",
-        "models": [{"model": "ft0", "parameters": {"weight": 1.0}}, {"model": "ft1", "parameters": {"weight": 0.5}}],
-        "parameters": {"density": 0.4, "rescale": "keep_rate", "seed": 3, "lambda": 1.0,
-                       "normalize": False}}))  # fmt: skip
+    rec.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "dare_ties",
+                "base_model": "base",
+                "dtype": "float16",
+                "models": [
+                    {"model": "ft0", "parameters": {"weight": 1.0}},
+                    {"model": "ft1", "parameters": {"weight": 0.5}},
+                ],
+                "parameters": {"density": 0.4, "rescale": "keep_rate", "seed": 3, "lambda": 1.0, "normalize": False},
+            }
+        )
+    )
     assert merge_main(["--config", str(rec), "--out", str(tmp_path / "yaml")]) == 0
-    assert merge_main([
-        "method=dare_ties", "base=base", "models=[ft0,{model: ft1, parameters: {weight: 0.5}}]",
-        f"out={tmp_path / 'hydra'}", "method.density=0.4", "method.seed=3", "dtype=float16"]) == 0  # fmt: skip
+    assert (
+        merge_main(
+            [
+                "method=dare_ties",
+                "base=base",
+                "models=[ft0,{model: ft1, parameters: {weight: 0.5}}]",
+                f"out={tmp_path / 'hydra'}",
+                "method.density=0.4",
+                "method.seed=3",
+                "dtype=float16",
+            ]
+        )
+        == 0
+    )
     files = sorted(p.name for p in (tmp_path / "yaml").iterdir())
     assert files == sorted(p.name for p in (tmp_path / "hydra").iterdir())
     for f in files:
@@ -121,8 +150,19 @@ def test_yaml_and_hydra_forms_give_identical_bytes(llama, tmp_path, monkeypatch)
 def test_hydra_sweep_writes_one_dir_per_job(llama32, tmp_path, monkeypatch):
     base, fts = llama32
     monkeypatch.chdir(base.parent)
-    assert merge_main(["-m", "method=ties,dare_ties", "base=base", "models=[ft0,ft1]", f"out={tmp_path / 'sw'}",
-                       "method.density=0.5"]) == 0  # fmt: skip
+    assert (
+        merge_main(
+            [
+                "-m",
+                "method=ties,dare_ties",
+                "base=base",
+                "models=[ft0,ft1]",
+                f"out={tmp_path / 'sw'}",
+                "method.density=0.5",
+            ]
+        )
+        == 0
+    )
     dirs = sorted(p.name for p in (tmp_path / "sw").iterdir())
     assert dirs == ["method=dare_ties,method.density=0.5", "method=ties,method.density=0.5"]
     for d in dirs:
@@ -135,12 +175,18 @@ def test_hydra_sweep_writes_one_dir_per_job(llama32, tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------
 def test_dtypes_and_int_buffers(tmp_path):
     g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(6, 5, generator=g).to(torch.bfloat16), "norm": torch.randn(5, generator=g),
-            "ids": torch.arange(7), "mask": torch.tensor([1, 0, 1], dtype=torch.uint8)}  # fmt: skip
+    base = {
+        "w": torch.randn(6, 5, generator=g).to(torch.bfloat16),
+        "norm": torch.randn(5, generator=g),
+        "ids": torch.arange(7),
+        "mask": torch.tensor([1, 0, 1], dtype=torch.uint8),
+    }
     models = []
     for i in range(2):
-        m = {k: (v + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v * (i + 2)
-             for k, v in base.items()}  # fmt: skip
+        m = {
+            k: (v + 0.1 * torch.randn(v.shape, generator=g)).to(v.dtype) if v.is_floating_point() else v * (i + 2)
+            for k, v in base.items()
+        }
         save_file(m, tmp_path / f"m{i}.safetensors")
         models.append(tmp_path / f"m{i}.safetensors")
     save_file(base, tmp_path / "base.safetensors")
@@ -180,17 +226,28 @@ def test_adapters_of_every_kind_merge_as_task_vectors(llama32, tmp_path):
     idx = torch.randperm(b[up].numel(), generator=g)[:50].sort().values.int()
     o, i = b[down].shape
     r = 3
-    leaves = {up: Sparse(idx, torch.randn(50, generator=g) * 0.1, b[up].shape),
-              down: LDU(torch.randperm(o, generator=g), torch.randn(o, r, generator=g),
-                        torch.randn(r, generator=g) * 0.1, torch.randn(r, i, generator=g), 0.5)}  # fmt: skip
+    leaves = {
+        up: Sparse(idx, torch.randn(50, generator=g) * 0.1, b[up].shape),
+        down: LDU(
+            torch.randperm(o, generator=g),
+            torch.randn(o, r, generator=g),
+            torch.randn(r, generator=g) * 0.1,
+            torch.randn(r, i, generator=g),
+            0.5,
+        ),
+    }
     (tmp_path / "sp").mkdir()
     (tmp_path / "sp" / ADAPTER_CONFIG).write_text('{"adapter": "sparse+ldu"}\n')
     save_tree(Tree(leaves), tmp_path / "sp" / ADAPTER_WEIGHTS, metadata={TREE_KIND_KEY: "delta"})
     deltas["sp"] = {k: v.dense() for k, v in leaves.items()}
 
     w = {"lora": 1.0, "lokr": 0.5, "sp": -1.0}
-    rec = {"merge_method": "task_arithmetic", "base_model": str(base), "parameters": {"lambda": 0.7},
-           "models": [{"model": str(tmp_path / k), "parameters": {"weight": w[k]}} for k in w]}  # fmt: skip
+    rec = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "parameters": {"lambda": 0.7},
+        "models": [{"model": str(tmp_path / k), "parameters": {"weight": w[k]}} for k in w],
+    }
     out = run_merge(rec, tmp_path / "out", chunk_size=64)
     got = weights(out)
     rr = yaml.safe_load((out / "merge_recipe.yaml").read_text())
@@ -200,8 +257,10 @@ def test_adapters_of_every_kind_merge_as_task_vectors(llama32, tmp_path):
         torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6)
 
     # methods that take whole models see base + delta
-    out = run_merge({"merge_method": "linear", "base_model": str(base), "models": [{"model": str(tmp_path / "lora")}]},
-                    tmp_path / "lin")  # fmt: skip
+    out = run_merge(
+        {"merge_method": "linear", "base_model": str(base), "models": [{"model": str(tmp_path / "lora")}]},
+        tmp_path / "lin",
+    )
     got = weights(out)
     for k, v in b.items():  # average of (base + Δ_lora) and the base itself (linear adds base_model as an input)
         torch.testing.assert_close(got[k], v + 0.5 * deltas["lora"].get(k, torch.zeros_like(v)), rtol=1e-5, atol=1e-6)
@@ -211,10 +270,14 @@ def test_adapters_of_every_kind_merge_as_task_vectors(llama32, tmp_path):
 # streaming: chunking, tensor order, global TIES, progress
 # ---------------------------------------------------------------------------------------------------------
 PARAMS = {
-    "linear": ({}, {"weight": 0.7}), "task_arithmetic": ({"lambda": 0.6}, {"weight": 0.9}),
-    "ties": ({"trim_scope": "tensor"}, {"density": 0.3}), "dare_linear": ({"rescale": "keep_rate"}, {"density": 0.4}),
-    "dare_ties": ({"rescale": "l1"}, {"density": 0.4}), "slerp": ({"t": 0.3}, {}), "soup": ({"check_masks": False}, {}),
-}  # fmt: skip
+    "linear": ({}, {"weight": 0.7}),
+    "task_arithmetic": ({"lambda": 0.6}, {"weight": 0.9}),
+    "ties": ({"trim_scope": "tensor"}, {"density": 0.3}),
+    "dare_linear": ({"rescale": "keep_rate"}, {"density": 0.4}),
+    "dare_ties": ({"rescale": "l1"}, {"density": 0.4}),
+    "slerp": ({"t": 0.3}, {}),
+    "soup": ({"check_masks": False}, {}),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
@@ -317,9 +380,16 @@ def test_diffusers_model_dirs_merge_into_a_loadable_dir(tmp_path):
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)  # fmt: skip
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
     unet.save_pretrained(tmp_path / "a")
     with torch.no_grad():
         for p in unet.parameters():

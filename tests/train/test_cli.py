@@ -21,8 +21,16 @@ TINY = ["model=tiny_bert", "trainer=tiny", "data.max_train_samples=32", "data.ma
 def test_sweep_over_every_adapter(tmp_path):
     """The issue's sweep on a tiny model: every adapter x r in {4, 8}, each in its own dir, plus a summary."""
     adapters = "lora,pissa,loldu,kronecker,sparse"
-    r = run_cli("train", "-m", f"adapter={adapters}", "adapter.r=4,8", *TINY, "trainer.max_steps=2",
-                "trainer.eval_every=0", f"output_dir={tmp_path}")
+    r = run_cli(
+        "train",
+        "-m",
+        f"adapter={adapters}",
+        "adapter.r=4,8",
+        *TINY,
+        "trainer.max_steps=2",
+        "trainer.eval_every=0",
+        f"output_dir={tmp_path}",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert len(jobs) == 10
@@ -57,14 +65,25 @@ def run_train(out, overrides):
 
 
 def test_resume_after_kill_gives_the_same_metrics(tmp_path):
-    args = [*TINY, "adapter=lora", "trainer.max_steps=20", "trainer.save_every=5", "trainer.eval_every=10",
-            "logger=jsonl"]  # fmt: skip
+    args = [
+        *TINY,
+        "adapter=lora",
+        "trainer.max_steps=20",
+        "trainer.save_every=5",
+        "trainer.eval_every=10",
+        "logger=jsonl",
+    ]
     ref = run_train(tmp_path / "ref", args)  # uninterrupted, in this process
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "peft_lab", "train", *args, f"output_dir={out}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "peft_lab", "train", *args, f"output_dir={out}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step_0000010").exists():
         assert proc.poll() is None, "the run ended before it could be killed"
@@ -92,9 +111,21 @@ def test_wandb_offline_without_key_never_prompts(tmp_path):
     env.update(HOME=str(tmp_path / "home"), WANDB_SILENT="true")  # no netrc, no API key, no WANDB_MODE
     (tmp_path / "home").mkdir()
     proc = subprocess.run(
-        [sys.executable, "-m", "peft_lab", "train", *TINY, "adapter=lora", "logger=wandb",
-         f"output_dir={tmp_path / 'o'}"],
-        env={**env, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "peft_lab",
+            "train",
+            *TINY,
+            "adapter=lora",
+            "logger=wandb",
+            f"output_dir={tmp_path / 'o'}",
+        ],
+        env={**env, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((tmp_path / "o" / "wandb").glob("offline-run-*"))
@@ -105,12 +136,15 @@ def test_wandb_offline_without_key_never_prompts(tmp_path):
     assert "wandb login" not in proc.stdout + proc.stderr and "API key" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["adapter=nope"], "adapter=nope: no such option. Available adapter options:"),
-    (["trainer.max_steps=-5"], "trainer.max_steps=-5 is out of range: must be >= 0"),
-    (["model=hf", "model.path=/does/not/exist"], "model.path=/does/not/exist: no such directory"),
-    (["adapter=lora", "adapter.target_modules=[nowhere]"], "'nowhere' match(es) no module"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["adapter=nope"], "adapter=nope: no such option. Available adapter options:"),
+        (["trainer.max_steps=-5"], "trainer.max_steps=-5 is out of range: must be >= 0"),
+        (["model=hf", "model.path=/does/not/exist"], "model.path=/does/not/exist: no such directory"),
+        (["adapter=lora", "adapter.target_modules=[nowhere]"], "'nowhere' match(es) no module"),
+    ],
+)
 def test_user_errors(tmp_path, args, message):
     out = tmp_path / "o"
     r = run_cli("train", *TINY, *args, f"output_dir={out}")
@@ -124,8 +158,14 @@ def test_user_errors(tmp_path, args, message):
 def test_a_failing_sweep_job_is_named_and_the_others_run(tmp_path):
     """In a sweep, a job's UserError is Hydra's to report: it names the job's overrides, the other jobs of the
     batch still run, and the command ends with the error (exit 2, one paragraph, no traceback)."""
-    r = run_cli("train", "-m", "adapter.target_modules=[nowhere],[query]", *TINY, "trainer.max_steps=1",
-                f"output_dir={tmp_path}")  # fmt: skip
+    r = run_cli(
+        "train",
+        "-m",
+        "adapter.target_modules=[nowhere],[query]",
+        *TINY,
+        "trainer.max_steps=1",
+        f"output_dir={tmp_path}",
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "Error executing job with overrides: ['++adapter.target_modules=[nowhere]'" in r.stderr
     assert r.stderr.count("peft-lab: error:") == 1 and "'nowhere' match(es) no module" in " ".join(r.stderr.split())
@@ -139,9 +179,25 @@ def test_two_processes_match_one(tmp_path):
     args = [*TINY, "model.dropout=0.0", "adapter=lora", "trainer.max_steps=4", "trainer.eval_every=2"]
     single = run_train(tmp_path / "one", [*args, "trainer.batch_size=4"])
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "peft_lab",
-                        "train", *args, "trainer.batch_size=2", f"output_dir={tmp_path / 'two'}"],
-                       env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "peft_lab",
+            "train",
+            *args,
+            "trainer.batch_size=2",
+            f"output_dir={tmp_path / 'two'}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert (r.stdout + r.stderr).count("done: eval_accuracy") == 1  # one main process writes the outputs

@@ -21,6 +21,7 @@ def hydra_cfg():
     """compose(overrides) -> (cfg, choices), the real conf/ tree."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3", job_name="train"):
+
         def _compose(*overrides):
             cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
             return cfg, dict(cfg.hydra.runtime.choices)
@@ -105,7 +106,12 @@ def test_every_adapter_takes_r():
 
 def test_normalise_overrides():
     assert normalise_overrides(["adapter.r=4", "adapter=lora", "seed=1", "+x=1", "hydra.verbose=true"], False) == [
-        "++adapter.r=4", "adapter=lora", "seed=1", "+x=1", "hydra.verbose=true"]
+        "++adapter.r=4",
+        "adapter=lora",
+        "seed=1",
+        "+x=1",
+        "hydra.verbose=true",
+    ]
     assert normalise_overrides(["output_dir=/tmp/a"], False) == ["hydra.run.dir=/tmp/a"]
     assert normalise_overrides(["output_dir=/tmp/a"], True) == ["hydra.sweep.dir=/tmp/a"]
     with pytest.raises(UserError, match="cannot be swept"):
@@ -142,8 +148,12 @@ def test_diffusion_demo_configs_compose(tmp_path):
     (pre,) = compose_jobs(["+experiment=diffusion_pretrain"], multirun=False)
     assert (pre.model_name, pre.adapter_name, pre.data.classes) == ("tiny_unet", "none", [0, 1, 2, 3, 4])
     assert pre.model.task == "diffusion" and pre.trainer.batch_size == 128
-    runs = compose_jobs(normalise_overrides(["+experiment=diffusion_adapt", "adapter=lora,kronecker,sparse",
-                                             f"model.path={tmp_path}"], True), multirun=True)
+    runs = compose_jobs(
+        normalise_overrides(
+            ["+experiment=diffusion_adapt", "adapter=lora,kronecker,sparse", f"model.path={tmp_path}"], True
+        ),
+        multirun=True,
+    )
     assert [r.adapter_name for r in runs] == ["lora", "kronecker", "sparse"]
     assert all(r.data.classes == [5, 6, 7, 8, 9] and r.model.path == str(tmp_path) for r in runs)
     assert all("to_q" in r.adapter.target_modules for r in runs)
@@ -152,8 +162,12 @@ def test_diffusion_demo_configs_compose(tmp_path):
 def test_values_are_typed_by_the_schema():
     """A config read from a YAML file (PyYAML reads `lr: 1e-3` as a string) or overrides: numbers from numeric
     strings, single values wrapped into lists, booleans only from true/false, and one message per bad value."""
-    base = {"model": {"name": "tiny_bert"}, "data": {"name": "digits"}, "adapter": {"name": "lora"},
-            "logger": {"name": "wandb"}}  # fmt: skip
+    base = {
+        "model": {"name": "tiny_bert"},
+        "data": {"name": "digits"},
+        "adapter": {"name": "lora"},
+        "logger": {"name": "wandb"},
+    }
 
     def run(**groups):
         cfg = {k: dict(v) for k, v in base.items()}
@@ -161,8 +175,12 @@ def test_values_are_typed_by_the_schema():
             cfg.setdefault(k, {}).update(v)
         return resolve(cfg)
 
-    r = run(trainer=yaml.safe_load("lr: 1e-3\nmax_steps: '12'"), adapter={"target_modules": "query"},
-            data={"classes": 5}, logger={"tags": "x"})  # fmt: skip
+    r = run(
+        trainer=yaml.safe_load("lr: 1e-3\nmax_steps: '12'"),
+        adapter={"target_modules": "query"},
+        data={"classes": 5},
+        logger={"tags": "x"},
+    )
     assert (r.trainer.lr, r.trainer.max_steps, r.adapter.target_modules) == (1e-3, 12, ["query"])
     assert (r.data.classes, r.logger.tags) == ([5], ["x"])
     for groups, match in [
@@ -172,8 +190,10 @@ def test_values_are_typed_by_the_schema():
         ({"trainer": {"lr": "fast"}}, r"trainer\.lr='fast' must be a finite number"),
         ({"trainer": {"adam_betas": [0.9, 1.5]}}, r"trainer\.adam_betas=\[0\.9, 1\.5\] is out of range: .*\[0, 1\)"),
         ({"trainer": {"scheduler": "step"}}, r"trainer\.scheduler='step' must be one of: constant, linear, cosine"),
-        ({"adapter": {"target_modules": ["query", 1]}},
-         r"adapter\.target_modules=\['query', 1\] must be a list of strings"),
+        (
+            {"adapter": {"target_modules": ["query", 1]}},
+            r"adapter\.target_modules=\['query', 1\] must be a list of strings",
+        ),
         ({"adapter": {"r": "abc"}}, r"adapter=lora: adapter\.r='abc' must be an integer"),
         ({"model": {"max_length": "x"}}, r"model=tiny_bert: model\.max_length='x' must be an integer"),
     ]:

@@ -10,9 +10,21 @@ from tests.conftest import REPO
 def test_demo_pipeline_on_a_tiny_model(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run(
-        [sys.executable, "-m", "peft_lab.demo", "--out", str(out), "model=tiny_bert", "trainer=tiny",
-         "data.max_train_samples=32", "data.max_eval_samples=64"],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "peft_lab.demo",
+            "--out",
+            str(out),
+            "model=tiny_bert",
+            "trainer=tiny",
+            "data.max_train_samples=32",
+            "data.max_eval_samples=64",
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "the merged model scores the same as the adapter" in r.stdout

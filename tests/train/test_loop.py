@@ -56,12 +56,28 @@ def test_rng_state_round_trip():
 
 
 def test_full_finetuning_outputs_and_learning(tmp_path):
-    m, out = run_train(tmp_path, "model=tiny_bert", "trainer=tiny", "data.max_train_samples=16",
-                       "data.max_eval_samples=16", "model.dropout=0.0", "adapter=none", "logger=jsonl",
-                       "trainer.max_steps=40", "trainer.lr=1e-2", "trainer.batch_size=8", "trainer.eval_every=20",
-                       "trainer.save_every=20")  # fmt: skip
-    for key, kind in {"eval_accuracy": float, "train_loss": float, "trainable_params": int, "total_params": int,
-                      "train_seconds": float}.items():
+    m, out = run_train(
+        tmp_path,
+        "model=tiny_bert",
+        "trainer=tiny",
+        "data.max_train_samples=16",
+        "data.max_eval_samples=16",
+        "model.dropout=0.0",
+        "adapter=none",
+        "logger=jsonl",
+        "trainer.max_steps=40",
+        "trainer.lr=1e-2",
+        "trainer.batch_size=8",
+        "trainer.eval_every=20",
+        "trainer.save_every=20",
+    )
+    for key, kind in {
+        "eval_accuracy": float,
+        "train_loss": float,
+        "trainable_params": int,
+        "total_params": int,
+        "train_seconds": float,
+    }.items():
         assert isinstance(m[key], kind), key
     assert m["trainable_params"] == m["total_params"] > 0 and m["steps"] == 40 and m["eval_split"] == "test"
     assert json.loads((out / "metrics.json").read_text())["eval_accuracy"] == m["eval_accuracy"]
@@ -79,8 +95,14 @@ def test_full_finetuning_outputs_and_learning(tmp_path):
 
 def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
     """batch 8 = two accumulated micro-batches of 4 (same examples, loss averaged): same trajectory."""
-    common = [*TINY, "model.dropout=0.0", "adapter=none", "trainer.max_steps=4", "trainer.save_every=0",
-              "trainer.eval_every=0"]  # fmt: skip
+    common = [
+        *TINY,
+        "model.dropout=0.0",
+        "adapter=none",
+        "trainer.max_steps=4",
+        "trainer.save_every=0",
+        "trainer.eval_every=0",
+    ]
     a, _ = run_train(tmp_path, *common, "trainer.batch_size=8", name="a")
     b, _ = run_train(tmp_path, *common, "trainer.batch_size=4", "trainer.grad_accum=2", name="b")
     assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
@@ -134,8 +156,15 @@ def test_outputs_that_would_replace_inputs_or_foreign_dirs_fail_before_training(
 
 
 def test_causal_lm(tmp_path):
-    m, out = run_train(tmp_path, "model=tiny_llama", "trainer=tiny", "adapter=lora", "data.max_train_samples=16",
-                       "data.max_eval_samples=8", "model.max_length=32")
+    m, out = run_train(
+        tmp_path,
+        "model=tiny_llama",
+        "trainer=tiny",
+        "adapter=lora",
+        "data.max_train_samples=16",
+        "data.max_eval_samples=8",
+        "model.max_length=32",
+    )
     assert m["task"] == "causal_lm" and m["metric"] == "eval_loss"
     assert math.isclose(m["eval_perplexity"], math.exp(m["eval_loss"]), rel_tol=1e-6)
     assert 0 < m["eval_loss"] < 11  # below ln(vocab) of an untrained model
@@ -150,8 +179,17 @@ def test_max_steps_zero_evaluates_and_saves(tmp_path):
 @pytest.mark.parametrize("model,adapter,logger", [("tiny_unet", "none", "wandb"), ("tiny_unet_cond", "lora", "jsonl")])
 def test_diffusion(tmp_path, monkeypatch, model, adapter, logger):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    m, out = run_train(tmp_path, f"model={model}", "data=digits_0_4", f"adapter={adapter}", "trainer=tiny",
-                       "trainer.batch_size=16", "model.num_samples=8", "model.sample_steps=4", f"logger={logger}")
+    m, out = run_train(
+        tmp_path,
+        f"model={model}",
+        "data=digits_0_4",
+        f"adapter={adapter}",
+        "trainer=tiny",
+        "trainer.batch_size=16",
+        "model.num_samples=8",
+        "model.sample_steps=4",
+        f"logger={logger}",
+    )
     assert m["task"] == "diffusion" and math.isfinite(m["eval_loss"]) and 0 <= m["eval_sample_score"] <= 1
     assert (out / "samples.png").exists() and len(list((out / "samples").glob("step_*.png"))) == 2
     assert (out / ("model" if adapter == "none" else "adapter")).is_dir()
@@ -181,10 +219,20 @@ def _interrupt_after(step: int, monkeypatch):
     monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
 
 
-RESUME_CASES = [["adapter=none"], ["adapter=lora"], ["adapter=pissa"], ["adapter=loldu"], ["adapter=kronecker"],
-                ["adapter=sparse"],
-                ["adapter=sparse", "adapter.selection=grow_drop", "adapter.reselection_steps=3",
-                 "adapter.selection_accumulation_steps=2"]]
+RESUME_CASES = [
+    ["adapter=none"],
+    ["adapter=lora"],
+    ["adapter=pissa"],
+    ["adapter=loldu"],
+    ["adapter=kronecker"],
+    ["adapter=sparse"],
+    [
+        "adapter=sparse",
+        "adapter.selection=grow_drop",
+        "adapter.reselection_steps=3",
+        "adapter.selection_accumulation_steps=2",
+    ],
+]
 
 
 @pytest.mark.parametrize("case", RESUME_CASES, ids=lambda c: "-".join(x.split("=")[-1] for x in c))

@@ -58,6 +58,7 @@ def test_atomic_outputs_have_the_usual_permissions(tmp_path):
 
 def test_atomic_outputs_never_touch_the_umask(tmp_path, monkeypatch):
     """`os.umask` is process-wide: reading it by setting it races with other threads creating files."""
+
     def boom(*a):
         raise AssertionError("os.umask called")
 
@@ -103,9 +104,13 @@ def tree_of_dirs(tmp_path):
 def test_guard_refuses_every_relation_to_an_input(tree_of_dirs):
     t = tree_of_dirs
     model = t / "runs" / "model"
-    for out, says in [(model, "is the input"), (model / "sub", "is inside the input"),
-                      (model / "w.safetensors", "is inside the input"), (t / "runs", "contains the input"),
-                      (t, "contains the input")]:
+    for out, says in [
+        (model, "is the input"),
+        (model / "sub", "is inside the input"),
+        (model / "w.safetensors", "is inside the input"),
+        (t / "runs", "contains the input"),
+        (t, "contains the input"),
+    ]:
         with pytest.raises(UserError, match=says):
             guard_output(out, [None, model], kind="k", overwrite=True)
     # a dir written into, not replaced, may hold inputs
@@ -114,8 +119,7 @@ def test_guard_refuses_every_relation_to_an_input(tree_of_dirs):
         guard_output(model, [model], kind="k", replaces=False)
     # a side file
     with pytest.raises(UserError, match=r"would also write .*w\.safetensors, which is the input"):
-        guard_output(t / "new.safetensors", [model / "w.safetensors"], kind="k",
-                     side_files=[model / "w.safetensors"])
+        guard_output(t / "new.safetensors", [model / "w.safetensors"], kind="k", side_files=[model / "w.safetensors"])
     assert guard_output(t / "runs" / "new", [model], kind="k") == (t / "runs" / "new").resolve()
 
 

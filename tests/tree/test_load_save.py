@@ -14,7 +14,9 @@ from peft_lab.tree import Lazy, Sparse, Tree, load_tree, read_header, save_tree
 def tiny_bert_dir(tmp_path):
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, num_labels=3)
+    cfg = BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, num_labels=3
+    )
     model = AutoModelForSequenceClassification.from_config(cfg)
     model.save_pretrained(tmp_path / "base")
     return tmp_path / "base", model
@@ -56,8 +58,15 @@ def test_peft_dirs_open_as_deltas_matching_peft_merge(tiny_bert_dir, tmp_path, k
     if kind == "lokr":
         cfg = LoKrConfig(r=2, alpha=4, target_modules=["query", "intermediate.dense"], init_weights=False)
     else:
-        cfg = LoraConfig(r=2, lora_alpha=6, target_modules=["query", "value"], modules_to_save=["classifier"],
-                         init_lora_weights=False, use_rslora=kind == "lora_rs", rank_pattern={"value": 3})
+        cfg = LoraConfig(
+            r=2,
+            lora_alpha=6,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            init_lora_weights=False,
+            use_rslora=kind == "lora_rs",
+            rank_pattern={"value": 3},
+        )
     pm = get_peft_model(model, cfg)
     if kind != "lokr":
         with torch.no_grad():

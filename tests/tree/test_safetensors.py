@@ -59,8 +59,12 @@ def test_file_rewritten_at_same_path_is_read_afresh(tmp_path):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_reader_slices_and_whole_tensors_match(tmp_path, dtype):
-    tensors = {"a": _tensor(dtype, (7, 13), 1), "b": _tensor(dtype, (5,), 2), "e": _tensor(dtype, (0, 3), 3),
-               "s": _tensor(dtype, (), 4)}
+    tensors = {
+        "a": _tensor(dtype, (7, 13), 1),
+        "b": _tensor(dtype, (5,), 2),
+        "e": _tensor(dtype, (0, 3), 3),
+        "s": _tensor(dtype, (), 4),
+    }
     save_tree(Tree(tensors), tmp_path / "m.safetensors")
     tree = load_tree(tmp_path / "m.safetensors")
     reader = TensorReader()
@@ -132,7 +136,10 @@ def test_reading_leaves_no_memory_map_and_bounded_descriptors(tmp_path):
         assert float(load_tree(p)["w"].dense()[0]) == i
     maps = open("/proc/self/maps").read()
     assert str(tmp_path) not in maps
-    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-           if os.path.exists(f"/proc/self/fd/{fd}")]
+    fds = [
+        os.readlink(f"/proc/self/fd/{fd}")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    ]
     open_here = [f for f in fds if f.startswith(str(tmp_path))]
     assert 0 < len(open_here) <= 32

@@ -1,6 +1,5 @@
 """The parameter tree: leaves, lazy ops, checks, and structured leaves through safetensors."""
 
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -43,7 +42,9 @@ def _random_leaves(out, inp, r, seed):
         "low_rank": LowRank(torch.randn(out, r, generator=g), torch.randn(r, inp, generator=g), 0.7),
         "kronecker": Kronecker(torch.randn(o1, i1, generator=g), torch.randn(out // o1, inp // i1, generator=g), 1.3),
         "sparse": Sparse(idx, torch.randn(nnz, generator=g), (out, inp)),
-        "ldu": LDU(perm, torch.randn(out, k, generator=g), torch.randn(k, generator=g), torch.randn(k, inp, generator=g), 0.5),
+        "ldu": LDU(
+            perm, torch.randn(out, k, generator=g), torch.randn(k, generator=g), torch.randn(k, inp, generator=g), 0.5
+        ),
         "dense": Dense(torch.randn(out, inp, generator=g)),
     }
 

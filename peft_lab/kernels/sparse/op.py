@@ -82,7 +82,8 @@ def backend_for(*tensors: torch.Tensor) -> str:
         return "triton" if all(t.dtype in tk.DTYPES for t in tensors if t.is_floating_point()) else "reference"
     if _triton_module() is None:
         raise UserError(
-            f"{BACKEND_ENV}=triton but Triton could not be imported ({_triton_error[0] if _triton_error else 'unknown'}); "
+            f"{BACKEND_ENV}=triton but Triton could not be imported "
+            f"({_triton_error[0] if _triton_error else 'unknown'}); "
             "install it (pip install 'peft-lab[kernels]') or use the reference backend."
         )
     return "triton"

@@ -199,7 +199,7 @@ def _spmm_add_(out, src_t, major, minor, values, seg, n_minor):
         major, minor, values, seg,
         batch, n_major, n_minor,
         BLOCK_B=SPMM_BLOCK_B, BLOCK_O=SPMM_BLOCK_O, BLOCK_K=SPMM_BLOCK_K, PRECISION=_precision(out),
-    )  # fmt: skip
+    )
     return out
 
 
@@ -231,7 +231,7 @@ def sddmm(dyt: torch.Tensor, xt: torch.Tensor, pattern: SparsePattern) -> torch.
         pattern.rows, pattern.cols, part, part.stride(0),
         nnz, batch, per_slice, pattern.shape[0], pattern.shape[1],
         BLOCK_K=SDDMM_BLOCK_K, BLOCK_B=SDDMM_BLOCK_B,
-    )  # fmt: skip
+    )
     return part[0] if slices == 1 else part.sum(0)
 
 
@@ -246,5 +246,5 @@ def scatter_add_(
     _scatter_kernel[(triton.cdiv(pattern.nnz, SCATTER_BLOCK),)](
         weight, weight.stride(0), weight.stride(1), pattern.rows, pattern.cols, delta,
         pattern.nnz, pattern.shape[0], pattern.shape[1], BLOCK=SCATTER_BLOCK,
-    )  # fmt: skip
+    )
     return weight

@@ -18,8 +18,15 @@ from peft_lab.params import Checked, build
 from peft_lab.registry import Registry
 
 __all__ = [
-    "MODELS", "ModelConfig", "BuiltModel", "DataInfo", "build_model", "quiet_hf", "new_modules_from_keys", "TASK_NAMES",
-]  # fmt: skip
+    "MODELS",
+    "ModelConfig",
+    "BuiltModel",
+    "DataInfo",
+    "build_model",
+    "quiet_hf",
+    "new_modules_from_keys",
+    "TASK_NAMES",
+]
 
 MODELS: Registry[type[ModelConfig]] = Registry("model", package="peft_lab.train.models")
 TASK_NAMES = ("sequence_classification", "causal_lm", "diffusion")
@@ -166,4 +173,3 @@ def check_local_path(path: str, what: str) -> Path | None:
             f"{what}={path}: no such directory. Give a local model dir (config.json + safetensors) or a hub id."
         )
     return None
-

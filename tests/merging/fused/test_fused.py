@@ -70,8 +70,10 @@ def test_combine_matches_the_torch_ops_bit_for_bit(seed, T, consensus, normalize
         base[::7] = -0.0
     thr = [float(torch.quantile(x.abs(), 0.6)) if trim else 0.0 for x in xs]
 
-    ref_xs = [hardshrink_at_least(x.clone(), t).mul_(w) if w != 1 else hardshrink_at_least(x.clone(), t)
-              for x, t, w in zip(xs, thr, weights, strict=True)]  # fmt: skip
+    ref_xs = [
+        hardshrink_at_least(x.clone(), t).mul_(w) if w != 1 else hardshrink_at_least(x.clone(), t)
+        for x, t, w in zip(xs, thr, weights, strict=True)
+    ]
     ref = combine(
         None if base is None else base.clone(), ref_xs, weights, consensus=consensus, normalize=normalize, lam=lam
     )
@@ -149,8 +151,12 @@ def test_merge_cli_output_is_identical_with_and_without_the_fused_loops(tmp_path
 
     base, fts = tiny_llama_dirs(tmp_path, n_models=2)
     dens = recipe.pop("density")
-    rec = {**recipe, "base_model": str(base), "dtype": "float32",
-           "models": [{"model": str(p), "parameters": {"density": d}} for p, d in zip(fts, dens, strict=True)]}  # fmt: skip
+    rec = {
+        **recipe,
+        "base_model": str(base),
+        "dtype": "float32",
+        "models": [{"model": str(p), "parameters": {"density": d}} for p, d in zip(fts, dens, strict=True)],
+    }
     outs = []
     for enabled in (True, False):
         monkeypatch.setattr(fused, "ENABLED", enabled)
@@ -208,9 +214,7 @@ def test_merges_without_fused_loops_do_not_import_numba(tmp_path):
         f"'models': [{{'model': {str(fts[0])!r}, 'parameters': {{'density': 0.5}}}}]}}, {str(tmp_path / 'o2')!r})\n"
         "assert 'numba' in sys.modules\n"
     )
-    r = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO)
-    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO))
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -224,8 +228,12 @@ RAW_RECIPES = [
 
 def _raw_recipe(base, fts, spec, dtype):
     spec = dict(spec)
-    rec = {"merge_method": spec["merge_method"], "parameters": spec["parameters"], "dtype": dtype,
-           "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(fts, spec["weights"], strict=True)]}  # fmt: skip
+    rec = {
+        "merge_method": spec["merge_method"],
+        "parameters": spec["parameters"],
+        "dtype": dtype,
+        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(fts, spec["weights"], strict=True)],
+    }
     if spec["merge_method"] == "task_arithmetic" or "base_weight" in spec:
         rec["base_model"] = str(base)
     if "base_weight" in spec:  # linear averages an unlisted base_model in, with the top-level weight
@@ -296,8 +304,12 @@ def test_raw_pass_refuses_nonfinite_values_with_the_torch_paths_message(tmp_path
     else:  # finite inputs whose weighted sum overflows float32
         sd[name].view(-1)[37] = 3e38
     save_file(sd, f, metadata={"format": "pt"})
-    rec = {"merge_method": "linear", "parameters": {"normalize": False}, "dtype": "float32",
-           "models": [{"model": str(p), "parameters": {"weight": 2.0}} for p in fts]}  # fmt: skip
+    rec = {
+        "merge_method": "linear",
+        "parameters": {"normalize": False},
+        "dtype": "float32",
+        "models": [{"model": str(p), "parameters": {"weight": 2.0}} for p in fts],
+    }
     monkeypatch.setattr(raw, "MIN_NUMEL", 0)
     msgs, outs = _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, 1000)
     assert not any(o.exists() for o in outs)
@@ -315,12 +327,19 @@ def test_raw_slerp_agrees_with_the_torch_path_to_float32_rounding(tmp_path, monk
     from tests.helpers.merge import tiny_llama_dirs
 
     base, fts = tiny_llama_dirs(tmp_path, n_models=1)
-    rec = {"merge_method": "slerp", "base_model": str(base), "models": [{"model": str(fts[0])}],
-           "parameters": {"t": t}, "dtype": dtype}  # fmt: skip
+    rec = {
+        "merge_method": "slerp",
+        "base_model": str(base),
+        "models": [{"model": str(fts[0])}],
+        "parameters": {"t": t},
+        "dtype": dtype,
+    }
     monkeypatch.setattr(raw, "MIN_NUMEL", 0)
     monkeypatch.setattr(raw, "WHOLE_NUMEL", whole)  # 0: tensors over one chunk are read twice
-    outs = [load_file(d / "model.safetensors")
-            for d in _with_and_without_raw_pass(rec, tmp_path, monkeypatch, "raw_lerp", chunk)]  # fmt: skip
+    outs = [
+        load_file(d / "model.safetensors")
+        for d in _with_and_without_raw_pass(rec, tmp_path, monkeypatch, "raw_lerp", chunk)
+    ]
     b, m = load_file(base / "model.safetensors"), load_file(fts[0] / "model.safetensors")
     for k, fast in outs[0].items():
         slow = outs[1][k]

@@ -38,7 +38,10 @@ def _setting(T=3, seed=0, scale=0.5):
     net = Net()
     base = {n: p.detach().clone() for n, p in net.named_parameters() if n in BODY}
     deltas = [{n: scale * torch.randn(base[n].shape, generator=g) for n in BODY} for _ in range(T)]
-    heads = [{"classifier.weight": torch.randn(3, 6, generator=g), "classifier.bias": torch.randn(3, generator=g)} for _ in range(T)]
+    heads = [
+        {"classifier.weight": torch.randn(3, 6, generator=g), "classifier.bias": torch.randn(3, generator=g)}
+        for _ in range(T)
+    ]
     xs = [torch.randn(64, 4, generator=g) + k for k in range(T)]
     return net, base, deltas, heads, xs
 
@@ -61,8 +64,12 @@ def test_frozen_coefficients_equal_task_arithmetic(lam, T, seed):
     m = AdaMerging(AdaMergingParams(granularity="task"))
     m.prepare(_inputs(base, deltas, extra={"lambdas": [[lam] * T]}))
     for n in BODY:
-        torch.testing.assert_close(m.merge_tensor(n, base[n], [d[n] for d in deltas], [None] * T),
-                                   base[n] + lam * sum(d[n] for d in deltas), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            m.merge_tensor(n, base[n], [d[n] for d in deltas], [None] * T),
+            base[n] + lam * sum(d[n] for d in deltas),
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 def test_functional_forward_equals_materialised_model():
@@ -142,7 +149,9 @@ def test_adamerging_pp_with_unit_lambdas_is_ties_dis_sum():
     # through the method: AdaMerging++ at λ ≡ 1 merges to base + dis-sum, tensor by tensor
     m = AdaMerging(AdaMergingParams(ties=True, density=density, granularity="task"))
     m.prepare(_inputs(base, deltas, extra={"lambdas": [[1.0] * 3]}))
-    out = torch.cat([(m.merge_tensor(n, base[n], [d[n] for d in deltas], [None] * 3) - base[n]).reshape(-1) for n in BODY])
+    out = torch.cat(
+        [(m.merge_tensor(n, base[n], [d[n] for d in deltas], [None] * 3) - base[n]).reshape(-1) for n in BODY]
+    )
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
 
 
@@ -158,7 +167,9 @@ def test_method_keeps_first_head_and_writes_coefficients():
     _, base, deltas, _, _ = _setting(T=2)
     m = METHODS.get("adamerging")(AdaMergingParams())
     m.prepare(_inputs(base, deltas, extra={"lambdas": torch.rand(len(BODY), 2).tolist()}))
-    head = m.merge_tensor("classifier.weight", torch.zeros(3, 6), [torch.full((3, 6), 0.0), torch.full((3, 6), 1.0)], [None] * 2)
+    head = m.merge_tensor(
+        "classifier.weight", torch.zeros(3, 6), [torch.full((3, 6), 0.0), torch.full((3, 6), 1.0)], [None] * 2
+    )
     assert torch.equal(head, torch.zeros(3, 6))
     art = json.loads(m.artifacts()["adamerging_coefficients.json"])
     assert art["granularity"] == "layer" and art["tensors"] == BODY and art["tasks"] == ["t0", "t1"]

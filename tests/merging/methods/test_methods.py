@@ -33,8 +33,10 @@ def make(method: str, shared=None, per_model=None, n_models=2):
     keys = {param_key(f): f.name for f in dataclasses.fields(cls.Params)}
     m = cls(cls.Params(**{keys[k]: v for k, v in (shared or {}).items()}))
     mkeys = {param_key(f): f.name for f in dataclasses.fields(cls.ModelParams)}
-    pm = [cls.ModelParams(**{mkeys[k]: v for k, v in (per_model[i] if per_model else {}).items()})
-          for i in range(n_models)]  # fmt: skip
+    pm = [
+        cls.ModelParams(**{mkeys[k]: v for k, v in (per_model[i] if per_model else {}).items()})
+        for i in range(n_models)
+    ]
     return m, pm
 
 
@@ -87,13 +89,19 @@ def test_root_merge_config_opens_with_its_command():
 # contract over every method: chunking independence, order, identity, dtype
 # ---------------------------------------------------------------------------------------------------------
 def _contract_params(name):
-    shared = {"ties": {"lambda": 0.8}, "dare_linear": {"rescale": "keep_rate"}, "dare_ties": {"rescale": "l1"},
-              "slerp": {"t": 0.35}}.get(name, {})  # fmt: skip
+    shared = {
+        "ties": {"lambda": 0.8},
+        "dare_linear": {"rescale": "keep_rate"},
+        "dare_ties": {"rescale": "l1"},
+        "slerp": {"t": 0.35},
+    }.get(name, {})
     cls = METHODS.get(name)
     n = 1 if cls.max_models == 1 else 3
     fields = {param_key(f) for f in dataclasses.fields(cls.ModelParams)}
-    per = [{k: v for k, v in {"weight": w, "density": d}.items() if k in fields}
-           for w, d in zip((1.0, 0.7, 1.3), (0.4, 0.6, 1.0), strict=False)][:n]  # fmt: skip
+    per = [
+        {k: v for k, v in {"weight": w, "density": d}.items() if k in fields}
+        for w, d in zip((1.0, 0.7, 1.3), (0.4, 0.6, 1.0), strict=False)
+    ][:n]
     return shared, per, n
 
 
@@ -453,8 +461,12 @@ def test_matches_peft_merge_utils():
     ],
 )
 def test_out_of_range_parameters_are_refused(method, params, per_model, match):
-    recipe = {"merge_method": method, "base_model": "b", "models": [{"model": "m1", "parameters": per_model or {}}],
-              "parameters": params}  # fmt: skip
+    recipe = {
+        "merge_method": method,
+        "base_model": "b",
+        "models": [{"model": "m1", "parameters": per_model or {}}],
+        "parameters": params,
+    }
     if method == "slerp":
         recipe["models"] = [{"model": "m1"}]
     if method in ("linear", "soup"):  # a base would be averaged in (linear) or is not needed

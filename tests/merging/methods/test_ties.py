@@ -116,8 +116,11 @@ def test_tensor_scope_keeps_exactly_k_with_ties_broken_by_index(fused_on, chunk,
     pm = [GTAModelParams(density=0.3)]
     k = int(0.3 * 400)
     job = TensorJob("w", (400,), pm, chunked=400 > chunk)
-    out = torch.cat(list(drive(m, job, lambda s, e: (base[s:e].clone(), [tau[s:e].clone()]), chunk, sample_block=16,
-                                sample_every=4)))
+    out = torch.cat(
+        list(
+            drive(m, job, lambda s, e: (base[s:e].clone(), [tau[s:e].clone()]), chunk, sample_block=16, sample_every=4)
+        )
+    )
     kept = out != 0
     assert int(kept.sum()) == k
     thr = tau.abs().topk(k).values[-1]

@@ -13,8 +13,15 @@ def test_rws_demo_quick(tmp_path):
     for f in ("rws_table.md", "rws_table.csv", "rws_scale.png"):
         assert (tmp_path / f).stat().st_size > 0, f
     md = (tmp_path / "rws_table.md").read_text()
-    for row in ("clean model", "robust model (contrast)", "clean + σ_blur x1.5", "clean + all three σ x1/3",
-                "clean + σ_noise int4", "clean + σ_contrast without BN stats", "B scratch: + σ_noise (A)"):
+    for row in (
+        "clean model",
+        "robust model (contrast)",
+        "clean + σ_blur x1.5",
+        "clean + all three σ x1/3",
+        "clean + σ_noise int4",
+        "clean + σ_contrast without BN stats",
+        "B scratch: + σ_noise (A)",
+    ):
         assert f"| {row} |" in md, row
     assert sizes["noise_int8"] < sizes["noise"] / 2 and sizes["noise_int4"] < sizes["noise_int8"]
     # a signature over every weight layer, patched at scale 1, is the robust model: same predictions

@@ -34,10 +34,15 @@ def _model(seed: int, dtype=torch.float32) -> Tree:
         return torch.randn(*s, generator=g)
 
     t = {
-        "conv.weight": r(4, 2, 3, 3), "conv.bias": r(4),
-        "bn.weight": 1 + 0.1 * r(4), "bn.bias": r(4), "bn.running_mean": r(4), "bn.running_var": r(4).abs() + 0.5,
+        "conv.weight": r(4, 2, 3, 3),
+        "conv.bias": r(4),
+        "bn.weight": 1 + 0.1 * r(4),
+        "bn.bias": r(4),
+        "bn.running_mean": r(4),
+        "bn.running_var": r(4).abs() + 0.5,
         "bn.num_batches_tracked": torch.tensor(7),
-        "fc.weight": r(5, 36), "fc.bias": r(5),
+        "fc.weight": r(5, 36),
+        "fc.bias": r(5),
     }
     return Tree({k: v.to(dtype) if v.is_floating_point() else v for k, v in t.items()}, source=f"model{seed}")
 
@@ -82,6 +87,7 @@ def _tensors(path) -> dict[str, torch.Tensor]:
 
 def _bitwise(a: dict, b: dict) -> bool:
     """Same names, dtypes and bytes (so -0.0 != 0.0, unlike torch.equal)."""
+
     def raw(t):
         return t.reshape(-1).view(torch.uint8)
 
@@ -92,8 +98,13 @@ def _bitwise(a: dict, b: dict) -> bool:
 # Round trips (acceptance)
 # ---------------------------------------------------------------------------------------------------------
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10_000), n=st.integers(1, 3), dtype=st.sampled_from([torch.float32, *HALF]),
-       scales=st.lists(st.floats(-2, 2, allow_nan=False), min_size=3, max_size=3), bits=st.sampled_from([32, 16, 8, 4]))
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 3),
+    dtype=st.sampled_from([torch.float32, *HALF]),
+    scales=st.lists(st.floats(-2, 2, allow_nan=False), min_size=3, max_size=3),
+    bits=st.sampled_from([32, 16, 8, 4]),
+)
 def test_patch_then_unpatch_is_identity_bitwise(seed, n, dtype, scales, bits):
     clean, sigs = _sigs(seed, n, dtype, bits)
     pairs = list(zip(sigs, scales[:n], strict=True))
@@ -135,7 +146,9 @@ def test_extract_then_patch_at_one_reproduces_robust_on_kept_layers(seed, dtype)
         got = patched[k].dense(None)
         if k in sig.tree:
             r = robust[k].dense(None).float()
-            assert ((got.float() - r).abs() <= _spacing(r, dtype) + 8 * torch.finfo(torch.float32).eps * r.abs()).all(), k
+            assert (
+                (got.float() - r).abs() <= _spacing(r, dtype) + 8 * torch.finfo(torch.float32).eps * r.abs()
+            ).all(), k
         else:
             assert torch.equal(got, leaf.dense(None)), f"{k} is not kept and must not change"
     # scale 0 changes nothing, bit for bit
@@ -144,8 +157,11 @@ def test_extract_then_patch_at_one_reproduces_robust_on_kept_layers(seed, dtype)
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 10_000), perm=st.permutations([0, 1, 2]),
-       scales=st.lists(st.floats(-1.5, 1.5, allow_nan=False), min_size=3, max_size=3))
+@given(
+    seed=st.integers(0, 10_000),
+    perm=st.permutations([0, 1, 2]),
+    scales=st.lists(st.floats(-1.5, 1.5, allow_nan=False), min_size=3, max_size=3),
+)
 def test_composition_is_order_independent_and_linear(seed, perm, scales):
     clean, sigs = _sigs(seed, 3, torch.float32)
     pairs = list(zip(sigs, scales, strict=True))
@@ -217,8 +233,14 @@ def test_quantized_signatures_size_and_error(tmp_path):
     """On a model whose layers have fan-in >= 36: int8 >= 1.8x and int4 >= 3.2x smaller than 16-bit, and the
     patched model is within the stated bound of the float32 patch."""
     g = torch.Generator().manual_seed(0)
-    clean = Tree({"l0.weight": torch.randn(256, 256, generator=g), "l0.bias": torch.randn(256, generator=g),
-                  "l1.weight": torch.randn(32, 8, 3, 3, generator=g), "l2.weight": torch.randn(10, 32, generator=g)})
+    clean = Tree(
+        {
+            "l0.weight": torch.randn(256, 256, generator=g),
+            "l0.bias": torch.randn(256, generator=g),
+            "l1.weight": torch.randn(32, 8, 3, 3, generator=g),
+            "l2.weight": torch.randn(10, 32, generator=g),
+        }
+    )
     robust = _robust(clean, 1)
     full = extract(clean, robust, layers="all")
     sizes, files = {}, {}
@@ -266,13 +288,28 @@ def test_layer_selection_rules():
     assert extract(clean, robust, layers="fc").record["keys"] == ["fc.weight", "fc.bias"]
     assert extract(clean, robust, layers="bn.*,re:^conv\\.").record["layers"] == ["conv", "bn"]
     assert extract(clean, robust, layers="all", stats=False).record["keys"] == [
-        "conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight", "fc.bias"]
+        "conv.weight",
+        "conv.bias",
+        "bn.weight",
+        "bn.bias",
+        "fc.weight",
+        "fc.bias",
+    ]
     # relative change: make fc change a lot, the rest barely
-    big = Tree({k: (v.dense(None) * (3.0 if k.startswith("fc") else 1.0)) if v.dtype.is_floating_point else v.dense(None)
-                for k, v in clean.items()})
+    big = Tree(
+        {
+            k: (v.dense(None) * (3.0 if k.startswith("fc") else 1.0)) if v.dtype.is_floating_point else v.dense(None)
+            for k, v in clean.items()
+        }
+    )
     assert extract(clean, big, layers="rel:0.5").record["layers"] == ["fc"]
-    for bad, msg in ((3, "only 2 weight layers"), ("nomatch*", "no tensor"), ("rel:5", "no module changed"),
-                     (0, "at least 1"), ("rel:x", "needs a number")):
+    for bad, msg in (
+        (3, "only 2 weight layers"),
+        ("nomatch*", "no tensor"),
+        ("rel:5", "no module changed"),
+        (0, "at least 1"),
+        ("rel:x", "needs a number"),
+    ):
         with pytest.raises(UserError, match=msg):
             extract(clean, big, layers=bad)
     assert LayerSelection.parse(None).describe() == "shallow-half"
@@ -307,8 +344,14 @@ def test_bank_file_and_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 def test_different_architectures_are_listed():
     clean = _model(0)
-    other = Tree({**{k: v for k, v in clean.items() if k != "fc.bias"}, "fc.weight": torch.zeros(6, 36),
-                  "extra.weight": torch.zeros(2, 2)}, source="other")
+    other = Tree(
+        {
+            **{k: v for k, v in clean.items() if k != "fc.bias"},
+            "fc.weight": torch.zeros(6, 36),
+            "extra.weight": torch.zeros(2, 2),
+        },
+        source="other",
+    )
     with pytest.raises(UserError) as e:
         extract(clean, other)
     msg = str(e.value)
@@ -439,8 +482,12 @@ def test_layer_order_of_sorted_files_is_natural(tmp_path):
     names = ["features.0.weight", "features.10.weight", "features.2.weight", "head.weight"]
     t = Tree({n: torch.zeros(2, 2) for n in names}, source=str(tmp_path))
     ordered, how = in_forward_order(t)
-    assert how == "natural" and list(ordered) == ["features.0.weight", "features.2.weight", "features.10.weight",
-                                                  "head.weight"]
+    assert how == "natural" and list(ordered) == [
+        "features.0.weight",
+        "features.2.weight",
+        "features.10.weight",
+        "head.weight",
+    ]
     sig = extract(t, Tree({n: torch.ones(2, 2) for n in names}), layers=2)
     assert sig.record["layers"] == ["features.0", "features.2"] and sig.record["order"] == "natural"
     assert in_forward_order(_model(0))[1] == "file"  # conv, bn, fc: written in the model's own order
