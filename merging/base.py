@@ -26,7 +26,7 @@ reads the base and the models' tensors (or task vectors), calls the method, cast
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -56,11 +56,13 @@ class TensorJob:
     Attributes:
         name: the tensor's name (state-dict key).
         shape: its shape; chunks are flat slices of the row-major tensor.
-        model_params: per-model parameters, one per model.
+        model_params: per-model parameters for this tensor, one per model.
         chunked: True when the tensor arrives in more than one chunk (statistic passes then re-read it).
         sample_rate: in a `SAMPLE` pass, the fraction of the tensor's elements that is delivered.
         state: the method's scratch space for this tensor (statistics between passes).
         labels: a readable name per model (its path), for messages.
+        params: the method's parameters for this tensor (a recipe's per-layer gradients and filters make them
+            differ from tensor to tensor); None: the method's own `params` (see `MergeMethod.at`).
     """
 
     name: str
@@ -70,6 +72,7 @@ class TensorJob:
     sample_rate: float = 1.0
     state: dict[str, Any] = field(default_factory=dict)
     labels: Sequence[str] = ()
+    params: Any = None
 
     @property
     def numel(self) -> int:
@@ -121,12 +124,24 @@ class MergeMethod:
     max_models: ClassVar[int | None] = None
     # the executor feeds chunks through next_pass/observe/merge_chunk instead of calling merge_tensor
     streaming: ClassVar[bool] = False
+    # its parameters may vary per tensor (mergekit's gradients and filters); data-driven methods learn or
+    # compute model-wide quantities from one set of parameters and refuse them
+    per_tensor_params: ClassVar[bool] = True
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()
 
     def prepare(self, inputs: MergeInputs) -> None:
         """Whole-model statistics before streaming (default: nothing)."""
+
+    def at(self, job: TensorJob) -> Any:
+        """The method's parameters for the tensor of `job`: per-tensor code reads these, never `self.params`
+        (which holds the values outside any gradient or filter: what `prepare` sees)."""
+        return job.params if job.params is not None else self.params
+
+    def check_settings(self, shared_scopes: Sequence[Mapping[str, Any]], model_scopes: Sequence[Any]) -> None:
+        """Refuse per-tensor settings (gradients, filters) the method cannot honour, e.g. a per-layer density with
+        a model-wide trim; raise UserError. The scopes are `merging.settings` scopes, most specific first."""
 
     def check_models(self, model_params: Sequence[Any], labels: Sequence[str]) -> None:
         """Validate the per-model parameters together (e.g. weights that must not sum to 0); raise UserError."""

@@ -12,10 +12,12 @@ composed config into the same mergekit-style dict (`hydra_to_dict`), and `parse_
     dtype: bfloat16                     # output dtype (default: the base model's); arithmetic is float32
     data: {...}                         # data-driven methods only: the examples they need
 
-Per-model parameters resolve as in mergekit: the model's own value, else the top-level one, else the method's
-default. Methods that merge task vectors drop a `models` entry that is the base model itself; `linear` adds a
-`base_model` that is not listed as one more input (mergekit does both). Unknown keys, unsupported mergekit
-features (slices, per-layer parameter schedules) and out-of-range values are refused with one message each.
+Any parameter may be a per-layer gradient or per-tensor conditional values, as in mergekit (`merging.settings`):
+`t: [0, 0.5, 1]`, `density: [{filter: mlp, value: 0.3}, {value: 0.5}]`. Per-model parameters resolve as in
+mergekit: the model's own value, else the top-level one, else the method's default. Methods that merge task
+vectors drop a `models` entry that is the base model itself; `linear` adds a `base_model` that is not listed as
+one more input (mergekit does both). Unknown keys, unsupported mergekit features and out-of-range values are
+refused with one message each.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import yaml
 
 from merging.base import METHODS, MergeMethod
+from merging.settings import Resolver, check_scope, is_scalar
 from peft_lab.errors import UserError
 from peft_lab.params import Checked, build, param, param_key, specs
 
@@ -100,10 +103,17 @@ OPTION_KEYS = tuple(f.name for f in dataclasses.fields(Options))
 
 @dataclass(frozen=True)
 class InputModel:
-    """One model to merge: its path as written in the recipe and its resolved per-model parameters."""
+    """One model to merge.
+
+    Attributes:
+        path: as written in the recipe.
+        params: its per-model parameters outside any gradient or filter (all of them, for a recipe of scalars).
+        settings: the per-model settings of its own entry, as given (checked): scalars, gradients, filters.
+    """
 
     path: str
     params: Any
+    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,7 @@ class Recipe:
         dtype: the requested output dtype (None: each tensor keeps the base model's dtype).
         options: how to run it.
         data: the examples data-driven methods need (the recipe's `data` mapping; `MergeInputs.extra["data"]`).
+        parameters: the top-level `parameters` settings as given (checked): the method's and per-model defaults.
     """
 
     method: MergeMethod
@@ -125,14 +136,28 @@ class Recipe:
     dtype: torch.dtype | None
     options: Options = field(default_factory=Options)
     data: Any = None
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    def resolver(self) -> Resolver:
+        """Each tensor's parameters (`merging.settings.Resolver`) from the settings of this recipe."""
+        cls = type(self.method)
+        shared = {k: v for k, v in self.parameters.items() if k in specs(cls.Params)}
+        defaults = {k: v for k, v in self.parameters.items() if k in specs(cls.ModelParams)}
+        return Resolver(cls.Params, [shared], cls.ModelParams, [[m.settings, defaults] for m in self.models])
 
     def to_dict(self) -> dict[str, Any]:
-        """The canonical recipe (every parameter resolved), a valid input to `parse_recipe`."""
+        """The canonical recipe, a valid input to `parse_recipe`: every parameter resolved to its value (defaults
+        filled in), except those given as gradients or filters, which are kept as given."""
+        schedules = {k: v for k, v in self.parameters.items() if not is_scalar(v)}
         d: dict[str, Any] = {"merge_method": self.method.name}
         if self.base is not None:
             d["base_model"] = self.base
-        d["models"] = [{"model": m.path, "parameters": _fields_dict(m.params)} for m in self.models]
-        d["parameters"] = _fields_dict(self.method.params)
+        d["models"] = []
+        for m in self.models:
+            values = {k: v for k, v in _fields_dict(m.params).items() if k not in schedules}  # those apply as given
+            values.update({k: v for k, v in m.settings.items() if not is_scalar(v)})
+            d["models"].append({"model": m.path, "parameters": values})
+        d["parameters"] = {**_fields_dict(self.method.params), **schedules}
         d["dtype"] = DTYPE_NAMES[self.dtype] if self.dtype is not None else None
         if self.data is not None:
             d["data"] = self.data
@@ -172,12 +197,18 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
     _check_keys(raw, where)
     cls = _method_class(raw, where)
     dtype = _dtype(raw.get("out_dtype") or raw.get("dtype"), where)
-    params, defaults = _parameters(cls, raw.get("parameters"), where)
-    method = cls(params)
+    top = _parameters(cls, raw.get("parameters"), where)
     base = raw.get("base_model")
     base = None if base is None else _path(base, f"{where}: base_model")
-    models = _models(cls, raw.get("models"), base, defaults, where)
-    _check_count(cls, models, base, where)
+    entries = _models(cls, raw.get("models"), base, where)
+    _check_count(cls, entries, base, where)
+    shared = {k: v for k, v in top.items() if k in specs(cls.Params)}
+    defaults = {k: v for k, v in top.items() if k in specs(cls.ModelParams)}
+    resolver = Resolver(cls.Params, [shared], cls.ModelParams, [[own, defaults] for _, own in entries], where)
+    _check_per_tensor(cls, resolver, where)
+    method = cls(resolver.shared())
+    method.check_settings([shared], [[own, defaults] for _, own in entries])
+    models = [InputModel(path, p, own) for (path, own), p in zip(entries, resolver.models(), strict=True)]
     method.check_models([m.params for m in models], [m.path for m in models])
     return Recipe(
         method=method,
@@ -186,7 +217,16 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
         dtype=dtype,
         options=opts,
         data=None if data is None else dict(data),
+        parameters=top,
     )
+
+
+def _check_per_tensor(cls: type[MergeMethod], resolver: Resolver, where: str) -> None:
+    if not cls.per_tensor_params and not resolver.constant:
+        raise UserError(
+            f"{where}: {cls.name} learns or computes its statistics for the whole model from one set of parameters; "
+            "its parameters cannot be per-layer gradients or per-tensor filters: give one value each."
+        )
 
 
 def _without_extras(raw: Any, where: str) -> dict[str, Any]:
@@ -251,24 +291,8 @@ def _dtype(name: Any, where: str) -> torch.dtype | None:
     return DTYPES[str(name)]
 
 
-def _no_schedules(cls: type, method: str, values: Mapping[str, Any], where: str) -> None:
-    """A list or mapping for a one-value parameter is mergekit's per-layer gradient or filter: refused."""
-    fields = specs(cls)
-    for key, value in values.items():
-        if isinstance(value, (list, tuple, Mapping)) and not fields[key].takes_list:
-            raise UserError(
-                f"{where}: parameter {key} of {method} is given as {type(value).__name__} ({value!r}); peft-lab "
-                "merge takes one value per parameter (mergekit's per-layer gradients and filters are not supported)."
-            )
-
-
-def _build(cls: type, method: str, values: Mapping[str, Any], where: str) -> Any:
-    _no_schedules(cls, method, values, where)
-    return build(cls, values, where=where)
-
-
-def _parameters(cls: type[MergeMethod], top: Any, where: str) -> tuple[Any, dict[str, Any]]:
-    """The method's parameters (built) and the per-model defaults of the top-level `parameters` (checked)."""
+def _parameters(cls: type[MergeMethod], top: Any, where: str) -> dict[str, Any]:
+    """The top-level `parameters` settings (the method's and per-model defaults), each checked."""
     top = top or {}
     if not isinstance(top, Mapping):
         raise UserError(f"{where}: `parameters` must be a mapping, got {top!r}.")
@@ -280,31 +304,25 @@ def _parameters(cls: type[MergeMethod], top: Any, where: str) -> tuple[Any, dict
             f"{where}: {cls.name} has no parameter {', '.join(map(str, bad))}; "
             f"its parameters are: {', '.join(allowed) or '(none)'}."
         )
-    params = _build(cls.Params, cls.name, {k: v for k, v in top.items() if k in shared}, f"{where}: parameters")
-    defaults = {k: v for k, v in top.items() if k in per_model}
-    _build(cls.ModelParams, cls.name, defaults, f"{where}: parameters")
-    return params, defaults
+    wh = f"{where}: parameters"
+    return {**check_scope(cls.Params, top, wh), **check_scope(cls.ModelParams, top, wh)}
 
 
-def _models(
-    cls: type[MergeMethod], entries: Any, base: str | None, defaults: Mapping[str, Any], where: str
-) -> list[InputModel]:
-    """The `models` entries with their per-model parameters (own values over the top-level defaults)."""
+def _models(cls: type[MergeMethod], entries: Any, base: str | None, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """The `models` entries: (path, own per-model settings, checked)."""
     if entries is None or isinstance(entries, (str, Mapping)) or not hasattr(entries, "__iter__"):
         raise UserError(f"{where}: `models` must be a list of {{model: PATH, parameters: {{...}}}} entries.")
-    models: list[InputModel] = []
+    models = []
     for i, entry in enumerate(entries):
-        model = _model(cls, entry, base, defaults, f"{where}: models[{i}]")
+        model = _model(cls, entry, base, f"{where}: models[{i}]")
         if model is not None:
             models.append(model)
-    if cls.base_is_input and base is not None and not any(_same_path(m.path, base) for m in models):
-        models.append(InputModel(base, _build(cls.ModelParams, cls.name, defaults, f"{where}: base_model")))
+    if cls.base_is_input and base is not None and not any(_same_path(m, base) for m, _ in models):
+        models.append((base, {}))
     return models
 
 
-def _model(
-    cls: type[MergeMethod], entry: Any, base: str | None, defaults: Mapping[str, Any], where: str
-) -> InputModel | None:
+def _model(cls: type[MergeMethod], entry: Any, base: str | None, where: str) -> tuple[str, dict[str, Any]] | None:
     """One `models` entry (None for the base model listed among the inputs, mergekit style)."""
     if isinstance(entry, (str, os.PathLike)):
         entry = {"model": entry}
@@ -326,10 +344,10 @@ def _model(
             f"{where}: {cls.name} has no per-model parameter {', '.join(map(str, bad))}"
             + (f"; per-model parameters are: {', '.join(per_model)}." if per_model else " (it takes none).")
         )
-    return InputModel(path, _build(cls.ModelParams, cls.name, {**defaults, **own}, f"{where} ({path})"))
+    return path, check_scope(cls.ModelParams, own, f"{where} ({path})")
 
 
-def _check_count(cls: type[MergeMethod], models: list[InputModel], base: str | None, where: str) -> None:
+def _check_count(cls: type[MergeMethod], models: list, base: str | None, where: str) -> None:
     if cls.needs_base and base is None:
         raise UserError(f"{where}: {cls.name} needs base_model (the model the task vectors are taken against).")
     if len(models) >= cls.min_models and (cls.max_models is None or len(models) <= cls.max_models):

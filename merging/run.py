@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from merging.architecture import layer_positions
 from merging.provenance import (
     RECIPE_FILE,
     RECIPE_KEY,
@@ -119,6 +120,11 @@ class _Merge:
                     f"{m.path} is an adapter (changes to a base model); give base_model, the model it was trained on."
                 )
             inputs.append(Input(m.path, tree, is_delta(tree), m.params))
+        resolver = r.resolver()
+        positions = None
+        if not resolver.constant:  # per-layer gradients: where each tensor sits in the model
+            ref = base if base is not None else next(i.tree for i in inputs if not i.is_delta)
+            positions = layer_positions(ref, config=self._config_dir([i.path for i in inputs if not i.is_delta]))
         return MergeStreams(
             self.method,
             base,
@@ -128,6 +134,8 @@ class _Merge:
             allow_nonfinite=self.opts.allow_nonfinite,
             bar=self.bar,
             threads=self.threads,
+            resolver=resolver,
+            positions=positions,
         )
 
     def check(self, streams: MergeStreams, out: Path) -> None:
@@ -228,7 +236,10 @@ class _Merge:
 
     def config_source(self, streams: MergeStreams) -> Path | None:
         """The dir config/tokenizer files come from: the base model's, else the first full model's."""
-        for p in ([self.r.base] if self.r.base else []) + [i.path for i in streams.inputs if not i.is_delta]:
+        return self._config_dir([i.path for i in streams.inputs if not i.is_delta])
+
+    def _config_dir(self, full_models: list[str]) -> Path | None:
+        for p in ([self.r.base] if self.r.base else []) + full_models:
             if Path(p).is_dir():
                 return Path(p)
         return None

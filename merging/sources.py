@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from merging.base import MergeInputs, MergeMethod, TensorJob
+from merging.settings import Resolver
 from merging.stream import FULL, SAMPLE, chunk_ranges, drive, intra_op_threads, sample_ranges
 from peft_lab.errors import UserError
 from peft_lab.tree import Lazy, Leaf, Tree, apply, delta
@@ -113,6 +114,10 @@ class MergeStreams:
         chunk_size: elements per chunk.
         allow_nonfinite: merge NaN/inf instead of refusing them.
         bar: `bar(total, desc, unit)` -> a progress-bar context (default: none).
+        threads: torch intra-op threads while streaming (None: unchanged).
+        resolver: each tensor's parameters when the recipe has gradients or filters (`merging.settings`);
+            None, or a constant resolver: the method's `params` and each input's `params` for every tensor.
+        positions: tensor name -> layer position t (`merging.architecture.layer_positions`), for the resolver.
     """
 
     def __init__(
@@ -126,6 +131,8 @@ class MergeStreams:
         allow_nonfinite: bool = False,
         bar: Callable | None = None,
         threads: int | None = None,
+        resolver: Resolver | None = None,
+        positions: Mapping[str, float] | None = None,
     ):
         self.method, self.base, self.inputs = method, base, list(inputs)
         self.base_label = base_label or (base.source if base is not None else None)
@@ -134,6 +141,8 @@ class MergeStreams:
         self.labels = [i.path for i in self.inputs]
         self.ref = base if base is not None else next(i.tree for i in self.inputs if not i.is_delta)
         self._bar = bar
+        self.resolver = resolver if resolver is not None and not resolver.constant else None
+        self.positions = positions or {}
 
     def close(self) -> None:
         self.files.close()
@@ -170,13 +179,13 @@ class MergeStreams:
 
     def job(self, name: str, **kw) -> TensorJob:
         leaf = self.ref[name]
+        model_params = [i.params for i in self.inputs]
+        if self.resolver is not None:  # per-layer gradients / per-tensor filters: this tensor's parameters
+            t = self.positions.get(name, 0.0)
+            kw.setdefault("params", self.resolver.shared(name, t))
+            model_params = self.resolver.models(name, t)
         return TensorJob(
-            name,
-            tuple(leaf.shape),
-            [i.params for i in self.inputs],
-            labels=self.labels,
-            chunked=leaf.numel > self.chunk_size,
-            **kw,
+            name, tuple(leaf.shape), model_params, labels=self.labels, chunked=leaf.numel > self.chunk_size, **kw
         )
 
     def float_names(self) -> list[str]:

@@ -91,9 +91,13 @@ def param(
     aliases: Mapping[Any, Any] | None = None,
     finite: bool = True,
     help: str | None = None,
+    static: bool = False,
 ) -> Any:
-    """A dataclass field with its constraints in `metadata` (see the module docstring)."""
+    """A dataclass field with its constraints in `metadata` (see the module docstring). `static`: where values may
+    vary per tensor (a merge recipe's gradients and filters), this one may not."""
     meta: dict[str, Any] = {}
+    if static:
+        meta["static"] = True
     if key is not None:
         meta["key"] = key
     if within is not None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from merging import fused
 from merging.base import FULL, SAMPLE, MergeInputs, MergeMethod, ModelParams, TensorJob
 from merging.methods._kth_largest import KthLargest, select_kth
+from merging.settings import is_scalar
 from peft_lab.errors import UserError
 from peft_lab.params import Checked, param
 
@@ -245,6 +246,20 @@ class GTAMethod(MergeMethod):
         self._global_thr: list[float] | None = None
         self._zero_sign = 1.0  # the elected sign of an exactly-zero sum (zero_sign: majority sets it in prepare)
 
+    def check_settings(self, shared_scopes, model_scopes) -> None:
+        """A model-wide trim (trim_scope global) ranks each model's whole task vector with one density: its
+        density and weight cannot vary per tensor."""
+        if self.sparsify != "magnitude" or getattr(self.params, "trim_scope", "tensor") != "global":
+            return
+        for i, scopes in enumerate(model_scopes):
+            for scope in scopes:
+                bad = [k for k in ("density", "weight") if k in scope and not is_scalar(scope[k])]
+                if bad:
+                    raise UserError(
+                        f"models[{i}]: {', '.join(bad)} given per layer or per tensor, but trim_scope=global ranks "
+                        "the whole model with one density per model; give one value, or use trim_scope=tensor."
+                    )
+
     @property
     def global_thresholds(self) -> list[float] | None:
         """Per model, the magnitude threshold of a global trim (after `prepare`; None in tensor scope)."""
@@ -313,7 +328,7 @@ class GTAMethod(MergeMethod):
         if self.sparsify == "none" or all(d >= 1 for d in dens):
             return None
         if self.sparsify == "random":  # the L1 rescale needs whole-tensor norms: in memory unless chunked
-            return FULL if index == 0 and self.params.rescale == "l1" and job.chunked else None
+            return FULL if index == 0 and self.at(job).rescale == "l1" and job.chunked else None
         if self.sparsify != "magnitude" or self._global_thr is not None or not job.chunked:
             return None  # global thresholds are known; a single chunk is selected in memory
         sels: dict[int, KthLargest] = job.state.setdefault("sel", {})
@@ -355,7 +370,7 @@ class GTAMethod(MergeMethod):
         one stream per model is kept and restarted whenever a pass begins at element 0."""
         key = ("gen", t)
         if start == 0 or key not in job.state:
-            job.state[key] = dare_generator(self.params.seed, job.name, t)
+            job.state[key] = dare_generator(self.at(job).seed, job.name, t)
         return job.state[key]
 
     # -- merge -----------------------------------------------------------------------------------------
@@ -400,7 +415,7 @@ class GTAMethod(MergeMethod):
         if self.sparsify == "magnitude":
             return hardshrink_at_least(tau, self._trim_threshold(job, t, tau))
         g = self._generator(job, t, start)
-        rescale = self.params.rescale
+        rescale = self.at(job).rescale
         if rescale == "l1" and not job.chunked:  # drop, then scale by the norms just measured
             before, after = dare_drop(tau, g, d, apply=True)
             if before >= _L1_EPS and after >= _L1_EPS:  # mergekit leaves near-zero tensors unscaled
@@ -412,7 +427,7 @@ class GTAMethod(MergeMethod):
             if before >= _L1_EPS and after >= _L1_EPS:
                 op, factor = 1, before / after
         elif rescale in ("keep_rate", "q"):
-            op, factor = 2, d if rescale == "keep_rate" else self.params.q
+            op, factor = 2, d if rescale == "keep_rate" else self.at(job).q
         dare_drop(tau, g, d, apply=True, sums=False, op=op, factor=factor)
         return tau
 
@@ -440,8 +455,8 @@ class GTAMethod(MergeMethod):
                 thr,
                 weights,
                 consensus=self.consensus,
-                normalize=self.params.normalize,
-                lam=self.params.lambda_,
+                normalize=self.at(job).normalize,
+                lam=self.at(job).lambda_,
                 zero_sign=self._zero_sign,
             )
         return combine(
@@ -449,8 +464,8 @@ class GTAMethod(MergeMethod):
             self._weighted(job, start, tensors),
             weights,
             consensus=self.consensus,
-            normalize=self.params.normalize,
-            lam=self.params.lambda_,
+            normalize=self.at(job).normalize,
+            lam=self.at(job).lambda_,
             zero_sign=self._zero_sign,
         )
 

@@ -99,6 +99,7 @@ class AdaMerging(MergeMethod):
     uses_deltas = True
     min_models = 1
     streaming = True
+    per_tensor_params = False
 
     def __init__(self, params: AdaMergingParams | None = None):
         super().__init__(params)

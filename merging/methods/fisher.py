@@ -123,6 +123,7 @@ class Fisher(MergeMethod):
     uses_deltas = False
     min_models = 1
     streaming = True
+    per_tensor_params = False
 
     def __init__(self, params: FisherParams | None = None):
         super().__init__(params)

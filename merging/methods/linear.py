@@ -59,7 +59,7 @@ class Linear(MergeMethod):
             )
 
     def raw_spec(self, job):
-        return {"mode": "linear", "weights": [p.weight for p in job.model_params], "normalize": self.params.normalize}
+        return {"mode": "linear", "weights": [p.weight for p in job.model_params], "normalize": self.at(job).normalize}
 
     def merge_chunk(self, job, start, base, tensors):
-        return weighted_average(tensors, [p.weight for p in job.model_params], self.params.normalize)
+        return weighted_average(tensors, [p.weight for p in job.model_params], self.at(job).normalize)

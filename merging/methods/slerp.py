@@ -61,7 +61,7 @@ class Slerp(MergeMethod):
     streaming = True
 
     def raw_spec(self, job):
-        return {"mode": "slerp", "t": self.params.t}
+        return {"mode": "slerp", "t": self.at(job).t}
 
     def next_pass(self, job, index):
         return FULL if index == 0 and job.chunked else None
@@ -78,5 +78,5 @@ class Slerp(MergeMethod):
         if not job.chunked:
             self.observe(job, 0, start, base, tensors)
         dot, n0, n1 = job.state["dot"]
-        c0, c1 = slerp_coefficients(self.params.t, dot, n0, n1)
+        c0, c1 = slerp_coefficients(self.at(job).t, dot, n0, n1)
         return base.mul_(c0).add_(v1, alpha=c1)

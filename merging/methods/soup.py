@@ -47,7 +47,7 @@ class Soup(MergeMethod):
             raise UserError("The weights of the soup's models sum to 0; give at least one a positive weight.")
 
     def merge_chunk(self, job, start, base, tensors):
-        if self.params.check_masks and len(tensors) > 1:
+        if self.at(job).check_masks and len(tensors) > 1:
             if fused.available() and fused.first_mask_mismatch(tensors)[0] < 0:  # one pass when the masks agree
                 return weighted_average(tensors, [p.weight for p in job.model_params], True)
             zero = _words(tensors[0] == 0)

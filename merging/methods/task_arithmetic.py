@@ -34,6 +34,6 @@ class TaskArithmetic(GTAMethod):
         return {
             "mode": "task_arithmetic",
             "weights": [p.weight for p in job.model_params],
-            "normalize": self.params.normalize,
-            "lam": self.params.lambda_,
+            "normalize": self.at(job).normalize,
+            "lam": self.at(job).lambda_,
         }

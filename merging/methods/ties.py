@@ -33,8 +33,8 @@ class TiesParams(Checked):
 
     lambda_: float = param(1.0, key="lambda")
     normalize: bool = True
-    trim_scope: str = param("tensor", choices=TRIM_SCOPES)
-    zero_sign: str = param("plus", choices=("plus", "majority"))
+    trim_scope: str = param("tensor", choices=TRIM_SCOPES, static=True)
+    zero_sign: str = param("plus", choices=("plus", "majority"), static=True)
 
     def __post_init__(self):
         super().__post_init__()

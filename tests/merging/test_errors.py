@@ -114,7 +114,9 @@ def test_unknown_method_lists_the_available_ones(files, tmp_path):
     "change, match",
     [
         ({"slices": [{"sources": []}]}, r"`slices` \(layer slices"),
-        ({"parameters": {"lambda": [0.1, 0.5]}}, r"parameter lambda of task_arithmetic is given as list"),
+        ({"parameters": {"lambda": [0.1, "big"]}}, r"parameters: lambda='big' must be a finite number"),
+        ({"parameters": {"lambda": []}}, r"lambda=\[\] is empty: give a value, a gradient"),
+        ({"parameters": {"lambda": [0.1, {"filter": "mlp", "value": 1}]}}, r"mixes values and filters"),
         ({"dtype": "float8"}, r"dtype 'float8' is not one of"),
         ({"frobnicate": 1}, r"unknown key\(s\) frobnicate"),
         ({"merge_method": "ties", "base_model": None}, r"ties needs base_model"),
