@@ -77,19 +77,35 @@ def test_resume_after_kill_gives_the_same_metrics(tmp_path):
 
     out = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the run pauses right after writing its step-10 checkpoint (a hook, no race with the run's speed): killed there
+    code = f"""
+import pathlib, sys, time
+import peft_lab.train.loop as loop
+real = loop.save_checkpoint
+def save_then_pause(root, step, **kw):
+    path = real(root, step, **kw)
+    if step == 10:
+        pathlib.Path({str(tmp_path / "paused")!r}).write_text(str(path))
+        while True:
+            time.sleep(1)
+    return path
+loop.save_checkpoint = save_then_pause
+from peft_lab.cli import main
+sys.exit(main(["train", *{[*args, f"output_dir={out}"]!r}]))
+"""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "peft_lab", "train", *args, f"output_dir={out}"],
+        [sys.executable, "-c", code],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     deadline = time.time() + 300
-    while not (out / "checkpoints" / "step_0000010").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
+    while not (tmp_path / "paused").exists():
+        assert proc.poll() is None, "the run ended before reaching its step-10 checkpoint"
         assert time.time() < deadline
         time.sleep(0.02)
-    assert proc.poll() is None and not (out / "metrics.json").exists()
+    assert (out / "checkpoints" / "step_0000010").exists() and not (out / "metrics.json").exists()
     os.killpg(proc.pid, signal.SIGKILL)  # mid-run, no clean-up of any kind
     proc.wait()
     assert not (out / "metrics.json").exists()
