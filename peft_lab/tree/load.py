@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -133,8 +134,9 @@ def _pickle_message(path: Path) -> str:
 def _load_pickle(path: Path) -> Tree:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise UserError(f"{path}: cannot load even with allow_pickle ({e}).") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError, AttributeError) as e:
+        # a damaged or foreign file (MemoryError and KeyboardInterrupt are not the file's fault: they propagate)
+        raise UserError(f"{path}: cannot load even with allow_pickle ({type(e).__name__}: {e}).") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):

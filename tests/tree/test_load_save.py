@@ -103,6 +103,21 @@ def test_pickle_refused_unless_allowed(tmp_path):
     assert torch.equal(t["w"].dense(), torch.ones(2))
 
 
+def test_a_damaged_pickle_is_a_user_error_but_memory_errors_propagate(tmp_path, monkeypatch):
+    bad = tmp_path / "pytorch_model.bin"
+    bad.write_bytes(b"not a pickle at all")
+    with pytest.raises(UserError, match=r"pytorch_model\.bin: cannot load even with allow_pickle"):
+        load_tree(bad, allow_pickle=True)
+    torch.save({"w": torch.ones(2)}, bad)
+
+    def out_of_memory(*a, **k):
+        raise MemoryError
+
+    monkeypatch.setattr(torch, "load", out_of_memory)
+    with pytest.raises(MemoryError):
+        load_tree(bad, allow_pickle=True)
+
+
 def test_own_adapter_dir_opens_as_delta_tree(tmp_path):
     from peft_lab.tree import is_delta
     from peft_lab.tree.load import ADAPTER_CONFIG, ADAPTER_WEIGHTS
