@@ -12,6 +12,10 @@ composed config into the same mergekit-style dict (`hydra_to_dict`), and `parse_
     dtype: bfloat16                     # output dtype (default: the base model's); arithmetic is float32
     data: {...}                         # data-driven methods only: the examples they need
 
+or, instead of `models`, `slices:` (layer ranges, per-slice base and parameters) or `modules:` (per tower), and
+`tokenizer_source` / `tokenizer:` / `chat_template` (`merging.grammar`, `merging.vocab`). A model is a path,
+`path+lora_dir` or `{model: PATH, lora: DIR}` (a PEFT LoRA applied to it first).
+
 Any parameter may be a per-layer gradient or per-tensor conditional values, as in mergekit (`merging.settings`):
 `t: [0, 0.5, 1]`, `density: [{filter: mlp, value: 0.3}, {value: 0.5}]`. Per-model parameters resolve as in
 mergekit: the model's own value, else the top-level one, else the method's default. Methods that merge task
@@ -33,7 +37,9 @@ import torch
 import yaml
 
 from merging.base import METHODS, MergeMethod
-from merging.settings import Resolver, check_scope, is_scalar
+from merging.grammar import Layout, ModelRef, model_ref, parse_layout, split_scope
+from merging.settings import Resolver, is_scalar
+from merging.vocab import TokenizerSpec, parse_chat_template, parse_tokenizer
 from peft_lab.errors import UserError
 from peft_lab.params import Checked, build, param, param_key, specs
 
@@ -53,16 +59,22 @@ DTYPES = {
 }
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 HASHES = ("sha256", "none")
-RECIPE_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype")
+RECIPE_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "modules",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+)
 
 # keys peft-lab writes into merge_recipe.yaml besides the recipe; accepted (and ignored) when it is re-run
-RECORD_KEYS = ("inputs", "tool")
-UNSUPPORTED = {
-    "slices": "layer slices (frankenmerges)",
-    "modules": "per-module recipes",
-    "tokenizer": "tokenizer surgery",
-    "chat_template": "chat template selection",
-}
+RECORD_KEYS = ("inputs", "tool", "arithmetic")
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,11 @@ class InputModel:
     path: str
     params: Any
     settings: Mapping[str, Any] = field(default_factory=dict)
+    lora: str | None = None  # a PEFT LoRA dir applied to the model first (`path+lora`)
+
+    @property
+    def ref(self) -> ModelRef:
+        return ModelRef(self.path, self.lora)
 
 
 @dataclass(frozen=True)
@@ -128,6 +145,12 @@ class Recipe:
         options: how to run it.
         data: the examples data-driven methods need (the recipe's `data` mapping; `MergeInputs.extra["data"]`).
         parameters: the top-level `parameters` settings as given (checked): the method's and per-model defaults.
+        layout: the `slices:` / `modules:` of the recipe (None: the `models:` form, `models` holds the inputs).
+        base_ref: the base model's reference (with its LoRA, if any).
+        tokenizer: the output tokenizer (`tokenizer_source` / `tokenizer:`), None: copied from the base.
+        chat_template: the chat template to write into the tokenizer config (None: the tokenizer's own).
+        noop: accepted mergekit parameters that change nothing here (`int8_mask`), as given.
+        out_dtype_given: which key gave `dtype` (`dtype` or `out_dtype`), for the record.
     """
 
     method: MergeMethod
@@ -137,6 +160,11 @@ class Recipe:
     options: Options = field(default_factory=Options)
     data: Any = None
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    layout: Layout | None = None
+    base_ref: ModelRef | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
+    noop: Mapping[str, Any] = field(default_factory=dict)
 
     def resolver(self) -> Resolver:
         """Each tensor's parameters (`merging.settings.Resolver`) from the settings of this recipe."""
@@ -150,43 +178,63 @@ class Recipe:
         filled in), except those given as gradients or filters, which are kept as given."""
         schedules = {k: v for k, v in self.parameters.items() if not is_scalar(v)}
         d: dict[str, Any] = {"merge_method": self.method.name}
-        if self.base is not None:
-            d["base_model"] = self.base
-        d["models"] = []
-        for m in self.models:
-            values = {k: v for k, v in _fields_dict(m.params).items() if k not in schedules}  # those apply as given
-            values.update({k: v for k, v in m.settings.items() if not is_scalar(v)})
-            d["models"].append({"model": m.path, "parameters": values})
-        d["parameters"] = {**_fields_dict(self.method.params), **schedules}
+        if self.base_ref is not None:
+            d["base_model"] = self.base_ref.to_yaml()
+        if self.layout is None:
+            d["models"] = []
+            for m in self.models:
+                values = {k: v for k, v in _fields_dict(m.params).items() if k not in schedules}  # apply as given
+                values.update({k: v for k, v in m.settings.items() if not is_scalar(v)})
+                d["models"].append({"model": m.ref.to_yaml(), "parameters": values})
+        else:
+            d.update(layout_dict(self.layout))
+        d["parameters"] = {**_fields_dict(self.method.params), **schedules, **self.noop}
         d["dtype"] = DTYPE_NAMES[self.dtype] if self.dtype is not None else None
+        if self.tokenizer is not None:
+            d.update(self.tokenizer.to_dict())
+        if self.chat_template is not None:
+            d["chat_template"] = self.chat_template
         if self.data is not None:
             d["data"] = self.data
         return d
+
+
+def layout_dict(layout: Layout) -> dict[str, Any]:
+    """The `slices:` or `modules:` of a layout, as a recipe writes them (settings as given)."""
+
+    def params(settings):
+        return {"parameters": dict(settings)} if settings else {}
+
+    def slices(m):
+        return [
+            {
+                "sources": [
+                    {"model": s.model.to_yaml(), "layer_range": list(s.layers), **params(s.settings)}
+                    for s in sl.sources
+                ],
+                **({"base_model": sl.base.to_yaml()} if sl.base is not None else {}),
+                **params(sl.settings),
+            }
+            for sl in m.slices
+        ]
+
+    if layout.form == "slices":
+        return {"slices": slices(layout.modules[0])}
+    mods = {}
+    for m in layout.modules:
+        body = (
+            {"slices": slices(m)}
+            if m.slices
+            else {"models": [{"model": r.to_yaml(), **params(s)} for r, s in m.models]}
+        )
+        mods[m.name] = {**body, **params(m.settings)}
+    return {"modules": mods}
 
 
 def _fields_dict(obj: Any) -> dict[str, Any]:
     if not dataclasses.is_dataclass(obj):
         return {}
     return {param_key(f): getattr(obj, f.name) for f in dataclasses.fields(obj)}
-
-
-def _same_path(a: str, b: str) -> bool:
-    return os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
-
-
-def _path(value: Any, where: str) -> str:
-    if isinstance(value, Mapping) and "path" in value:  # mergekit's ModelReference {path: ..., lora: ...}
-        if value.get("lora"):
-            raise UserError(
-                f"{where}: mergekit's `lora:` model references are not supported; give the adapter dir itself as "
-                "the model."
-            )
-        value = value["path"]
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
-        raise UserError(
-            f"{where}: a model must be a path (an HF model dir, a .safetensors file or an adapter dir), got {value!r}."
-        )
-    return str(value)
 
 
 def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: Any) -> Recipe:
@@ -197,28 +245,57 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
     _check_keys(raw, where)
     cls = _method_class(raw, where)
     dtype = _dtype(raw.get("out_dtype") or raw.get("dtype"), where)
-    top = _parameters(cls, raw.get("parameters"), where)
-    base = raw.get("base_model")
-    base = None if base is None else _path(base, f"{where}: base_model")
-    entries = _models(cls, raw.get("models"), base, where)
-    _check_count(cls, entries, base, where)
+    noop: dict[str, Any] = {}
+    top = split_scope(cls, raw.get("parameters"), f"{where}: parameters", noop=noop)
+    base_ref = None if raw.get("base_model") is None else model_ref(raw["base_model"], f"{where}: base_model")
+    base = None if base_ref is None else str(base_ref)
+    layout = parse_layout(cls, raw, base_ref, where, noop)
     shared = {k: v for k, v in top.items() if k in specs(cls.Params)}
     defaults = {k: v for k, v in top.items() if k in specs(cls.ModelParams)}
-    resolver = Resolver(cls.Params, [shared], cls.ModelParams, [[own, defaults] for _, own in entries], where)
-    _check_per_tensor(cls, resolver, where)
-    method = cls(resolver.shared())
-    method.check_settings([shared], [[own, defaults] for _, own in entries])
-    models = [InputModel(path, p, own) for (path, own), p in zip(entries, resolver.models(), strict=True)]
-    method.check_models([m.params for m in models], [m.path for m in models])
-    return Recipe(
-        method=method,
+    common = dict(
         base=base,
-        models=tuple(models),
         dtype=dtype,
         options=opts,
         data=None if data is None else dict(data),
         parameters=top,
+        base_ref=base_ref,
+        chat_template=parse_chat_template(raw.get("chat_template"), where),
+        noop=noop,
     )
+    if layout is not None:
+        method = _layout_method(cls, layout, shared, defaults, where)
+        refs = layout.refs() + ([base_ref] if base_ref is not None else [])
+        tokenizer = parse_tokenizer(raw, refs, where)
+        return Recipe(method=method, models=(), layout=layout, tokenizer=tokenizer, **common)
+    entries = _models(cls, raw.get("models"), base_ref, where)
+    _check_count(cls, entries, base, where)
+    resolver = Resolver(cls.Params, [shared], cls.ModelParams, [[own, defaults] for _, own in entries], where)
+    _check_per_tensor(cls, resolver, where)
+    method = cls(resolver.shared())
+    method.check_settings([shared], [[own, defaults] for _, own in entries])
+    models = [InputModel(r.path, p, own, r.lora) for (r, own), p in zip(entries, resolver.models(), strict=True)]
+    method.check_models([m.params for m in models], [m.path for m in models])
+    tokenizer = parse_tokenizer(raw, [m.ref for m in models] + ([base_ref] if base_ref else []), where)
+    return Recipe(method=method, models=tuple(models), tokenizer=tokenizer, **common)
+
+
+def _layout_method(cls: type[MergeMethod], layout: Layout, shared: dict, defaults: dict, where: str) -> MergeMethod:
+    """The method of a `slices:` / `modules:` recipe, its settings checked in every scope."""
+    if not cls.per_tensor_params:
+        raise UserError(
+            f"{where}: {cls.name} learns or computes its statistics by running the whole model; it merges whole "
+            "models (`models:`), not slices or modules."
+        )
+    shared_scopes, model_scopes = [shared], []
+    for mod in layout.modules:
+        pick = lambda sc: {k: v for k, v in sc.items() if k in specs(cls.Params)}  # noqa: E731
+        shared_scopes += [pick(mod.settings)] + [pick(sl.settings) for sl in mod.slices]
+        model_scopes += [[own, mod.settings, defaults] for _, own in mod.models]
+        model_scopes += [[s.settings, sl.settings, mod.settings, defaults] for sl in mod.slices for s in sl.sources]
+    resolver = Resolver(cls.Params, [shared], cls.ModelParams, [], where)
+    method = cls(resolver.shared())
+    method.check_settings(shared_scopes, model_scopes)
+    return method
 
 
 def _check_per_tensor(cls: type[MergeMethod], resolver: Resolver, where: str) -> None:
@@ -230,22 +307,10 @@ def _check_per_tensor(cls: type[MergeMethod], resolver: Resolver, where: str) ->
 
 
 def _without_extras(raw: Any, where: str) -> dict[str, Any]:
-    """The recipe as a dict without the keys peft-lab ignores; mergekit features it does not support refused."""
+    """The recipe as a dict without the keys peft-lab writes into its record (ignored when a record is re-run)."""
     if not isinstance(raw, Mapping):
         raise UserError(f"{where}: a recipe is a mapping with merge_method, models, ...; got {type(raw).__name__}.")
     raw = dict(raw)
-    for key, what in UNSUPPORTED.items():
-        if raw.get(key):
-            raise UserError(
-                f"{where}: `{key}` ({what}) is a mergekit feature peft-lab merge does not support; "
-                "list whole models under `models:`."
-            )
-        raw.pop(key, None)
-    ts = raw.pop("tokenizer_source", None)
-    if ts not in (None, "base"):
-        raise UserError(
-            f"{where}: tokenizer_source={ts!r} is not supported; the tokenizer is copied from the base model."
-        )
     for k in RECORD_KEYS:
         raw.pop(k, None)
     return raw
@@ -271,8 +336,8 @@ def _check_keys(raw: Mapping[str, Any], where: str) -> None:
     unknown = [k for k in raw if k not in RECIPE_KEYS]
     if unknown:
         raise UserError(
-            f"{where}: unknown key(s) {', '.join(map(str, unknown))}. A recipe has merge_method, base_model, models, "
-            f"parameters, dtype, data (and run options {', '.join(OPTION_KEYS)})."
+            f"{where}: unknown key(s) {', '.join(map(str, unknown))}. A recipe has {', '.join(RECIPE_KEYS)}, data "
+            f"(and run options {', '.join(OPTION_KEYS)})."
         )
 
 
@@ -291,24 +356,7 @@ def _dtype(name: Any, where: str) -> torch.dtype | None:
     return DTYPES[str(name)]
 
 
-def _parameters(cls: type[MergeMethod], top: Any, where: str) -> dict[str, Any]:
-    """The top-level `parameters` settings (the method's and per-model defaults), each checked."""
-    top = top or {}
-    if not isinstance(top, Mapping):
-        raise UserError(f"{where}: `parameters` must be a mapping, got {top!r}.")
-    shared, per_model = specs(cls.Params), specs(cls.ModelParams)
-    bad = [k for k in top if k not in shared and k not in per_model]
-    if bad:
-        allowed = sorted(set(shared) | set(per_model))
-        raise UserError(
-            f"{where}: {cls.name} has no parameter {', '.join(map(str, bad))}; "
-            f"its parameters are: {', '.join(allowed) or '(none)'}."
-        )
-    wh = f"{where}: parameters"
-    return {**check_scope(cls.Params, top, wh), **check_scope(cls.ModelParams, top, wh)}
-
-
-def _models(cls: type[MergeMethod], entries: Any, base: str | None, where: str) -> list[tuple[str, dict[str, Any]]]:
+def _models(cls: type[MergeMethod], entries: Any, base: ModelRef | None, where: str) -> list[tuple[ModelRef, dict]]:
     """The `models` entries: (path, own per-model settings, checked)."""
     if entries is None or isinstance(entries, (str, Mapping)) or not hasattr(entries, "__iter__"):
         raise UserError(f"{where}: `models` must be a list of {{model: PATH, parameters: {{...}}}} entries.")
@@ -317,12 +365,12 @@ def _models(cls: type[MergeMethod], entries: Any, base: str | None, where: str) 
         model = _model(cls, entry, base, f"{where}: models[{i}]")
         if model is not None:
             models.append(model)
-    if cls.base_is_input and base is not None and not any(_same_path(m, base) for m, _ in models):
+    if cls.base_is_input and base is not None and not any(m.same(base) for m, _ in models):
         models.append((base, {}))
     return models
 
 
-def _model(cls: type[MergeMethod], entry: Any, base: str | None, where: str) -> tuple[str, dict[str, Any]] | None:
+def _model(cls: type[MergeMethod], entry: Any, base: ModelRef | None, where: str) -> tuple[ModelRef, dict] | None:
     """One `models` entry (None for the base model listed among the inputs, mergekit style)."""
     if isinstance(entry, (str, os.PathLike)):
         entry = {"model": entry}
@@ -331,20 +379,10 @@ def _model(cls: type[MergeMethod], entry: Any, base: str | None, where: str) -> 
     extra = [k for k in entry if k not in ("model", "parameters")]
     if extra:
         raise UserError(f"{where}: unknown key(s) {', '.join(map(str, extra))} (an entry has model and parameters).")
-    path = _path(entry["model"], where)
-    if base is not None and cls.needs_base and not cls.base_is_input and _same_path(path, base):
+    ref = model_ref(entry["model"], where)
+    if base is not None and cls.needs_base and not cls.base_is_input and ref.same(base):
         return None  # the base model listed among the inputs: it is the base, not a task
-    own = entry.get("parameters") or {}
-    if not isinstance(own, Mapping):
-        raise UserError(f"{where}: `parameters` must be a mapping, got {own!r}.")
-    per_model = specs(cls.ModelParams)
-    bad = [k for k in own if k not in per_model]
-    if bad:
-        raise UserError(
-            f"{where}: {cls.name} has no per-model parameter {', '.join(map(str, bad))}"
-            + (f"; per-model parameters are: {', '.join(per_model)}." if per_model else " (it takes none).")
-        )
-    return path, check_scope(cls.ModelParams, own, f"{where} ({path})")
+    return ref, split_scope(cls, entry.get("parameters"), f"{where} ({ref})", shared=False)
 
 
 def _check_count(cls: type[MergeMethod], models: list, base: str | None, where: str) -> None:

@@ -26,7 +26,9 @@ from typing import Any
 
 import torch
 
-from merging.architecture import layer_positions
+from merging.architecture import read_config, stacks_of
+from merging.outconfig import rewrite_config
+from merging.plan import open_models, plan_merge, warn_unmatched_filters
 from merging.provenance import (
     RECIPE_FILE,
     RECIPE_KEY,
@@ -38,10 +40,12 @@ from merging.provenance import (
     write_recipe_file,
 )
 from merging.recipe import DTYPE_NAMES, Recipe, load_recipe
-from merging.sources import Input, MergeStreams
+from merging.sources import FileTable, MergeStreams
 from merging.stream import intra_op_threads, tuned_malloc
+from merging.vocab import Vocab, build_vocab, resolve_chat_template, write_tokenizer
+from merging.vocab_rows import check_vocab_sizes, vocab_size, with_vocab
 from peft_lab.errors import UserError
-from peft_lab.tree import Thunk, Tree, atomic_output_dir, copy_files, is_delta, load_tree, mismatches, save_tree
+from peft_lab.tree import Thunk, Tree, atomic_output_dir, copy_files, mismatches, save_tree
 from peft_lab.tree.fs import guard_output
 
 __all__ = ["run_merge", "read_recipe", "RECIPE_KEY", "RECIPE_FILE", "COPIED_FILES"]
@@ -63,6 +67,7 @@ COPIED_FILES = (
     "chat_template.json",
     "preprocessor_config.json",
 )
+NOT_TOKENIZER_FILES = ("config.json", "generation_config.json", "preprocessor_config.json")
 
 
 def run_merge(
@@ -82,13 +87,16 @@ def run_merge(
 
 
 class _MergedLeaf(Thunk):
-    """One output tensor, computed chunk by chunk when the writer asks for it."""
+    """One output tensor, computed chunk by chunk when the writer asks for it (after `prepare`, when the merge
+    prepares group by group)."""
 
-    def __init__(self, streams: MergeStreams, name: str, shape, dtype: torch.dtype):
+    def __init__(self, streams: MergeStreams, name: str, shape, dtype: torch.dtype, prepare=None):
         super().__init__(lambda: None, [], shape, dtype, name=name)
-        self._streams = streams
+        self._streams, self._prepare = streams, prepare
 
     def chunks(self, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        if self._prepare is not None:
+            self._prepare()
         return self._streams.tensor_chunks(self.name, dtype)
 
     def dense(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
@@ -102,56 +110,74 @@ class _Merge:
         self.method = recipe.method
         self.opts = recipe.options
         self.threads = None if recipe.options.threads == "auto" else recipe.options.threads
+        self.vocab: Vocab | None = None
+        self._prepared: set[int] = set()
 
-    def open(self) -> MergeStreams:
-        r, allow = self.r, self.opts.allow_pickle
-        paths = ([r.base] if r.base else []) + [m.path for m in r.models]
-        missing = list(dict.fromkeys(p for p in paths if not Path(p).exists()))
+    def open(self) -> list[MergeStreams]:
+        """Every model opened, the merge planned (`merging.plan`), one `MergeStreams` per group of tensors."""
+        models = open_models(self.r)
+        self.plan = plan_merge(self.r, models)
+        warn_unmatched_filters(self.r, self.plan)
+        self.configs = {k: read_config(o.dir) for k, o in models.items()}
+        self.vocab = self.build_vocab()
+        files = FileTable()
+        out = []
+        for g in self.plan.groups:
+            if self.vocab is not None:
+                g = with_vocab(g, self.vocab, self.configs)
+            streams = MergeStreams(
+                self.method,
+                g.base,
+                g.inputs,
+                base_label=str(g.base_ref or self.r.base or ""),
+                chunk_size=self.opts.chunk_size,
+                allow_nonfinite=self.opts.allow_nonfinite,
+                bar=self.bar,
+                threads=self.threads,
+                resolver=g.resolver,
+                positions=g.positions,
+                source_names=g.source_names,
+                files=files,
+            )
+            streams.group = g
+            out.append(streams)
+        return out
+
+    def build_vocab(self) -> Vocab | None:
+        """The output tokenizer when the recipe asks for one; else the inputs' vocabularies must agree."""
+        full = [o for o in self.plan.models.values() if not o.is_delta]
+        sizes = {o.ref.key: vocab_size(self.configs.get(o.ref.key)) for o in full}
+        if self.r.tokenizer is None:
+            check_vocab_sizes([(str(o.ref), sizes[o.ref.key]) for o in full])
+            return None
+        if any(o.is_delta for o in self.plan.models.values()):
+            raise UserError(
+                "A tokenizer setting rebuilds the embedding rows of full models; adapter inputs cannot take part. "
+                "Give `MODEL+LORA_DIR` to apply a LoRA to its model instead."
+            )
+        refs = [o.ref for o in full]
+        base = self.r.base_ref or refs[0]
+        missing = [str(o.ref) for o in full if o.dir is None]
         if missing:
-            raise UserError(f"No such file or directory: {', '.join(missing)}. Check the paths in the recipe.")
-        base = load_tree(r.base, allow_pickle=allow) if r.base else None
-        if base is not None and is_delta(base):
-            raise UserError(f"base_model {r.base} is an adapter (a set of changes); base_model must be a full model.")
-        inputs = []
-        for m in r.models:
-            tree = load_tree(m.path, base=base, allow_pickle=allow)
-            if is_delta(tree) and base is None:
-                raise UserError(
-                    f"{m.path} is an adapter (changes to a base model); give base_model, the model it was trained on."
-                )
-            inputs.append(Input(m.path, tree, is_delta(tree), m.params))
-        resolver = r.resolver()
-        positions = None
-        if not resolver.constant:  # per-layer gradients: where each tensor sits in the model
-            ref = base if base is not None else next(i.tree for i in inputs if not i.is_delta)
-            positions = layer_positions(ref, config=self._config_dir([i.path for i in inputs if not i.is_delta]))
-        return MergeStreams(
-            self.method,
-            base,
-            inputs,
-            base_label=r.base,
-            chunk_size=self.opts.chunk_size,
-            allow_nonfinite=self.opts.allow_nonfinite,
-            bar=self.bar,
-            threads=self.threads,
-            resolver=resolver,
-            positions=positions,
-        )
+            raise UserError(f"tokenizer settings need each model's dir (its tokenizer files): {', '.join(missing)}.")
+        return build_vocab(self.r.tokenizer, base, refs, {o.ref.key: o.dir for o in full}, sizes)
 
-    def check(self, streams: MergeStreams, out: Path) -> None:
+    def check(self, streams: list[MergeStreams], out: Path) -> None:
         lines: list[str] = []
-        for inp in streams.inputs:
-            if inp.tree is not streams.ref:
-                lines += mismatches(streams.ref, {inp.path: inp.tree}, allow_subset=inp.is_delta)
+        for s in streams:
+            where = "" if s.group.label == "models" else f"{s.group.label}: "
+            for inp in s.inputs:
+                if inp.tree is not s.ref:
+                    lines += [where + x for x in mismatches(s.ref, {inp.path: inp.tree}, allow_subset=inp.is_delta)]
         if lines:
             shown = lines[:50] + ([f"... and {len(lines) - 50} more"] if len(lines) > 50 else [])
+            ref = streams[0].ref.source
             raise UserError(
-                f"The models do not line up with {streams.ref.source} ({len(lines)} problem(s)); they must share the "
+                f"The models do not line up with {ref} ({len(lines)} problem(s)); they must share the "
                 "architecture (tensor names and shapes):\n  " + "\n  ".join(shown)
             )
-        guard_output(
-            out, [self.r.base, *streams.labels], kind="merge", overwrite=self.opts.overwrite, what="The output dir"
-        )
+        paths = [p for o in self.plan.models.values() for p in (o.ref.path, o.ref.lora) if p is not None]
+        guard_output(out, paths, kind="merge", overwrite=self.opts.overwrite, what="The output dir")
 
     def bar(self, total: int, desc: str, unit: str = "B"):
         from tqdm.auto import tqdm
@@ -169,10 +195,19 @@ class _Merge:
             mininterval=0.5,
         )
 
-    def record(self, streams: MergeStreams, digests: dict[Path, str] | None) -> dict[str, Any]:
-        roles = [("base", self.r.base, None)] if self.r.base else []
-        roles += [("model", i.path, i.is_delta) for i in streams.inputs]
-        return record(self.r.to_dict(), roles, self.opts.hash, digests, allow_nonfinite=self.opts.allow_nonfinite)
+    def roles(self) -> list[tuple[str, str, bool | None]]:
+        """(role, path, is_delta) of every input: the base, the models, the LoRA dirs applied to them."""
+        out = []
+        for o in sorted(self.plan.models.values(), key=lambda o: o.role != "base"):
+            out.append((o.role, o.ref.path, None if o.role == "base" else o.is_delta))
+            if o.ref.lora is not None and not any(r[1] == o.ref.lora for r in out):
+                out.append(("lora", o.ref.lora, None))
+        return out
+
+    def record(self, digests: dict[Path, str] | None) -> dict[str, Any]:
+        rec = record(self.r.to_dict(), self.roles(), self.opts.hash, digests, allow_nonfinite=self.opts.allow_nonfinite)
+        rec["arithmetic"] = "float32"
+        return rec
 
     def run(self, out: Path) -> Path:
         streams = self.open()
@@ -180,33 +215,44 @@ class _Merge:
             self.check(streams, out)
             return self._write(streams, out)
         finally:
-            streams.close()
+            for s in streams:
+                s.close()
 
-    def _write(self, streams: MergeStreams, out: Path) -> Path:
-        ref, m = streams.ref, self.method
-        out_dtype = {
-            n: (self.r.dtype or leaf.dtype) if leaf.dtype.is_floating_point else leaf.dtype for n, leaf in ref.items()
-        }
-        merged = Tree(
-            {
-                n: _MergedLeaf(streams, n, leaf.shape, out_dtype[n]) if leaf.dtype.is_floating_point else leaf
-                for n, leaf in ref.items()
-            },
-            source="merge",
-        )
-        total = sum(leaf.numel * out_dtype[n].itemsize for n, leaf in ref.items())
-        paths = ([self.r.base] if self.r.base else []) + streams.labels
+    def _prepare(self, streams: list[MergeStreams], i: int) -> None:
+        """`method.prepare` for group i, once (several groups: just before the group's first tensor)."""
+        if i not in self._prepared:
+            self._prepared.add(i)
+            self.method.prepare(streams[i].merge_inputs({} if self.r.data is None else {"data": self.r.data}))
+
+    def _tree(self, streams: list[MergeStreams]) -> Tree:
+        leaves = {}
+        for i, s in enumerate(streams):
+            for n in s.group.names:
+                leaf = s.ref[n]
+                if not leaf.dtype.is_floating_point:
+                    leaves[n] = leaf
+                    continue
+                prep = None if len(streams) == 1 else (lambda _i=i: self._prepare(streams, _i))
+                leaves[n] = _MergedLeaf(s, n, leaf.shape, self.r.dtype or leaf.dtype, prep)
+        return Tree(leaves, source="merge")
+
+    def _write(self, streams: list[MergeStreams], out: Path) -> Path:
+        m = self.method
+        merged = self._tree(streams)
+        total = sum(leaf.nbytes for leaf in merged.values())
+        paths = [p for role, p, _ in self.roles()]
         hasher = None
         if self.opts.hash != "none":
             hasher = Hasher(list(dict.fromkeys(f for p in paths for f in input_files(p))), self.opts.hash)
-        placeholder = json.dumps(self.record(streams, None), separators=(",", ":"))
-        config_src = self.config_source(streams)
+        placeholder = json.dumps(self.record(None), separators=(",", ":"))
+        config_src = self.config_source()
         t0 = time.perf_counter()
         try:
             with tuned_malloc(), atomic_output_dir(out, kind="merge", overwrite=self.opts.overwrite) as tmp:
                 if hasher is not None:
                     hasher.start()
-                m.prepare(streams.merge_inputs({} if self.r.data is None else {"data": self.r.data}))
+                if len(streams) == 1:
+                    self._prepare(streams, 0)
                 with intra_op_threads(self.threads), self.bar(total, f"{m.name} -> {out.name}") as bar:
                     written = save_tree(
                         merged,
@@ -218,12 +264,9 @@ class _Merge:
                     )
                 for fname, text in m.artifacts().items():  # files a method writes beside the model
                     (tmp / fname).write_text(text)
-                if config_src is not None:
-                    copied = copy_files(config_src, tmp, COPIED_FILES)
-                    if "config.json" in copied and self.r.dtype is not None:
-                        self.set_config_dtype(tmp / "config.json", DTYPE_NAMES[self.r.dtype])
+                self.finish_files(config_src, tmp, streams)
                 digests = hasher.result() if hasher is not None else None
-                final = self.record(streams, digests)
+                final = self.record(digests)
                 if (text := json.dumps(final, separators=(",", ":"))) != placeholder:
                     patch_metadata(written, tmp, placeholder, text)
                 write_recipe_file(tmp, final)
@@ -234,27 +277,46 @@ class _Merge:
         self.seconds = time.perf_counter() - t0
         return out
 
-    def config_source(self, streams: MergeStreams) -> Path | None:
-        """The dir config/tokenizer files come from: the base model's, else the first full model's."""
-        return self._config_dir([i.path for i in streams.inputs if not i.is_delta])
+    def finish_files(self, src: Path | None, tmp: Path, streams: list[MergeStreams]) -> None:
+        """config.json (rewritten for the output), generation config, tokenizer files and chat template."""
+        if src is None:
+            return
+        names = COPIED_FILES if self.vocab is None else [f for f in COPIED_FILES if f in NOT_TOKENIZER_FILES]
+        copied = copy_files(src, tmp, names)
+        if "config.json" in copied:
+            self.finish_config(tmp / "config.json", streams)
+        dirs = [o.dir for o in self.plan.models.values() if o.dir is not None]
+        write_tokenizer(tmp, self.vocab, resolve_chat_template(self.r.chat_template, dirs))
 
-    def _config_dir(self, full_models: list[str]) -> Path | None:
-        for p in ([self.r.base] if self.r.base else []) + full_models:
-            if Path(p).is_dir():
-                return Path(p)
-        return None
+    def finish_config(self, path: Path, streams: list[MergeStreams]) -> None:
+        dtype = DTYPE_NAMES[self.r.dtype] if self.r.dtype is not None else None
+        if dtype is None and not self.plan.layers and self.vocab is None:
+            return  # the donor's config as it is
+        counts = {k: stacks_of(o.tree) for k, o in self.plan.models.items()}
+        donor = self.donor()
+        rewrite_config(
+            path,
+            dtype=dtype,
+            layers=self.plan.layers,
+            in_counts=counts[donor.ref.key] if donor is not None else {},
+            configs=self.configs,
+            model_counts=counts,
+            vocab_rows=self.vocab.rows if self.vocab is not None else None,
+        )
+
+    def donor(self):
+        """The model whose config and tokenizer files the output takes: the base, else the first full model."""
+        full = [o for o in self.plan.models.values() if not o.is_delta and o.dir is not None]
+        base = next((o for o in full if o.ref.same(self.r.base_ref)), None)
+        return base or (full[0] if full else None)
+
+    def config_source(self) -> Path | None:
+        """The dir config/tokenizer files come from: the base model's, else the first full model's."""
+        d = self.donor()
+        return d.dir if d is not None else None
 
     @staticmethod
     def weight_stem(src: Path | None) -> str:
         if src is not None and any(src.glob("diffusion_pytorch_model*.safetensors")):
             return "diffusion_pytorch_model"
         return "model"
-
-    @staticmethod
-    def set_config_dtype(path: Path, name: str) -> None:
-        cfg = json.loads(path.read_text())
-        keys = [k for k in ("dtype", "torch_dtype") if k in cfg]
-        if keys:
-            for k in keys:
-                cfg[k] = name
-            path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

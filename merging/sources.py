@@ -118,6 +118,9 @@ class MergeStreams:
         resolver: each tensor's parameters when the recipe has gradients or filters (`merging.settings`);
             None, or a constant resolver: the method's `params` and each input's `params` for every tensor.
         positions: tensor name -> layer position t (`merging.architecture.layer_positions`), for the resolver.
+        source_names: tensor name -> each input's own name for it, when the trees are keyed by output names
+            (slices: `merging.plan`); per-model filters match those.
+        files: the open-file table to read through (shared by the groups of a merge; default: a new one).
     """
 
     def __init__(
@@ -133,16 +136,19 @@ class MergeStreams:
         threads: int | None = None,
         resolver: Resolver | None = None,
         positions: Mapping[str, float] | None = None,
+        source_names: Mapping[str, Sequence[str]] | None = None,
+        files: FileTable | None = None,
     ):
         self.method, self.base, self.inputs = method, base, list(inputs)
         self.base_label = base_label or (base.source if base is not None else None)
         self.chunk_size, self.allow_nonfinite, self.threads = chunk_size, allow_nonfinite, threads
-        self.files = FileTable()
+        self.files = files if files is not None else FileTable()
         self.labels = [i.path for i in self.inputs]
         self.ref = base if base is not None else next(i.tree for i in self.inputs if not i.is_delta)
         self._bar = bar
         self.resolver = resolver if resolver is not None and not resolver.constant else None
         self.positions = positions or {}
+        self.source_names = source_names or {}
 
     def close(self) -> None:
         self.files.close()
@@ -183,7 +189,7 @@ class MergeStreams:
         if self.resolver is not None:  # per-layer gradients / per-tensor filters: this tensor's parameters
             t = self.positions.get(name, 0.0)
             kw.setdefault("params", self.resolver.shared(name, t))
-            model_params = self.resolver.models(name, t)
+            model_params = self.resolver.models(self.source_names.get(name, name), t)
         return TensorJob(
             name, tuple(leaf.shape), model_params, labels=self.labels, chunked=leaf.numel > self.chunk_size, **kw
         )

@@ -90,7 +90,17 @@ F32 = {
     "slerp": _recipe("slerp", [FT[0]], t=0.3),
     "slerp_colinear": _recipe("slerp", [str(MK / "models" / "scaled")], t=0.7),
     "soup": _recipe("soup", _w((FT[0], {"weight": 1.0}), (FT[1], {"weight": 3.0})), base=None, check_masks=False),
-}
+    "passthrough": _recipe("passthrough", _w((FT[0], {"scale": [{"filter": "mlp", "value": 0.5}]})), base=None),
+    # a frankenmerge (layers 0, 1 of ft0, then 1 again, scaled, from ft1) and a per-slice TIES with its own base
+    "passthrough_slices": {"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": FT[0], "layer_range": [0, 2]}]},
+        {"sources": [{"model": FT[1], "layer_range": [1, 2], "parameters": {"scale": 0.5}}]}]},
+    "ties_slices": {"merge_method": "ties", "base_model": BASE, "parameters": {"density": [0.3, 0.6]}, "slices": [
+        {"sources": [{"model": BASE, "layer_range": [0, 1]}, {"model": FT[0], "layer_range": [0, 1]},
+                     {"model": FT[1], "layer_range": [0, 1]}]},
+        {"sources": [{"model": FT[2], "layer_range": [1, 2]}, {"model": FT[0], "layer_range": [1, 2]},
+                     {"model": FT[1], "layer_range": [1, 2]}], "base_model": FT[2]}]},
+}  # fmt: skip
 # the same recipes streamed in chunks of 64 elements (statistic passes, per-chunk DARE streams)
 CHUNKED = ("ties", "ties_global", "dare_ties", "dare_linear_l1", "slerp", "task_arithmetic")
 

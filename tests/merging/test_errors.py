@@ -113,7 +113,8 @@ def test_unknown_method_lists_the_available_ones(files, tmp_path):
 @pytest.mark.parametrize(
     "change, match",
     [
-        ({"slices": [{"sources": []}]}, r"`slices` \(layer slices"),
+        ({"slices": [{"sources": []}]}, r"give exactly one of `models`.*this recipe has models and slices"),
+        ({"slices": [{"sources": []}], "models": None}, r"slices\[0\]: a slice is \{sources"),
         ({"parameters": {"lambda": [0.1, "big"]}}, r"parameters: lambda='big' must be a finite number"),
         ({"parameters": {"lambda": []}}, r"lambda=\[\] is empty: give a value, a gradient"),
         ({"parameters": {"lambda": [0.1, {"filter": "mlp", "value": 1}]}}, r"mixes values and filters"),
@@ -121,7 +122,8 @@ def test_unknown_method_lists_the_available_ones(files, tmp_path):
         ({"frobnicate": 1}, r"unknown key\(s\) frobnicate"),
         ({"merge_method": "ties", "base_model": None}, r"ties needs base_model"),
         ({"merge_method": "slerp"}, r"slerp merges exactly 1 model\(s\) besides the base, got 2"),
-        ({"tokenizer_source": "union"}, r"tokenizer_source='union' is not supported"),
+        ({"tokenizer_source": "union"}, r"tokenizer settings need each model's dir \(its tokenizer files\)"),
+        ({"tokenizer_source": "elsewhere/m"}, r"tokenizer_source names elsewhere/m, which is not a model of this"),
     ],
 )
 def test_unsupported_or_invalid_recipes(files, tmp_path, change, match):
