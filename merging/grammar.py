@@ -20,6 +20,7 @@ beyond a model's layers) is checked when they are opened (`merging.plan`).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from peft_lab.errors import UserError
 from peft_lab.params import specs
 
 __all__ = ["ModelRef", "Source", "Slice", "Module", "Layout", "model_ref", "parse_layout", "split_scope", "NOOP_KEYS"]
+
+log = logging.getLogger(__name__)
 
 # parameters mergekit accepts that change nothing in the result here (a memory option): accepted and recorded
 NOOP_KEYS = ("int8_mask",)
@@ -150,9 +153,9 @@ def split_scope(cls: type, scope: Any, where: str, *, shared: bool = True, noop:
     """One `parameters` mapping checked against a method (`cls`): its shared and per-model parameters (only the
     per-model ones with `shared=False`: a source's settings); unknown keys refused with the known ones; the no-op
     keys (`int8_mask`) moved into `noop`."""
-    scope = dict(scope or {})
-    if not isinstance(scope, Mapping):
+    if scope is not None and not isinstance(scope, Mapping):
         raise UserError(f"{where}: `parameters` must be a mapping, got {scope!r}.")
+    scope = dict(scope or {})
     own, per_model = specs(cls.Params), specs(cls.ModelParams)
     for k in NOOP_KEYS:
         if k in scope and k not in own and k not in per_model:
@@ -223,6 +226,8 @@ def _slice(cls: type, raw: Any, where: str, noop: dict) -> Slice:
     for i, s in enumerate(sources):
         if any(s.model.same(o.model) for o in sources[:i]):
             raise UserError(f"{where}: {s.model} is a source twice; a slice merges each model once.")
+    if raw.get("residual_weight") is not None:
+        log.warning("%s: residual_weight has no effect (mergekit reads it and ignores it too)", where)
     base = raw.get("base_model")
     return Slice(sources, None if base is None else model_ref(base, f"{where}.base_model"),
                  split_scope(cls, raw.get("parameters"), f"{where}.parameters", noop=noop))  # fmt: skip

@@ -162,7 +162,14 @@ def _models_group(recipe: Recipe, models: dict[tuple, Opened]) -> Group:
 def _module_names(module: Module, names: Sequence[str]) -> list[str]:
     if module.name is None:
         return list(names)
-    return [n for n in names if n.startswith(module.name + ".")]
+    out = [n for n in names if n.startswith(module.name + ".")]
+    if not out:
+        raise UserError(
+            f"modules.{module.name}: no tensor of the model starts with {module.name + '.'!r}. A module here is named "
+            "by the prefix of its tensors' names (T5: encoder, decoder, shared); mergekit's architecture-specific "
+            "module names for multimodal models (text_decoder, vision_tower, ...) are not supported yet."
+        )
+    return out
 
 
 def _stack(module: Module, names: Sequence[str], where: str) -> str:
@@ -252,6 +259,7 @@ class _SlicePlanner:
         resolver = Resolver(self.cls.Params, [shared, mshared, top_shared], self.cls.ModelParams, scopes,
                             f"{self.where}[{i}]")  # fmt: skip
         params = resolver.models()
+        self.r.method.check_models(params, [str(s.model) for s in srcs])
         inputs = [Input(f"{s.model} {list(s.layers)}", renamed(s), False, p) for s, p in zip(srcs, params, strict=True)]
         names = {o: tuple(src_of[o][id(s)] for s in srcs) for o in out_names}
         return Group(f"{self.where}[{i}]", None if base_src is None else renamed(base_src), inputs,
@@ -280,9 +288,9 @@ def _module_models_group(recipe: Recipe, models: dict[tuple, Opened], module: Mo
     top_shared, top_per = _split(cls, recipe.parameters)
     resolver = Resolver(cls.Params, [mshared, top_shared], cls.ModelParams, [[s, mper, top_per] for _, s in entries],
                         where)  # fmt: skip
-    inputs = [
-        Input(str(r), sub(models[r.key].tree), False, p) for (r, _), p in zip(entries, resolver.models(), strict=True)
-    ]
+    params = resolver.models()
+    recipe.method.check_models(params, [str(r) for r, _ in entries])
+    inputs = [Input(str(r), sub(models[r.key].tree), False, p) for (r, _), p in zip(entries, params, strict=True)]
     positions = layer_positions(names) if not resolver.constant else {}
     refs = [r for r, _ in entries]
     return Group(where, None if base is None else sub(base), inputs, refs, base_ref if base is not None else None,
