@@ -190,8 +190,9 @@ def templated(tmp_path):
 def test_chat_template_is_written_into_the_tokenizer(templated, template, tokenizer, monkeypatch):
     root, a = templated
     monkeypatch.chdir(root)
-    r = {"merge_method": "linear", "models": ["models/base", "models/ft_added", "models/ft_word"],
-         "chat_template": template, **({"tokenizer_source": tokenizer} if tokenizer else {"models": ["models/base"]})}  # fmt: skip
+    three = ["models/base", "models/ft_added", "models/ft_word"]  # their vocabularies differ: one needs a tokenizer
+    vocab = {"tokenizer_source": tokenizer, "models": three} if tokenizer else {"models": ["models/base"]}
+    r = {"merge_method": "linear", "chat_template": template, **vocab}
     out = run_merge(r, root / "out", hash="none")
     tok = transformers.AutoTokenizer.from_pretrained(out)
     want = {"auto": a, "chatml": CHAT_TEMPLATES["chatml"]}.get(template, template)
