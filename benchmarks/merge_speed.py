@@ -54,6 +54,11 @@ SIZES = {  # TinyLlama-1.1B's shape, and the same with fewer layers
         vocab_size=4096,
     ),  # a few seconds: checks the script itself
 }
+GRADIENT_T = [
+    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+    {"value": 0.5},
+]
 RUNS = {  # name -> (merge_method, parameters, per-model parameters, number of models)
     "linear": ("linear", {}, {"weight": 1.0}, 3),
     "task_arithmetic": ("task_arithmetic", {"lambda": 0.5}, {"weight": 1.0}, 3),
@@ -62,9 +67,11 @@ RUNS = {  # name -> (merge_method, parameters, per-model parameters, number of m
     "dare_ties": ("dare_ties", {}, {"weight": 1.0, "density": 0.5}, 3),
     "dare_linear": ("dare_linear", {}, {"weight": 1.0, "density": 0.5}, 3),
     "slerp": ("slerp", {"t": 0.5}, {}, 1),
+    # the model-card SLERP: t a per-layer gradient, different for attention and MLP tensors (mergekit's example)
+    "slerp (gradient)": ("slerp", {"t": GRADIENT_T}, {}, 1),
     "soup": ("soup", {}, {"weight": 1.0}, 3),
 }
-MERGEKIT = {"linear", "task_arithmetic", "ties (tensor)", "dare_ties", "dare_linear", "slerp"}
+MERGEKIT = {"linear", "task_arithmetic", "ties (tensor)", "dare_ties", "dare_linear", "slerp", "slerp (gradient)"}
 
 
 # ---------------------------------------------------------------------------------------------------------
