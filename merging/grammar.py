@@ -138,6 +138,30 @@ class Layout:
     modules: tuple[Module, ...]
     form: str  # "slices" | "modules"
 
+    def to_dict(self) -> dict[str, Any]:
+        """The `slices:` or `modules:` of the recipe, as a recipe writes them (settings as given)."""
+
+        def params(settings):
+            return {"parameters": dict(settings)} if settings else {}
+
+        def slices(m: Module) -> list[dict[str, Any]]:
+            out = []
+            for sl in m.slices:
+                srcs = [{"model": s.model.to_yaml(), "layer_range": list(s.layers), **params(s.settings)}
+                        for s in sl.sources]  # fmt: skip
+                base = {"base_model": sl.base.to_yaml()} if sl.base is not None else {}
+                out.append({"sources": srcs, **base, **params(sl.settings)})
+            return out
+
+        if self.form == "slices":
+            return {"slices": slices(self.modules[0])}
+        mods = {}
+        for m in self.modules:
+            body = {"slices": slices(m)} if m.slices else {"models": [{"model": r.to_yaml(), **params(s)}
+                                                                      for r, s in m.models]}  # fmt: skip
+            mods[m.name] = {**body, **params(m.settings)}
+        return {"modules": mods}
+
     def refs(self) -> list[ModelRef]:
         """Every model named, once each, in recipe order (slice bases included)."""
         out: list[ModelRef] = []

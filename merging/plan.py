@@ -219,45 +219,48 @@ class _SlicePlanner:
                     f"{n} layers in {stack} (layer_range [a, b] takes layers a to b − 1, so b <= {n})."
                 )
 
+    def _names(self, sl: Slice, ref, stack: str, pre: list[str], post: list[str]):
+        """The slice's output names in order, each source's own name for each (by `id(source)`), and the layer
+        position of each: layer k of the slice is output layer offset + k and source layer start + k."""
+        out_names: list[str] = list(pre)
+        src_of = {n: {id(s): n for s in sl.sources} for n in [*pre, *post]}
+        positions = {n: 0.0 for n in [*pre, *post]}
+        L = sl.length
+        for k in range(L):
+            self.layers.append((ref.model, ref.layers[0] + k))
+            prefix = f"{stack}.{ref.layers[0] + k}."
+            for n in self.names_of(ref.model):
+                if n.startswith(prefix):
+                    rest = n[len(prefix) :]
+                    out = f"{stack}.{self.offset + k}.{rest}"
+                    out_names.append(out)
+                    positions[out] = k / (L - 1) if L > 1 else 1.0
+                    src_of[out] = {id(s): f"{stack}.{s.layers[0] + k}.{rest}" for s in sl.sources}
+        self.offset += L
+        return out_names + list(post), src_of, positions
+
+    def _resolver(self, i: int, sl: Slice, srcs: list) -> Resolver:
+        shared, per_model = _split(self.cls, sl.settings)
+        mshared, mper = _split(self.cls, self.module.settings)
+        top_shared, top_per = _split(self.cls, self.r.parameters)
+        scopes = [[s.settings, per_model, mper, top_per] for s in srcs]
+        return Resolver(self.cls.Params, [shared, mshared, top_shared], self.cls.ModelParams, scopes,
+                        f"{self.where}[{i}]")  # fmt: skip
+
     def group(self, i: int, sl: Slice, stack: str, pre: list[str], post: list[str]) -> Group:
         self._check_range(sl, stack, i)
         base_ref = sl.base or self.r.base_ref
         use_base = not self.cls.base_is_input and base_ref is not None
         base_src = next((s for s in sl.sources if use_base and s.model.same(base_ref)), None)
         srcs = [s for s in sl.sources if s is not base_src]
-        ref_src = base_src or srcs[0]
-        out_names: list[str] = list(pre)
-        src_of: dict[str, dict[int, str]] = {n: {} for n in pre}  # out name -> {id(source): source name}
-        positions = {n: 0.0 for n in pre}
-        L = sl.length
-        for k in range(L):
-            o = self.offset + k
-            self.layers.append((ref_src.model, ref_src.layers[0] + k))
-            prefix = f"{stack}.{ref_src.layers[0] + k}."
-            for n in self.names_of(ref_src.model):
-                if n.startswith(prefix):
-                    out = f"{stack}.{o}.{n[len(prefix) :]}"
-                    out_names.append(out)
-                    positions[out] = k / (L - 1) if L > 1 else 1.0
-                    src_of[out] = {id(s): f"{stack}.{s.layers[0] + k}.{n[len(prefix) :]}" for s in sl.sources}
-        self.offset += L
-        for n in post:
-            out_names.append(n)
-            positions[n] = 0.0
-        for n in [*pre, *post]:
-            src_of[n] = {id(s): n for s in sl.sources}
+        out_names, src_of, positions = self._names(sl, base_src or srcs[0], stack, pre, post)
 
-        def renamed(s) -> Tree:
+        def renamed(s) -> Tree:  # the source's tensors under the output's names (references: nothing is read)
             tree = self.models[s.model.key].tree
-            return Tree({o: tree[src_of[o][id(s)]] for o in out_names if src_of[o][id(s)] in tree},
-                        source=f"{s.model} {list(s.layers)}")  # fmt: skip
+            own = {o: src_of[o][id(s)] for o in out_names}
+            return Tree({o: tree[n] for o, n in own.items() if n in tree}, source=f"{s.model} {list(s.layers)}")
 
-        shared, per_model = _split(self.cls, sl.settings)
-        mshared, mper = _split(self.cls, self.module.settings)
-        top_shared, top_per = _split(self.cls, self.r.parameters)
-        scopes = [[s.settings, per_model, mper, top_per] for s in srcs]
-        resolver = Resolver(self.cls.Params, [shared, mshared, top_shared], self.cls.ModelParams, scopes,
-                            f"{self.where}[{i}]")  # fmt: skip
+        resolver = self._resolver(i, sl, srcs)
         params = resolver.models()
         self.r.method.check_models(params, [str(s.model) for s in srcs])
         inputs = [Input(f"{s.model} {list(s.layers)}", renamed(s), False, p) for s, p in zip(srcs, params, strict=True)]

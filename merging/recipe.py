@@ -187,7 +187,7 @@ class Recipe:
                 values.update({k: v for k, v in m.settings.items() if not is_scalar(v)})
                 d["models"].append({"model": m.ref.to_yaml(), "parameters": values})
         else:
-            d.update(layout_dict(self.layout))
+            d.update(self.layout.to_dict())
         d["parameters"] = {**_fields_dict(self.method.params), **schedules, **self.noop}
         d["dtype"] = DTYPE_NAMES[self.dtype] if self.dtype is not None else None
         if self.tokenizer is not None:
@@ -197,38 +197,6 @@ class Recipe:
         if self.data is not None:
             d["data"] = self.data
         return d
-
-
-def layout_dict(layout: Layout) -> dict[str, Any]:
-    """The `slices:` or `modules:` of a layout, as a recipe writes them (settings as given)."""
-
-    def params(settings):
-        return {"parameters": dict(settings)} if settings else {}
-
-    def slices(m):
-        return [
-            {
-                "sources": [
-                    {"model": s.model.to_yaml(), "layer_range": list(s.layers), **params(s.settings)}
-                    for s in sl.sources
-                ],
-                **({"base_model": sl.base.to_yaml()} if sl.base is not None else {}),
-                **params(sl.settings),
-            }
-            for sl in m.slices
-        ]
-
-    if layout.form == "slices":
-        return {"slices": slices(layout.modules[0])}
-    mods = {}
-    for m in layout.modules:
-        body = (
-            {"slices": slices(m)}
-            if m.slices
-            else {"models": [{"model": r.to_yaml(), **params(s)} for r, s in m.models]}
-        )
-        mods[m.name] = {**body, **params(m.settings)}
-    return {"modules": mods}
 
 
 def _fields_dict(obj: Any) -> dict[str, Any]:

@@ -263,7 +263,8 @@ def _union(base_tok, toks: Sequence[tuple[Any, int | None]]):
             if info.content not in added:
                 added[info.content] = info
             elif added[info.content] != info:
-                log.warning("token %r is added with different settings by different models: the first is kept", t)
+                log.warning("token %r is added with different settings by different models: the first is kept",
+                            info.content)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:  # a copy: the base's tokenizer object stays as it is
         base_tok.save_pretrained(tmp)
         out = _load(Path(tmp))
