@@ -199,3 +199,25 @@ def test_chat_template_is_written_into_the_tokenizer(templated, template, tokeni
     assert tok.chat_template == want
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert "hi" in text
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["models/ft0+models/lora0", {"model": "models/ft0", "lora": "models/lora0"},
+     {"path": "models/ft0", "lora": "models/lora0"},
+     {"model": {"path": "models/ft0"}, "lora": {"path": "models/lora0"}}],
+)  # fmt: skip
+def test_lora_references_in_every_spelling_are_the_model_plus_its_lora(spelling, tmp_path, monkeypatch):
+    """Each of mergekit's spellings of a LoRA reference is the model with the LoRA's B·A (scaled) added."""
+    import peft
+
+    monkeypatch.chdir(FIX / "llama")
+    out = run_merge({"merge_method": "passthrough", "models": [{"model": spelling}]}, tmp_path / "out", hash="none")
+    model = transformers.AutoModelForCausalLM.from_pretrained("models/ft0")
+    want = peft.PeftModel.from_pretrained(model, "models/lora0").merge_and_unload().state_dict()
+    got = load_file(out / "model.safetensors")
+    assert got.keys() <= want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    base = load_file("models/ft0/model.safetensors")
+    assert not torch.equal(
+        got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
