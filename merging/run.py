@@ -122,9 +122,9 @@ class _Merge:
         self.vocab = self.build_vocab()
         files = FileTable()
         out = []
+        if self.vocab is not None:  # each model's embedding / LM-head rows reordered to the output vocabulary
+            self.plan.groups = [with_vocab(g, self.vocab, self.configs) for g in self.plan.groups]
         for g in self.plan.groups:
-            if self.vocab is not None:
-                g = with_vocab(g, self.vocab, self.configs)
             streams = MergeStreams(
                 self.method,
                 g.base,
@@ -139,7 +139,6 @@ class _Merge:
                 source_names=g.source_names,
                 files=files,
             )
-            streams.group = g
             out.append(streams)
         return out
 
@@ -164,8 +163,8 @@ class _Merge:
 
     def check(self, streams: list[MergeStreams], out: Path) -> None:
         lines: list[str] = []
-        for s in streams:
-            where = "" if s.group.label == "models" else f"{s.group.label}: "
+        for s, g in zip(streams, self.plan.groups, strict=True):
+            where = "" if g.label == "models" else f"{g.label}: "
             for inp in s.inputs:
                 if inp.tree is not s.ref:
                     lines += [where + x for x in mismatches(s.ref, {inp.path: inp.tree}, allow_subset=inp.is_delta)]
@@ -226,8 +225,8 @@ class _Merge:
 
     def _tree(self, streams: list[MergeStreams]) -> Tree:
         leaves = {}
-        for i, s in enumerate(streams):
-            for n in s.group.names:
+        for i, (s, g) in enumerate(zip(streams, self.plan.groups, strict=True)):
+            for n in g.names:
                 leaf = s.ref[n]
                 if not leaf.dtype.is_floating_point:
                     leaves[n] = leaf
