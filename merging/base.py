@@ -116,6 +116,9 @@ class MergeMethod:
     Params: ClassVar[type] = type("NoParams", (), {})
     ModelParams: ClassVar[type] = ModelParams
     needs_base: ClassVar[bool] = True
+    # a base is optional and, when given, is the origin (never one of the models: a `models` entry equal to it is
+    # the base, as for methods that need one); e.g. nuslerp, multislerp
+    optional_base: ClassVar[bool] = False
     # True: merge_tensor receives task vectors τ_t = θ_t − θ_0; False: the models' tensors θ_t themselves
     uses_deltas: ClassVar[bool] = True
     # mergekit adds `base_model` to the inputs when a method that does not treat it specially (linear) gets one
@@ -183,6 +186,12 @@ class MergeMethod:
         another round when its statistics need it. When the tensor is a single chunk (`job.chunked` False)
         the executor reads it once and every pass sees that whole chunk."""
         return None
+
+    def chunk_unit(self, job: TensorJob) -> int:
+        """Chunks of this tensor hold a whole multiple of this many elements (default 1: any split). A method whose
+        statistics are per row (`shape[-1]` elements) returns the row length, so that no row straddles two chunks;
+        the pass driver then rounds the chunk size down to a multiple of it (at least one unit)."""
+        return 1
 
     def observe(
         self,

@@ -274,7 +274,8 @@ def _module_models_group(recipe: Recipe, models: dict[tuple, Opened], module: Mo
     """A module given as whole models: its tensors, under their own names (mergekit appends the base)."""
     cls = type(recipe.method)
     base_ref = recipe.base_ref
-    entries = [(r, s) for r, s in module.models if not (cls.needs_base and not cls.base_is_input and r.same(base_ref))]
+    takes_base = cls.needs_base or cls.optional_base  # a listed base is the base, not one more model
+    entries = [(r, s) for r, s in module.models if not (takes_base and not cls.base_is_input and r.same(base_ref))]
     if cls.base_is_input and base_ref is not None and not any(r.same(base_ref) for r, _ in entries):
         entries.append((base_ref, {}))
     if cls.needs_base and base_ref is None:

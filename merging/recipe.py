@@ -348,12 +348,14 @@ def _model(cls: type[MergeMethod], entry: Any, base: ModelRef | None, where: str
     if extra:
         raise UserError(f"{where}: unknown key(s) {', '.join(map(str, extra))} (an entry has model and parameters).")
     ref = model_ref(entry["model"], where)
-    if base is not None and cls.needs_base and not cls.base_is_input and ref.same(base):
+    takes_base = cls.needs_base or cls.optional_base
+    if base is not None and takes_base and not cls.base_is_input and ref.same(base):
         return None  # the base model listed among the inputs: it is the base, not a task
     return ref, split_scope(cls, entry.get("parameters"), f"{where} ({ref})", shared=False)
 
 
 def _check_count(cls: type[MergeMethod], models: list, base: str | None, where: str) -> None:
+    takes_base = cls.needs_base or cls.optional_base
     if cls.needs_base and base is None:
         raise UserError(f"{where}: {cls.name} needs base_model (the model the task vectors are taken against).")
     if len(models) >= cls.min_models and (cls.max_models is None or len(models) <= cls.max_models):
@@ -367,7 +369,7 @@ def _check_count(cls: type[MergeMethod], models: list, base: str | None, where: 
     )
     raise UserError(
         f"{where}: {cls.name} merges {want} model(s) besides the base, got {len(models)}"
-        + (" (entries equal to base_model count as the base)." if base is not None and cls.needs_base else ".")
+        + (" (entries equal to base_model count as the base)." if base is not None and takes_base else ".")
     )
 
 

@@ -75,12 +75,17 @@ def drive(
 
     Args:
         method: a streaming merge method.
-        job: the tensor's job; `job.chunked` must say whether `job.numel > chunk_size`.
+        job: the tensor's job; `job.chunked` must say whether `job.numel > chunk_size` (the driver updates it when
+            the method asks for row-aligned chunks, `MergeMethod.chunk_unit`).
         read: `read(start, stop)` -> fresh float32 chunks (base or None, one per input).
         chunk_size: elements per chunk.
         sample_block, sample_every: the SAMPLE pass's blocks (tests shrink them to exercise small tensors).
     """
     numel = job.numel
+    unit = method.chunk_unit(job)
+    if unit > 1 and chunk_size < numel:  # whole rows per chunk (see MergeMethod.chunk_unit)
+        chunk_size = max(unit, chunk_size // unit * unit)
+        job.chunked = numel > chunk_size
     cached = None
     i = 0
     while (kind := method.next_pass(job, i)) is not None:

@@ -100,9 +100,35 @@ F32 = {
                      {"model": FT[1], "layer_range": [0, 1]}]},
         {"sources": [{"model": FT[2], "layer_range": [1, 2]}, {"model": FT[0], "layer_range": [1, 2]},
                      {"model": FT[1], "layer_range": [1, 2]}], "base_model": FT[2]}]},
+    "nearswap": _recipe("nearswap", [FT[1]], t=0.01),
+    "ram": _recipe("ram", FT, epsilon=0.005),
+    "ramplus_tl": _recipe("ramplus_tl", FT, r=0.3, alpha=0.5),
+    "model_stock": _recipe("model_stock", FT),
+    "model_stock_rows": _recipe("model_stock", FT[:2], filter_wise=True),
+    "nuslerp": _recipe("nuslerp", _w((FT[0], {"weight": 0.4}), (FT[2], {"weight": 0.6}))),
+    "nuslerp_rows": _recipe("nuslerp", FT[:2], base=None, nuslerp_flatten=False),
+    "nuslerp_cols": _recipe("nuslerp", FT[1:], nuslerp_flatten=False, nuslerp_row_wise=True),
+    "multislerp": _recipe(
+        "multislerp", _w((FT[0], {"weight": 1.0}), (FT[1], {"weight": 2.0}), (FT[2], {"weight": 1.0}))
+    ),
+    "multislerp_nobase": _recipe("multislerp", FT, base=None),
+    "karcher": _recipe("karcher", FT, base=None),
+    "karcher_base": _recipe("karcher", FT[:2], max_iter=20, tol=1e-7),
 }  # fmt: skip
 # the same recipes streamed in chunks of 64 elements (statistic passes, per-chunk DARE streams)
-CHUNKED = ("ties", "ties_global", "dare_ties", "dare_linear_l1", "slerp", "task_arithmetic")
+CHUNKED = (
+    "ties",
+    "ties_global",
+    "dare_ties",
+    "dare_linear_l1",
+    "slerp",
+    "task_arithmetic",
+    "ramplus_tl",
+    "model_stock_rows",
+    "nuslerp_cols",
+    "multislerp",
+    "karcher",
+)
 
 
 @pytest.fixture(scope="module")
