@@ -114,6 +114,15 @@ F32 = {
     "multislerp_nobase": _recipe("multislerp", FT, base=None),
     "karcher": _recipe("karcher", FT, base=None),
     "karcher_base": _recipe("karcher", FT[:2], max_iter=20, tol=1e-7),
+    "breadcrumbs": _recipe("breadcrumbs", FT, density=0.6, gamma=0.05),
+    "breadcrumbs_ties": _recipe(
+        "breadcrumbs_ties", _w((FT[0], {"density": 0.5}), (FT[1], {"gamma": 0.2})), normalize=True, rescale=True
+    ),
+    "breadcrumbs_rows": _recipe("breadcrumbs", FT, density=0.5, gamma=0.1, scope="row"),
+    "della": _recipe("della", FT, density=0.5, epsilon=0.2, seed=2),
+    "della_linear": _recipe("della_linear", FT, density=0.6, epsilon=0.3, rescale="keep_rate"),
+    "sce": _recipe("sce", FT, select_topk=0.3),
+    "sce_all": _recipe("sce", FT),
 }  # fmt: skip
 # the same recipes streamed in chunks of 64 elements (statistic passes, per-chunk DARE streams)
 CHUNKED = (
@@ -128,6 +137,10 @@ CHUNKED = (
     "nuslerp_cols",
     "multislerp",
     "karcher",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "sce",
 )
 
 
@@ -210,6 +223,8 @@ def results(tmp_path_factory, bf16_dirs, lora_dir):
                 run(f"bf16_{'fused' if fused_on else 'torch'}/{name}", r)
             run(f"f32_{'fused' if fused_on else 'torch'}/ties", F32["ties"])
             run(f"f32_{'fused' if fused_on else 'torch'}/dare_ties", F32["dare_ties"])
+            run(f"f32_{'fused' if fused_on else 'torch'}/breadcrumbs_ties", F32["breadcrumbs_ties"])
+            run(f"f32_{'fused' if fused_on else 'torch'}/della", F32["della"])
         finally:
             fused.ENABLED = saved
     return got

@@ -1,0 +1,161 @@
+"""SCE (Select, Calculate, Erase) — Wan et al., "FuseChat: Knowledge Fusion of Chat Models",
+https://arxiv.org/abs/2408.07990 (mergekit's `sce`).
+
+Per tensor, with the task vectors τ_1..τ_T:
+
+    select     v = Var_t(τ_t) element-wise (population variance across the models); keep the k = ⌊select_topk ·
+               #{v ≠ 0}⌋ entries of largest v (ties by index), τ_t ← τ_t · mask    (select_topk = 1: no selection)
+    calculate  s_t = mean(τ_t²) over the tensor;  w_t = s_t / Σ s   (1/T each when Σ s < 1e-6)
+    erase      γ = sign(Σ_t τ_t) (+ where the sum is >= 0);  e_t = [sign(τ_t) = γ]
+    merge      θ = θ_0 + Σ_t w_t e_t τ_t / max(Σ_t w_t e_t, 1e-6)
+
+The variance threshold, the weights and the selection are whole-tensor statistics: a streamed tensor gets
+statistics passes (the variance's count of non-zeros and sample, counting passes for the exact threshold, the
+masked squares) before it is merged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from merging.base import FULL, METHODS, MergeMethod
+from merging.methods._kth_largest import KthLargest, select_kth
+from peft_lab.params import Checked, param
+
+
+@dataclass(frozen=True)
+class SceParams(Checked):
+    """select_topk: the fraction of the entries with non-zero variance across the models that is kept."""
+
+    select_topk: float = param(1.0, within="[0, 1]", help="1 keeps every entry")
+
+
+@dataclass(frozen=True)
+class NoModelParams(Checked):
+    """sce takes no per-model parameters: the weights come from the task vectors themselves."""
+
+
+def _variance(taus) -> torch.Tensor:
+    return torch.var(torch.stack(taus), dim=0, unbiased=False)
+
+
+class _Selection:
+    """The k largest variances of a tensor (ties by index: the tied entries with the lowest indices are kept)."""
+
+    def __init__(self, threshold: float | None, count_ge: int = 0, count_eq: int = 0, k: int = 0):
+        self.threshold, self.k = threshold, k  # threshold None: keep nothing (k = 0)
+        excess = count_ge - k
+        self.tied_budget = count_eq - excess if excess > 0 else None  # tied entries still to keep (None: all)
+        self.left = self.tied_budget
+
+    def restart(self) -> None:
+        self.left = self.tied_budget
+
+    def mask(self, var: torch.Tensor) -> torch.Tensor:
+        if self.threshold is None:
+            return torch.zeros_like(var, dtype=torch.bool)
+        keep = var >= self.threshold
+        if self.left is not None:
+            tied = torch.nonzero(var == self.threshold).reshape(-1)
+            if tied.numel() > self.left:
+                keep[tied[self.left :]] = False
+            self.left = max(self.left - tied.numel(), 0)
+        return keep
+
+
+@METHODS.register("sce")
+class Sce(MergeMethod):
+    name = "sce"
+    Params = SceParams
+    ModelParams = NoModelParams
+    needs_base = True
+    uses_deltas = True
+    streaming = True
+
+    # -- statistics -----------------------------------------------------------------------------------
+    def next_pass(self, job, index):
+        if not job.chunked:
+            return None
+        st, topk = job.state, self.at(job).select_topk
+        if index == 0:
+            if topk >= 1:
+                st["stage"] = "weights"
+            else:
+                st.update(stage="nonzero", nonzero=0, sel=KthLargest(job.numel, 1))
+            return FULL
+        if st["stage"] == "nonzero":
+            k = int(st["nonzero"] * topk)
+            if k == 0:
+                st["selection"] = _Selection(None)
+                st["stage"] = "weights"
+                return FULL
+            sel = st["sel"]
+            sel.k = k
+            sel.bracket()
+            sel.begin_count()
+            st["stage"] = "count"
+            return FULL
+        if st["stage"] == "count":
+            sel = st["sel"]
+            if not sel.resolve():
+                sel.begin_count()
+                return FULL
+            st["selection"] = _Selection(sel.threshold, sel.count_ge, sel.count_eq, sel.k)
+            st["stage"] = "weights"
+            return FULL
+        return None  # the weights pass is done
+
+    def observe(self, job, pass_index, start, base, tensors):
+        st = job.state
+        if st["stage"] == "weights":
+            taus = self._selected(job, start, [t.clone() for t in tensors])
+            sq = st.setdefault("squares", [0.0] * len(taus))
+            for t, tau in enumerate(taus):
+                sq[t] += float(tau.square().sum(dtype=torch.float64))
+            return
+        var = _variance(tensors)
+        if st["stage"] == "nonzero":
+            st["nonzero"] += int(torch.count_nonzero(var))
+            st["sel"].add_sample(var, 1.0)
+        else:
+            st["sel"].count(var)
+
+    def _selected(self, job, start, taus):
+        """τ_t · mask for this chunk (in place), with the tensor's selection (computed here for a whole tensor)."""
+        sel = job.state.get("selection")
+        if sel is None and self.at(job).select_topk < 1 and not job.chunked:
+            var = _variance(taus)
+            k = int(int(torch.count_nonzero(var)) * self.at(job).select_topk)
+            if k == 0:
+                sel = _Selection(None)
+            else:
+                s = select_kth(var, k)
+                sel = _Selection(s.threshold, s.count_ge, s.count_eq, k)
+            job.state["selection"] = sel
+        if sel is None:
+            return taus
+        if start == 0:
+            sel.restart()
+        mask = sel.mask(_variance(taus))
+        return [t.mul_(mask) for t in taus]
+
+    # -- merge ----------------------------------------------------------------------------------------
+    def _weights(self, job, taus) -> torch.Tensor:
+        if "squares" not in job.state:  # a whole tensor: its selected task vectors are these
+            job.state["squares"] = [float(t.square().sum(dtype=torch.float64)) for t in taus]
+        means = torch.tensor([s / max(job.numel, 1) for s in job.state["squares"]], dtype=torch.float32)
+        total = float(means.sum())
+        if abs(total) < 1e-6:
+            return torch.full_like(means, 1.0 / len(means))
+        return means / total
+
+    def merge_chunk(self, job, start, base, tensors):
+        taus = self._selected(job, start, list(tensors))
+        w = self._weights(job, taus)
+        tv = torch.stack(taus)
+        majority = (tv.sum(dim=0) >= 0).to(tv.dtype) * 2 - 1
+        erased = w.reshape(-1, 1) * (tv.sign() == majority)
+        merged = (tv * erased).sum(dim=0)
+        return base.add_(merged / erased.sum(dim=0).clamp(min=1e-6))
