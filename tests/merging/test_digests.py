@@ -123,6 +123,7 @@ F32 = {
     "della_linear": _recipe("della_linear", FT, density=0.6, epsilon=0.3, rescale="keep_rate"),
     "sce": _recipe("sce", FT, select_topk=0.3),
     "sce_all": _recipe("sce", FT),
+    "arcee_fusion": _recipe("arcee_fusion", [FT[2]]),
 }  # fmt: skip
 # the same recipes streamed in chunks of 64 elements (statistic passes, per-chunk DARE streams)
 CHUNKED = (

@@ -1,5 +1,5 @@
-"""model_stock, nuslerp, multislerp, karcher, nearswap, ram, ramplus_tl: each method's own invariants (docs/methods.md),
-on small random tensors, streamed in chunks as the executor does."""
+"""model_stock, nuslerp, multislerp, karcher, nearswap, ram, ramplus_tl, arcee_fusion: each method's own invariants
+(docs/methods.md), on small random tensors, streamed in chunks as the executor does."""
 
 from __future__ import annotations
 
@@ -152,3 +152,22 @@ def test_ramplus_tl_boosts_unique_changes_by_the_shared_ratio():
     m, pm = make("ramplus_tl", {"r": 0.2, "alpha": 0.5}, None, 2)
     got = stream_merge(m, "w", base, [t.clone() for t in taus], pm, chunk=2)
     torch.testing.assert_close(got, torch.tensor([1.1, 2.2, 0.3, 0.4]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# arcee_fusion
+# ---------------------------------------------------------------------------------------------------------
+def test_arcee_fusion_takes_the_upper_outliers_of_importance():
+    b = rand((20, 16), 1)
+    p = b + rand((20, 16), 2, 0.05)
+    p[3] += 2.0  # one row moves a lot: its entries are the outliers
+    m, pm = make("arcee_fusion", {}, None, 1)
+    got = m.merge_tensor("w", b.clone(), [p.clone()], pm)
+    pp, qq = torch.softmax(p, -1) + 1e-8, torch.softmax(b, -1) + 1e-8
+    s = (p - b).abs() * (pp * (pp / qq).log()).sum(-1, keepdim=True)
+    srt = s.reshape(-1).sort().values
+    q = [srt[int(f * (s.numel() - 1))] for f in (0.25, 0.5, 0.75)]
+    take = s >= q[1] + 1.5 * (q[2] - q[0])
+    assert take[3].all() and 0 < int(take.sum()) < s.numel()
+    torch.testing.assert_close(got, torch.where(take, p, b), rtol=0, atol=1e-7)
+    assert torch.equal(m.merge_tensor("w", b.clone(), [b.clone()], pm), b)
