@@ -124,6 +124,9 @@ F32 = {
     "sce": _recipe("sce", FT, select_topk=0.3),
     "sce_all": _recipe("sce", FT),
     "arcee_fusion": _recipe("arcee_fusion", [FT[2]]),
+    "tsv": _recipe("tsv", _w((FT[0], {"weight": 1.0}), (FT[1], {"weight": 0.5}), (FT[2], {"weight": 1.0}))),
+    "iso_c": _recipe("iso_c", FT, alpha=1.3, exclude=["*embed_tokens*"]),
+    "iso_cts": _recipe("iso_cts", FT, common_space_fraction=0.6),
 }  # fmt: skip
 # the same recipes streamed in chunks of 64 elements (statistic passes, per-chunk DARE streams)
 CHUNKED = (

@@ -153,15 +153,22 @@ def test_model_order_does_not_matter(name):
     ins = inputs_for(type(m), base, thetas)
     a = m.merge_tensor("w", base, ins, pm)
     b = m.merge_tensor("w", base, ins[::-1], pm[::-1])
-    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    # SVDs of the reordered (concatenated) factors round differently
+    tol = {"rtol": 1e-5, "atol": 1e-6} if name in ("tsv", "iso_c", "iso_cts") else {"rtol": 1e-6, "atol": 1e-7}
+    torch.testing.assert_close(a, b, **tol)
 
 
 INTERPOLATE_WITH_BASE = ("slerp", "nearswap", "arcee_fusion")
 
 
 # AdaMerging learns one coefficient per task (and layer) with no normalisation: T identical task vectors give
-# θ0 + (Σλ)τ, not θ0 + τ (its tests cover what it does instead).
-@pytest.mark.parametrize("name", [n for n in ALL if n not in ("adamerging", "adamerging_ties")])
+# θ0 + (Σλ)τ, not θ0 + τ (its tests cover what it does instead). The SVD-based methods reshape the summed task
+# matrix by design (TSV keeps each task's 1/T leading directions, Iso-C/CTS flatten the spectrum), so identical tasks
+# do not give τ back either (tests/merging/methods/test_svd.py has their invariants).
+NOT_IDEMPOTENT = ("adamerging", "adamerging_ties", "tsv", "iso_c", "iso_cts")
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if n not in NOT_IDEMPOTENT])
 def test_identical_models_merge_to_that_model(name):
     """Linear/soup of identical models, and every task-vector method with identical task vectors (weights 1,
     nothing dropped) give back that model; slerp between identical tensors returns them."""
