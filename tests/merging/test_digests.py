@@ -127,6 +127,10 @@ F32 = {
     "tsv": _recipe("tsv", _w((FT[0], {"weight": 1.0}), (FT[1], {"weight": 0.5}), (FT[2], {"weight": 1.0}))),
     "iso_c": _recipe("iso_c", FT, alpha=1.3, exclude=["*embed_tokens*"]),
     "iso_cts": _recipe("iso_cts", FT, common_space_fraction=0.6),
+    "consensus": _recipe("consensus", _w((FT[0], {"lambda": 0.3}), (FT[1], {}), (FT[2], {"weight": 0.5})), alpha=0.8),
+    "consensus_ties": _recipe("consensus", FT, aggregate="ties", density=0.3, k=1),
+    "pcb": _recipe("pcb", _w((FT[0], {"weight": 1.2}), (FT[1], {}), (FT[2], {})), ratio=0.2),
+    "pcb_tensor": _recipe("pcb", FT, ratio=0.5, scope="tensor", **{"lambda": 1.1}),
 }  # fmt: skip
 # the same recipes streamed in chunks of 64 elements (statistic passes, per-chunk DARE streams)
 CHUNKED = (
@@ -145,6 +149,9 @@ CHUNKED = (
     "breadcrumbs_ties",
     "della",
     "sce",
+    "consensus_ties",
+    "pcb",
+    "pcb_tensor",
 )
 
 

@@ -103,6 +103,7 @@ def _contract_params(name):
         "della_linear": {"rescale": "keep_rate"},
         "breadcrumbs": {"rescale": "l1"},
         "sce": {"select_topk": 0.5},
+        "pcb": {"ratio": 0.3},
     }.get(name, {})
     cls = METHODS.get(name)
     n = _model_count(cls)
@@ -165,7 +166,9 @@ INTERPOLATE_WITH_BASE = ("slerp", "nearswap", "arcee_fusion")
 # θ0 + (Σλ)τ, not θ0 + τ (its tests cover what it does instead). The SVD-based methods reshape the summed task
 # matrix by design (TSV keeps each task's 1/T leading directions, Iso-C/CTS flatten the spectrum), so identical tasks
 # do not give τ back either (tests/merging/methods/test_svd.py has their invariants).
-NOT_IDEMPOTENT = ("adamerging", "adamerging_ties", "tsv", "iso_c", "iso_cts")
+# consensus sums the task vectors (task arithmetic's multi-task vector) before masking; PCB clips each task vector's
+# largest and smallest magnitudes and drops the entries below its top `ratio`.
+NOT_IDEMPOTENT = ("adamerging", "adamerging_ties", "tsv", "iso_c", "iso_cts", "consensus", "pcb")
 
 
 @pytest.mark.parametrize("name", [n for n in ALL if n not in NOT_IDEMPOTENT])
