@@ -242,7 +242,7 @@ def results(tmp_path_factory, bf16_dirs, lora_dir):
 
 
 def test_every_method_is_covered():
-    covered = {r["merge_method"] for r in F32.values()} | {"fisher", "adamerging", "adamerging_ties"}
+    covered = {r["merge_method"] for r in F32.values()} | {"fisher", "adamerging", "adamerging_ties", "regmean"}
     assert set(METHODS.names()) <= covered
 
 
@@ -329,6 +329,8 @@ def test_data_driven_methods_match_the_pinned_digests(bert_dirs, tmp_path):
             **_recipe("adamerging_ties", dirs[1:], base=dirs[0], **short, granularity="task"),
             "data": data,
         },
+        "regmean": {**_recipe("regmean", dirs[1:], base=dirs[0]), "data": data},
+        "regmean_plusplus": {**_recipe("regmean", dirs[1:], base=dirs[0], plusplus=True, alpha=0.8), "data": data},
     }
     for name, r in cases.items():
         got[f"data/{name}"] = tensor_digests(run_merge(r, tmp_path / name, hash="none"))

@@ -53,10 +53,21 @@ def inputs_for(cls, base, thetas):
 # ---------------------------------------------------------------------------------------------------------
 # registry <-> modules <-> configs
 # ---------------------------------------------------------------------------------------------------------
+def _config_names() -> dict[str, str]:
+    """conf/method file stem -> the `name:` it selects."""
+    return {p.stem: yaml.safe_load(p.read_text())["name"] for p in (conf_dir() / "method").glob("*.yaml")}
+
+
+# configs that select another method under a name users look for (WiSE-FT is task arithmetic of one fine-tune)
+ALIASES = {"wise_ft": "task_arithmetic"}
+
+
 def test_module_name_registry_key_and_config_agree():
     modules = {m.name for m in pkgutil.iter_modules(merging.methods.__path__) if not m.name.startswith("_")}
-    configs = {p.stem for p in (conf_dir() / "method").glob("*.yaml")}
+    configs = {stem for stem, name in _config_names().items() if stem == name}
     assert set(ALL) == modules == configs
+    assert {stem: name for stem, name in _config_names().items() if stem != name} == ALIASES
+    assert not set(ALIASES) & set(ALL) and set(ALIASES.values()) <= set(ALL)
     for name in ALL:
         cls = METHODS.get(name)
         assert cls.name == name and cls.__module__ == f"merging.methods.{name}"
