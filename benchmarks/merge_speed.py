@@ -70,8 +70,40 @@ RUNS = {  # name -> (merge_method, parameters, per-model parameters, number of m
     # the model-card SLERP: t a per-layer gradient, different for attention and MLP tensors (mergekit's example)
     "slerp (gradient)": ("slerp", {"t": GRADIENT_T}, {}, 1),
     "soup": ("soup", {}, {"weight": 1.0}, 3),
+    "nearswap": ("nearswap", {"t": 0.001}, {}, 1),
+    "ram": ("ram", {}, {}, 3),
+    "ramplus_tl": ("ramplus_tl", {}, {}, 3),
+    "model_stock": ("model_stock", {}, {}, 3),
+    "nuslerp": ("nuslerp", {}, {"weight": 1.0}, 2),
+    "multislerp": ("multislerp", {}, {"weight": 1.0}, 3),
+    "karcher": ("karcher", {}, {}, 3),
+    "arcee_fusion": ("arcee_fusion", {}, {}, 1),
+    "breadcrumbs": ("breadcrumbs", {}, {"weight": 1.0, "density": 0.9, "gamma": 0.01}, 3),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {}, {"weight": 1.0, "density": 0.9, "gamma": 0.01}, 3),
+    "sce": ("sce", {"select_topk": 0.1}, {}, 3),
+    "della": ("della", {}, {"weight": 1.0, "density": 0.5, "epsilon": 0.1}, 3),
 }
-MERGEKIT = {"linear", "task_arithmetic", "ties (tensor)", "dare_ties", "dare_linear", "slerp", "slerp (gradient)"}
+MERGEKIT = {
+    "linear",
+    "task_arithmetic",
+    "ties (tensor)",
+    "dare_ties",
+    "dare_linear",
+    "slerp",
+    "nearswap",
+    "ram",
+    "ramplus_tl",
+    "model_stock",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "arcee_fusion",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "sce",
+    "della",
+    "slerp (gradient)",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,30 +20,34 @@ import torch
 __all__ = ["ram_masks", "ram_combine", "ram_counts"]
 
 
-def ram_masks(taus: Sequence[torch.Tensor], epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(nonzero (T, n) bool, counts (1, n) int64) of flat chunks."""
-    nonzero = torch.stack([t.reshape(-1) for t in taus]).abs_() > epsilon
-    return nonzero, nonzero.sum(dim=0, keepdim=True)
+def ram_masks(taus: Sequence[torch.Tensor], epsilon: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """([|τ_t| > ε] per model (bool), c = how many models change each entry (uint8)) of flat chunks."""
+    nonzero = [t.abs() > epsilon for t in taus]
+    counts = nonzero[0].to(torch.uint8)
+    for m in nonzero[1:]:
+        counts.add_(m)
+    return nonzero, counts
 
 
 def ram_combine(
-    base: torch.Tensor, taus: Sequence[torch.Tensor], epsilon: float, factors: torch.Tensor | None = None
+    base: torch.Tensor, taus: Sequence[torch.Tensor], epsilon: float, factors: Sequence[float] | None = None
 ) -> torch.Tensor:
-    """θ_0 + the merged task vector (module docstring) of one chunk; `factors`: λ_t, float32 (None: 1 each)."""
-    tv = torch.stack([t.reshape(-1) for t in taus])
+    """θ_0 + the merged task vector (module docstring) of one chunk, in place on the chunks; `factors`: λ_t as float32
+    values (None: 1 each). Each model's term is mergekit's `τz·[c = 1]·λ + τz·[c > 1] / max(c, 1)` with τz the
+    changed entries, summed in model order: equal values (only the sign of an exact zero may differ)."""
     nonzero, counts = ram_masks(taus, epsilon)
-    overlap, unique = counts > 1, counts == 1
-    tvz = tv * nonzero
-    uniq = tvz * unique
-    if factors is not None:
-        uniq = uniq * factors.unsqueeze(-1)
-    merged = (uniq + tvz * overlap / counts.clamp(min=1)).sum(dim=0, keepdim=True)
-    return base + merged.reshape(base.shape)
+    denom = counts.clamp(min=1).float()
+    unique = counts == 1 if factors is not None else None
+    acc = None
+    for t, (tau, m) in enumerate(zip(taus, nonzero, strict=True)):
+        term = tau.mul_(m)
+        term = term.div(denom) if unique is None else torch.where(unique, term * factors[t], term.div(denom))
+        acc = term if acc is None else acc.add_(term)
+    return base.add_(acc)
 
 
 def ram_counts(taus: Sequence[torch.Tensor], epsilon: float) -> tuple[list[int], list[int]]:
     """Per model, how many of its changed entries are shared with another model, and how many are its alone."""
     nonzero, counts = ram_masks(taus, epsilon)
-    shared = (nonzero & (counts > 1)).sum(dim=1)
-    unique = (nonzero & (counts == 1)).sum(dim=1)
-    return shared.tolist(), unique.tolist()
+    shared, unique = counts > 1, counts == 1
+    return [int((m & shared).sum()) for m in nonzero], [int((m & unique).sum()) for m in nonzero]

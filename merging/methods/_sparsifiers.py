@@ -272,12 +272,13 @@ class SparsifyingGTA(GTAMethod):
         for t, tau in enumerate(tensors):
             if job.model_params[t].density < 1:
                 before[t] += float(tau.abs().sum(dtype=torch.float64))
-                after[t] += float(self._masked(job, t, start, tau.clone()).abs().sum(dtype=torch.float64))
+                after[t] += float(self._masked(job, t, start, tau.clone(), keep=True).abs().sum(dtype=torch.float64))
 
     # -- masks ----------------------------------------------------------------------------------------
-    def _masked(self, job: TensorJob, t: int, start: int, tau: torch.Tensor) -> torch.Tensor:
+    def _masked(self, job: TensorJob, t: int, start: int, tau: torch.Tensor, keep: bool = False) -> torch.Tensor:
         """τ_t with the sparsifier's mask applied (no rescale), in place; `della` returns the kept entries' p in
-        job.state["p"] for a `keep_rate` rescale."""
+        job.state["p"] for a `keep_rate` rescale. `keep`: remember DELLA's mask of this chunk (bit-packed, n/8 bytes)
+        for the merge pass, which then neither ranks nor draws again."""
         p = job.model_params[t]
         if self.sparsify == "outliers" and self._per_row(job):
             return row_window_(tau, row_unit(job.shape), p.density, p.gamma)
@@ -287,10 +288,15 @@ class SparsifyingGTA(GTAMethod):
                 w.restart()
             return w.apply_(tau)
         _check_della(p, job.labels[t] if t < len(job.labels) else f"models[{t}]", job.name)
+        packed = job.state.pop(("keep", t, start), None)
+        if packed is not None:
+            return tau.mul_(torch.from_numpy(np.unpackbits(packed, count=tau.numel()).view(np.bool_)))
         probs = (p.density - p.epsilon) + della_ranks(tau, job.shape) * (2 * p.epsilon)
-        keep = della_keep(probs, self._generator(job, t, start))
+        mask = della_keep(probs, self._generator(job, t, start))
         job.state["p"] = probs
-        return tau.mul_(keep)
+        if keep:
+            job.state[("keep", t, start)] = np.packbits(mask.numpy())
+        return tau.mul_(mask)
 
     def _window(self, job: TensorJob, t: int, tau: torch.Tensor) -> Window:
         if job.chunked:

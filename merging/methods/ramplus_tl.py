@@ -60,4 +60,5 @@ class RamPlusTL(MergeMethod):
             self.observe(job, 0, start, base, tensors)
         shared, unique = (torch.tensor(c) for c in job.state["counts"])
         rho = shared / unique.clamp(min=p.epsilon)  # float32, as mergekit computes it
-        return ram_combine(base, tensors, p.epsilon, 1 + p.r * rho.clamp(min=0, max=p.alpha))
+        factors = (1 + p.r * rho.clamp(min=0, max=p.alpha)).tolist()
+        return ram_combine(base, tensors, p.epsilon, [torch.tensor(f, dtype=torch.float32) for f in factors])
