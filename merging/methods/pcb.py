@@ -27,6 +27,8 @@ import torch
 
 from merging.base import FULL, METHODS, SAMPLE, MergeMethod, ModelParams
 from merging.methods._kth_largest import KthLargest
+from merging.settings import is_scalar
+from peft_lab.errors import UserError
 from peft_lab.params import Checked, param
 
 _CLIP = 1e-4  # the official code's outlier clip on each side of |τ|
@@ -216,6 +218,17 @@ class Pcb(MergeMethod):
     def __init__(self, params=None):
         super().__init__(params)
         self.global_stats: PcbStats | None = None
+
+    def check_settings(self, shared_scopes, model_scopes) -> None:
+        """scope=global ranks the whole model with one ratio: it cannot vary per tensor."""
+        if self.params.scope != "global":
+            return
+        for scope in shared_scopes:
+            if "ratio" in scope and not is_scalar(scope["ratio"]):
+                raise UserError(
+                    "pcb: ratio is given per layer or per tensor, but scope=global keeps the top ratio of each task "
+                    "over the whole model with one value; give one value, or use scope=tensor."
+                )
 
     def prepare(self, inputs) -> None:
         if self.params.scope != "global" or inputs.scan is None:

@@ -39,7 +39,8 @@ def _models(name: str) -> str:
 
 @pytest.mark.parametrize("name", [n for n in METHODS.names() if n not in DATA_DRIVEN])
 def test_every_data_free_method_runs_with_its_config(inputs, name, capsys):
-    assert merge_main([f"method={name}", "base=base.safetensors", _models(name), f"out={name}"]) == 0
+    base = [] if name == "passthrough" else ["base=base.safetensors"]  # passthrough copies one model: no base
+    assert merge_main([f"method={name}", *base, _models(name), f"out={name}"]) == 0
     out = load_file(inputs / name / "model.safetensors")
     assert set(out) == {"w", "b"} and all(torch.isfinite(v).all() for v in out.values())
 

@@ -57,3 +57,10 @@ def test_static_parameters_refuse_gradients():
     recipe = {"merge_method": "pcb", "base_model": "b", "models": ["m0", "m1"], "parameters": {"scope": ["tensor"]}}
     with pytest.raises(UserError, match=r"scope takes one value for the whole model"):
         parse_recipe(recipe)
+
+
+def test_pcb_global_ratio_is_one_value():
+    recipe = {"merge_method": "pcb", "base_model": "b", "models": ["m0", "m1"], "parameters": {"ratio": [0.1, 0.3]}}
+    with pytest.raises(UserError, match=r"pcb: ratio is given per layer or per tensor, but scope=global"):
+        parse_recipe(recipe)
+    parse_recipe({**recipe, "parameters": {"ratio": [0.1, 0.3], "scope": "tensor"}})
