@@ -38,6 +38,8 @@ import yaml
 
 from merging.base import METHODS, MergeMethod
 from merging.grammar import Layout, ModelRef, model_ref, parse_layout, split_scope
+from merging.extract.settings import RECIPE_KEYS as ADAPTER_KEYS
+from merging.extract.settings import adapter_keys_to_dict, check_adapter_recipe, parse_adapter_keys
 from merging.settings import Resolver, is_scalar
 from merging.vocab import TokenizerSpec, parse_chat_template, parse_tokenizer
 from peft_lab.errors import UserError
@@ -151,6 +153,8 @@ class Recipe:
         chat_template: the chat template to write into the tokenizer config (None: the tokenizer's own).
         noop: accepted mergekit parameters that change nothing here (`int8_mask`), as given.
         out_dtype_given: which key gave `dtype` (`dtype` or `out_dtype`), for the record.
+        adapter: with `out_format: adapter`, how the merge becomes an adapter (`merging.extract.AdapterSettings`);
+            None for a model output.
     """
 
     method: MergeMethod
@@ -165,6 +169,7 @@ class Recipe:
     tokenizer: TokenizerSpec | None = None
     chat_template: str | None = None
     noop: Mapping[str, Any] = field(default_factory=dict)
+    adapter: Any = None
 
     def resolver(self) -> Resolver:
         """Each tensor's parameters (`merging.settings.Resolver`) from the settings of this recipe."""
@@ -196,6 +201,7 @@ class Recipe:
             d["chat_template"] = self.chat_template
         if self.data is not None:
             d["data"] = self.data
+        d.update(adapter_keys_to_dict(self.adapter))  # out_format: adapter and its keys
         return d
 
 
@@ -210,6 +216,7 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
     raw = _without_extras(raw, where)
     opts = _options(raw, options, where)
     data = _data(raw.pop("data", None), where)
+    adapter = parse_adapter_keys(raw, where)  # out_format: adapter (merging.extract.settings)
     _check_keys(raw, where)
     cls = _method_class(raw, where)
     dtype = _dtype(raw.get("out_dtype") or raw.get("dtype"), where)
@@ -217,6 +224,7 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
     top = split_scope(cls, raw.get("parameters"), f"{where}: parameters", noop=noop)
     base_ref = None if raw.get("base_model") is None else model_ref(raw["base_model"], f"{where}: base_model")
     base = None if base_ref is None else str(base_ref)
+    check_adapter_recipe(adapter, base_ref, raw, where)  # out_format: adapter (merging.extract.settings)
     layout = parse_layout(cls, raw, base_ref, where, noop)
     shared = {k: v for k, v in top.items() if k in specs(cls.Params)}
     defaults = {k: v for k, v in top.items() if k in specs(cls.ModelParams)}
@@ -229,6 +237,7 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
         base_ref=base_ref,
         chat_template=parse_chat_template(raw.get("chat_template"), where),
         noop=noop,
+        adapter=adapter,
     )
     if layout is not None:
         method = _layout_method(cls, layout, shared, defaults, where)
@@ -402,7 +411,7 @@ def hydra_to_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
         d["dtype"] = cfg["dtype"]
     if cfg.get("data") is not None:  # e.g. +data.tasks='[...]' for data-driven methods
         d["data"] = cfg["data"]
-    for k in OPTION_KEYS:
+    for k in OPTION_KEYS + ADAPTER_KEYS:
         if k in cfg:
             d[k] = cfg[k]
     return d

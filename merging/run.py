@@ -236,6 +236,10 @@ class _Merge:
         return Tree(leaves, source="merge")
 
     def _write(self, streams: list[MergeStreams], out: Path) -> Path:
+        if self.r.adapter is not None:  # out_format: adapter: the merged deltas become LoRA factors
+            from merging.extract.merge_out import write_adapter_merge
+
+            return write_adapter_merge(self, streams, out)
         m = self.method
         merged = self._tree(streams)
         total = sum(leaf.nbytes for leaf in merged.values())

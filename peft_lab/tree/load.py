@@ -2,8 +2,9 @@
 
 A safetensors file, an HF model dir (sharded through its index or not) or a diffusers model dir becomes a tree of
 `Lazy` leaves after reading only the JSON headers; files written by `save_tree` with structured leaves get those
-leaves back. A PEFT adapter dir (LoRA, LoKr) or a peft-lab adapter dir becomes a tree of structured deltas
-(`LowRank`, `Kronecker`, ...) keyed by the base model's parameter names, marked as a delta tree.
+leaves back; a Kohya/LyCORIS adapter file becomes a delta tree on the base (`peft_lab.tree.kohya`). A PEFT adapter
+dir (LoRA, DoRA, LoKr) or a peft-lab adapter dir becomes a tree of structured deltas (`LowRank`, `Kronecker`, ...)
+keyed by the base model's parameter names, marked as a delta tree.
 
 Pickle files (`.bin`, `.pt`, `.pth`, `.ckpt`) are refused unless `allow_pickle=True`: loading them can run
 arbitrary code.
@@ -24,6 +25,8 @@ import torch
 
 from peft_lab.errors import UserError
 from peft_lab.tree.core import Tree
+from peft_lab.tree.dora import dora_delta
+from peft_lab.tree.kohya import is_kohya, load_kohya
 from peft_lab.tree.leaves import Dense, Kronecker, Lazy, Leaf, LowRank
 from peft_lab.tree.ops import delta
 from peft_lab.tree.safetensors import LEAVES_KEY, ST_TO_TORCH, TREE_KIND_KEY, read_header, read_tensor
@@ -152,7 +155,7 @@ def load_tree(path: str | os.PathLike, *, base: Tree | None = None, allow_pickle
         raise UserError(f"{p}: no such file or directory.")
     if p.is_file():
         if p.suffix == ".safetensors":
-            return load_safetensors(p)
+            return load_kohya(p, base) if is_kohya(p) else load_safetensors(p)
         if p.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
                 raise UserError(_pickle_message(p))
@@ -204,10 +207,9 @@ def load_own_adapter_dir(adapter_dir: str | os.PathLike, *, base: Tree | None = 
 # PEFT adapter dirs -> delta trees
 # ---------------------------------------------------------------------------------------------------------
 _PEFT_PREFIX = "base_model.model."
-_LORA_RX = re.compile(
-    r"^(?P<mod>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[^.]+)?\.(?P<p>weight|bias)$"
-)
-_LORA_EMB_RX = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_embedding_A|lora_embedding_B)(\.[^.]+)?$")
+_LORA_PARTS = "lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector"
+_LORA_RX = re.compile(rf"^(?P<mod>.+)\.(?P<part>{_LORA_PARTS})(\.[^.]+)?\.(?P<p>weight|bias)$")
+_LORA_EMB_RX = re.compile(r"^(?P<mod>.+)\.(?P<part>lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(\.[^.]+)?$")
 _LOKR_RX = re.compile(
     r"^(?P<mod>.+)\.(?P<part>lokr_w1|lokr_w1_a|lokr_w1_b|lokr_w2|lokr_w2_a|lokr_w2_b|lokr_t2)(\.[^.]+)?$"
 )
@@ -244,7 +246,8 @@ def load_peft_dir(adapter_dir: str | os.PathLike, *, base: Tree | None = None, a
     """A PEFT LoRA or LoKr adapter dir as a delta tree keyed by base parameter names.
 
     LoRA -> `LowRank(B, A, alpha/r)` (rsLoRA: alpha/sqrt(r); rank_pattern/alpha_pattern honoured; embedding
-    and fan_in_fan_out layouts transposed into the weight's layout); LoKr -> `Kronecker(w1, w2, alpha/r)`
+    and fan_in_fan_out layouts transposed into the weight's layout); DoRA -> the exact delta of its merged weight
+    (`peft_lab.tree.dora`, which needs `base`); LoKr -> `Kronecker(w1, w2, alpha/r)`
     (low-rank factors multiplied out: they are small). Fully trained modules (`modules_to_save`) become the
     delta `saved − base`, which needs `base`.
     """
@@ -283,11 +286,6 @@ def _peft_config(d: Path) -> dict[str, Any]:
     kind = cfg.get("peft_type")
     if kind not in ("LORA", "LOKR"):
         raise UserError(f"{d}: PEFT adapter type {kind!r} is not supported as a delta tree (LORA and LOKR are).")
-    if cfg.get("use_dora"):
-        raise UserError(
-            f"{d}: DoRA adapters are not plain deltas (their magnitude depends on the base); "
-            "merge them with PEFT first."
-        )
     return cfg
 
 
@@ -346,6 +344,13 @@ def _add_lora(
                 f"but the base has {tuple(base[wname].shape)}."
             )
         leaf = LowRank(leaf.B, leaf.A, leaf.scale, base[wname].shape)  # conv LoRA: (out, in, k, k)
+    if "lora_magnitude_vector" in parts:
+        if base is None:
+            raise UserError(
+                f"{where}: a DoRA adapter's change depends on the base weights (their norms); give the base model."
+            )
+        transposed = "lora_embedding_A" in parts or fan_in_fan_out
+        leaf = dora_delta(base[wname], leaf, parts["lora_magnitude_vector"], transposed)
     leaves[wname] = leaf
 
 
