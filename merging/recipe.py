@@ -314,7 +314,7 @@ def _check_keys(raw: Mapping[str, Any], where: str) -> None:
     if unknown:
         raise UserError(
             f"{where}: unknown key(s) {', '.join(map(str, unknown))}. A recipe has {', '.join(RECIPE_KEYS)}, data "
-            f"(and run options {', '.join(OPTION_KEYS)})."
+            f"(and run options {', '.join(OPTION_KEYS)}; adapter output keys {', '.join(ADAPTER_KEYS)})."
         )
 
 

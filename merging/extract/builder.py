@@ -29,7 +29,7 @@ from merging.extract.modules import LORA_KINDS, ModuleMap, split_name
 from merging.extract.settings import AdapterSettings
 from peft_lab.errors import UserError
 from peft_lab.tree import Leaf, LowRank, Tree
-from peft_lab.tree.lowrank import RankRule, factored_svd, seed_for, truncated_svd
+from peft_lab.tree.lowrank import RankRule, factored_svd, relative_error, seed_for, truncated_svd
 
 __all__ = ["AdapterBuilder", "LoraEntry", "Row", "matrix_shape"]
 
@@ -205,7 +205,7 @@ class AdapterBuilder:
             err = f.error if dt == torch.float32 else _stored_error(delta, kind, Bm.to(dt), Am.to(dt), f.error)
             row = Row(name, shape, kind, "lora", f.rank, f.energy, err, f.method)
             if f.capped:
-                row.note = f"rank capped at min(m, n) = {f.rank if f.rank else 0} (exact)"
+                row.note = "the matrix is smaller than the rank asked for: full rank, exact"
         row.seconds = time.perf_counter() - t0
         return self._row(row)
 
@@ -346,8 +346,4 @@ def _stored_error(delta: Leaf, kind: str, Bm: torch.Tensor, Am: torch.Tensor, fa
     """The relative error of the factors as stored (cast to a low-precision dtype)."""
     if isinstance(delta, LowRank):
         return fallback
-    M = _matrix(kind, delta.dense(torch.float32))
-    total = float(torch.linalg.vector_norm(M, dtype=torch.float64))
-    if total == 0.0:
-        return 0.0
-    return float(torch.linalg.vector_norm(M - Bm.float() @ Am.float(), dtype=torch.float64)) / total
+    return relative_error(_matrix(kind, delta.dense(torch.float32)), Bm, Am)

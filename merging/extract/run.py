@@ -10,6 +10,8 @@ that is renamed to OUT_DIR only when complete (`peft_lab.tree.fs.atomic_output_d
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 import os
@@ -97,6 +99,7 @@ def run_extract(
         with _bar(progress, len(pairs)) as bar:
             for name, delta, final, new in pairs:
                 builder.add(name, delta(), final, new=new)
+                _trim()
                 bar.update(1)
         builder.finish()
         write_adapter(tmp, builder, s, str(base), modules, component)
@@ -157,10 +160,11 @@ def _pairs(tuned: Tree, base: Tree, delta_input: bool) -> list[tuple[str, Any, L
 
 def _delta(tuned: Leaf, base: Leaf) -> Leaf | None:
     d = tuned.dense(torch.float32)
-    if isinstance(tuned, Lazy) or tuned.dtype != torch.float32:  # a fresh tensor: subtract in place (one less copy)
-        d.sub_(base.dense(torch.float32))
+    b = base.dense(None)  # in its own dtype: the subtraction casts element by element, no float32 copy of the base
+    if isinstance(tuned, Lazy) or tuned.dtype != torch.float32:  # a fresh tensor: subtract in place
+        d.sub_(b)
     else:
-        d = d - base.dense(torch.float32)
+        d = d - b.float()
     return Dense(d) if bool(d.any()) else None
 
 
@@ -175,6 +179,27 @@ def _counterpart(name: str, base_names: set[str]) -> str | None:
             return ".".join(parts[i:])
     hits = [b for b in base_names if b.endswith("." + name)]
     return hits[0] if len(hits) == 1 else None
+
+
+def _trim() -> None:
+    """Give the freed heap back to the system after each matrix: glibc keeps blocks under its mmap threshold (up to
+    32 MB) in the heap, and a model's worth of them would otherwise raise the resident set (measured: 1.45–1.77 GB
+    peak on a 0.4B model without, the live set of the largest matrix with)."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 class _NoBar:

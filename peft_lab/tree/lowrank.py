@@ -26,7 +26,16 @@ from typing import Literal
 
 import torch
 
-__all__ = ["RankRule", "SVDConfig", "Factors", "truncated_svd", "factored_svd", "numerical_rank", "seed_for"]
+__all__ = [
+    "RankRule",
+    "SVDConfig",
+    "Factors",
+    "truncated_svd",
+    "factored_svd",
+    "numerical_rank",
+    "relative_error",
+    "seed_for",
+]
 
 _EPS32 = torch.finfo(torch.float32).eps
 
@@ -138,17 +147,41 @@ def _keep(S: torch.Tensor, total: float, rule: RankRule, shape: tuple[int, int])
     return max(k, 0), capped
 
 
-def _sq_norm(M: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(M, dtype=torch.float64) ** 2)
+def _sq_norm(M: torch.Tensor, block: int = 1 << 22) -> float:
+    """‖M‖_F² accumulated in float64, in blocks of rows (a float64 copy of a whole large matrix would double the
+    peak memory of an extraction)."""
+    if M.dim() < 2 or M.numel() <= block:
+        return float(torch.linalg.vector_norm(M, dtype=torch.float64) ** 2)
+    step = max(1, block // max(M[0].numel(), 1))
+    return sum(
+        float(torch.linalg.vector_norm(M[s : s + step], dtype=torch.float64) ** 2) for s in range(0, len(M), step)
+    )
 
 
-def _residual(M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rows: int = 4096) -> float:
-    """‖M − U diag(S) Vh‖_F², in row blocks (no second full-size matrix), accumulated in float64."""
-    acc = 0.0
+def _residual(M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, block: int = 1 << 22) -> float:
+    """‖M − U diag(S) Vh‖_F², in blocks of about `block` elements along M's longer side (never a second full-size
+    matrix), accumulated in float64."""
     US = U * S
-    for s in range(0, M.shape[0], rows):
-        acc += _sq_norm(M[s : s + rows] - US[s : s + rows] @ Vh)
+    m, n = M.shape
+    acc = 0.0
+    if m >= n:
+        step = max(1, block // max(n, 1))
+        for s in range(0, m, step):
+            acc += _sq_norm(M[s : s + step] - US[s : s + step] @ Vh)
+    else:
+        step = max(1, block // max(m, 1))
+        for s in range(0, n, step):
+            acc += _sq_norm(M[:, s : s + step] - US @ Vh[:, s : s + step])
     return acc
+
+
+def relative_error(M: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖M − B A‖_F / ‖M‖_F (float64 accumulation, blockwise), e.g. for factors stored in a low-precision dtype."""
+    M = M.float()
+    total = _sq_norm(M)
+    if total == 0.0:
+        return 0.0
+    return math.sqrt(_residual(M, B.float(), torch.ones(B.shape[1]), A.float()) / total)
 
 
 def _result(M, U, S, Vh, total: float, method: str, iters: int = 0, capped: bool = False) -> Factors:

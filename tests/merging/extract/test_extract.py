@@ -223,3 +223,19 @@ def test_cli_forms(bert_pair, tmp_path, cli):
     r = cli("extract", "--base", base, "--model", ft_dir, "--out", tmp_path / "b", "--rank", "-3")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "rank" in r.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_low_precision_factors_report_the_error_of_what_is_stored(bert_pair, tmp_path):
+    base, ft_dir, _ = bert_pair
+    out = run_extract(base, ft_dir, tmp_path / "bf16", rank=16, dtype="bfloat16")
+    from safetensors import safe_open
+
+    f = safe_open(out / "adapter_model.safetensors", "pt")
+    assert {f.get_tensor(k).dtype for k in f.keys() if "lora_" in k} == {torch.bfloat16}
+    row = _report(out)["bert.encoder.layer.0.attention.self.query.weight"]
+    b, ft = load_tree(base), load_tree(ft_dir)
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    delta = ft[name].dense() - b[name.removeprefix("bert.")].dense()
+    got = load_tree(out, base=ft)[name].dense()
+    measured = float((got - delta).norm() / delta.norm())
+    assert 1e-4 < float(row["error"]) == pytest.approx(measured, rel=1e-3)  # full rank, but bfloat16-rounded
