@@ -198,9 +198,7 @@ def quality(a: argparse.Namespace) -> None:
             if r["label"] in dist:
                 r["emb_dist"] = dist[r["label"]]
         rows.append({"label": "base (no adapter)", "rank": rank, "emb_dist": dist["base"]})
-    print(
-        "\n| adapter | wall s | CPU-s | peak RSS GB | LoRA matrices | rel. error mean | max | 1 − cos to FT |"
-    )
+    print("\n| adapter | wall s | CPU-s | peak RSS GB | LoRA matrices | rel. error mean | max | 1 − cos to FT |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "wall" not in r:

@@ -37,9 +37,9 @@ import torch
 import yaml
 
 from merging.base import METHODS, MergeMethod
-from merging.grammar import Layout, ModelRef, model_ref, parse_layout, split_scope
 from merging.extract.settings import RECIPE_KEYS as ADAPTER_KEYS
 from merging.extract.settings import adapter_keys_to_dict, check_adapter_recipe, parse_adapter_keys
+from merging.grammar import Layout, ModelRef, model_ref, parse_layout, split_scope
 from merging.settings import Resolver, is_scalar
 from merging.vocab import TokenizerSpec, parse_chat_template, parse_tokenizer
 from peft_lab.errors import UserError

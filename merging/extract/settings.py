@@ -155,6 +155,12 @@ def check_adapter_recipe(adapter: AdapterSettings | None, base_ref: Any, raw: Ma
     base model, or with keys that change the output's layout or vocabulary, is refused."""
     if adapter is None:
         return
+    if raw.get("merge_method") == "passthrough":
+        raise UserError(
+            f"{where}: passthrough copies one model as it is and takes no base_model, so there is no change to a "
+            "base to write as an adapter. To turn a fine-tune into a LoRA on its base, run `peft-lab extract --base "
+            "BASE --model MODEL --rank R --out OUT`; or use out_format: model."
+        )
     if base_ref is None:
         raise UserError(
             f"{where}: out_format: adapter writes the merge as changes to a base model, and this recipe has no "

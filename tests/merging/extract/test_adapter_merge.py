@@ -103,9 +103,20 @@ def test_linear_without_normalize_is_not_low_rank(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_compressed_merge_is_within_its_recorded_error(tmp_path):
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("ties", {"density": 0.5}),
+        ("della", {"density": 0.5, "epsilon": 0.2}),  # methods of the extended grammar go the same way
+        ("breadcrumbs", {"density": 0.6, "gamma": 0.1}),
+        ("model_stock", {}),
+    ],
+)
+def test_compressed_merge_is_within_its_recorded_error(tmp_path, method, params):
     base, dirs = _adapters(tmp_path)
-    rec = _recipe("ties", base, dirs, (1.0, 1.0), {"density": 0.5})
+    rec = _recipe(method, base, dirs, (1.0, 1.0), params)
+    if method == "model_stock":  # no per-model weights
+        rec["models"] = [{"model": str(d)} for d in dirs]
     run_merge(rec, tmp_path / "model", progress=False)
     out = run_merge({**rec, "out_format": "adapter", "adapter_rank": 4}, tmp_path / "adapter", progress=False)
     report = yaml.safe_load((out / "merge_recipe.yaml").read_text())["adapter_report"]
@@ -234,6 +245,38 @@ def test_bad_adapter_keys(tmp_path, extra, match):
     if rec.get("base_model") is None:
         rec.pop("base_model")
         rec["merge_method"] = "linear"
+    with pytest.raises(UserError, match=match):
+        run_merge(rec, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["slices", "tokenizer_source", "chat_template", "base_with_lora", "passthrough"])
+def test_recipes_that_do_not_keep_the_base_layout_are_refused(tmp_path, case):
+    """An adapter output is each merged tensor as a change to the same tensor of base_model: slices (layers built
+    from pieces of models), tokenizer settings (embedding rows rebuilt), a chat template (no tokenizer files), a
+    base with a LoRA applied (not a model PEFT loads onto) and passthrough (no base) are refused, one message each,
+    nothing written."""
+    base, dirs = _adapters(tmp_path)
+    rec = _recipe("task_arithmetic", base, dirs, out_format="adapter")
+    match = {
+        "slices": "slices does not go with out_format: adapter",
+        "base_with_lora": "plain model",
+        "passthrough": "passthrough copies one model.*peft-lab extract",
+    }.get(case, f"{case} does not go with out_format: adapter")
+    if case == "slices":
+        del rec["models"]
+        models = [str(base)] + [f"{base}+{d}" for d in dirs]
+        rec["slices"] = [{"sources": [{"model": m, "layer_range": [0, 2]} for m in models]}]
+    elif case == "tokenizer_source":
+        rec["tokenizer_source"] = "union"
+    elif case == "chat_template":
+        rec["chat_template"] = "chatml"
+    elif case == "base_with_lora":
+        rec["base_model"] = f"{base}+{dirs[0]}"
+    else:
+        rec = {"merge_method": "passthrough", "models": [{"model": f"{base}+{dirs[0]}"}], "out_format": "adapter"}
+    if case != "tokenizer_source":  # (which needs tokenizer files that these models lack)
+        run_merge({**rec, "out_format": "model"}, tmp_path / "as_model", progress=False)  # valid as a model merge
     with pytest.raises(UserError, match=match):
         run_merge(rec, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
