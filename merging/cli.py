@@ -8,7 +8,9 @@
 The first takes a mergekit-style YAML recipe; KEY=VALUE pairs after it set run options (overwrite=true, ...).
 The second composes `conf/merge.yaml` with the `method` group (`conf/method/<name>.yaml`). In a sweep (`-m`)
 each job writes `SWEEP_DIR/<its overrides>` (e.g. `SWEEP_DIR/method.density=0.2`), unless `out` interpolates
-something itself (e.g. `out='runs/d${method.density}'`).
+something itself (e.g. `out='runs/d${method.density}'`). With `eval=NAME` (or an `eval:` block in a recipe) each
+merged model is scored (`merging.scoring`); the Hydra form also logs the scores (`logger=`), keeps the models
+`keep=all|best|none` says, and summarises a sweep (`merging.sweeps`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 import yaml
 
 from peft_lab.errors import UserError
-from peft_lab.hydra_app import HydraApp, is_multirun, job_dirname, split_args
+from peft_lab.hydra_app import HydraApp, is_multirun, split_args
 
 __all__ = ["main"]
 
@@ -40,6 +42,8 @@ _NOT_IN_DIRNAME = {
     "threads",
     "allow_pickle",
     "allow_nonfinite",
+    "logger",
+    "keep",
 }
 # Hydra runs in a scratch dir (outputs go to `out`); a sweep job's UserError ends the sweep at once
 APP = HydraApp(
@@ -133,13 +137,15 @@ def _defer_method_values(overrides: list[str]) -> list[str]:
     ]
 
 
-def _merge_job(cfg, *, multirun: bool, outs: list[Path]) -> None:
-    """One Hydra job: the composed config as a recipe, merged into `out` (in a sweep: its subdir for the job)."""
+def _merge_job(cfg, *, multirun: bool, outs: list[Path]) -> float | None:
+    """One Hydra job: the composed config as a recipe, merged into `out` (in a sweep: its subdir for the job); with
+    `eval=NAME`, scored, logged and kept or not (`merging.sweeps`); returns the score (for a sweeper like Optuna)."""
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from merging.recipe import hydra_to_dict, parse_recipe
     from merging.run import run_merge
+    from merging.sweeps import ScoredJob, apply_per_model, job_name, sweep_root
 
     raw_out = OmegaConf.to_container(cfg, resolve=False).get("out")
     if OmegaConf.is_missing(cfg, "out") or raw_out in (None, ""):
@@ -148,10 +154,17 @@ def _merge_job(cfg, *, multirun: bool, outs: list[Path]) -> None:
         )
     d = OmegaConf.to_container(cfg, resolve=True)
     out = Path(str(d.pop("out")))
+    hc = HydraConfig.get()
     if multirun and "${" not in str(raw_out):
-        hc = HydraConfig.get()
-        out = out / (job_dirname(list(hc.overrides.task), _NOT_IN_DIRNAME, unplus=False) or f"job{hc.job.num}")
-    outs.append(run_merge(parse_recipe(hydra_to_dict(d), where="overrides"), out))
+        out = out / (job_name(list(hc.overrides.task), _NOT_IN_DIRNAME) or f"job{hc.job.num}")
+    job = ScoredJob(d, multirun)
+    job.check()
+    recipe = parse_recipe(hydra_to_dict(apply_per_model(d)), where="overrides")
+    if multirun and (score := job.reuse(out, recipe)) is not None:
+        return score
+    outs.append(run_merge(recipe, out))
+    root = sweep_root(str(raw_out)) if multirun else None
+    return job.finish(out, root, [o.lstrip("+") for o in hc.overrides.task])
 
 
 def _hydra_form(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ composed config into the same mergekit-style dict (`hydra_to_dict`), and `parse_
     parameters: {lambda: 1.0, normalize: true}   # the method's own parameters + defaults for per-model ones
     dtype: bfloat16                     # output dtype (default: the base model's); arithmetic is float32
     data: {...}                         # data-driven methods only: the examples they need
+    eval: {name: classification, ...}   # score the merged model (merging.scoring): OUT_DIR/eval.json
 
 or, instead of `models`, `slices:` (layer ranges, per-slice base and parameters) or `modules:` (per tower), and
 `tokenizer_source` / `tokenizer:` / `chat_template` (`merging.grammar`, `merging.vocab`). A model is a path,
@@ -36,6 +37,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from merging import scoring
 from merging.base import METHODS, MergeMethod
 from merging.extract.settings import RECIPE_KEYS as ADAPTER_KEYS
 from merging.extract.settings import adapter_keys_to_dict, check_adapter_recipe, parse_adapter_keys
@@ -155,6 +157,7 @@ class Recipe:
         out_dtype_given: which key gave `dtype` (`dtype` or `out_dtype`), for the record.
         adapter: with `out_format: adapter`, how the merge becomes an adapter (`merging.extract.AdapterSettings`);
             None for a model output.
+        eval: the evaluator (`peft_lab.eval.Evaluator`) of the recipe's `eval:` block, or None.
     """
 
     method: MergeMethod
@@ -170,6 +173,7 @@ class Recipe:
     chat_template: str | None = None
     noop: Mapping[str, Any] = field(default_factory=dict)
     adapter: Any = None
+    eval: Any = None  # the evaluator of an `eval:` block (merging.scoring): the merged model is scored
 
     def resolver(self) -> Resolver:
         """Each tensor's parameters (`merging.settings.Resolver`) from the settings of this recipe."""
@@ -202,6 +206,8 @@ class Recipe:
         if self.data is not None:
             d["data"] = self.data
         d.update(adapter_keys_to_dict(self.adapter))  # out_format: adapter and its keys
+        if self.eval is not None:
+            d["eval"] = self.eval.to_dict()
         return d
 
 
@@ -217,6 +223,7 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
     opts = _options(raw, options, where)
     data = _data(raw.pop("data", None), where)
     adapter = parse_adapter_keys(raw, where)  # out_format: adapter (merging.extract.settings)
+    evaluator = scoring.parse_eval(raw.pop("eval", None), where)
     _check_keys(raw, where)
     cls = _method_class(raw, where)
     dtype = _dtype(raw.get("out_dtype") or raw.get("dtype"), where)
@@ -238,6 +245,7 @@ def parse_recipe(raw: Mapping[str, Any], *, where: str = "recipe", **options: An
         chat_template=parse_chat_template(raw.get("chat_template"), where),
         noop=noop,
         adapter=adapter,
+        eval=evaluator,
     )
     if layout is not None:
         method = _layout_method(cls, layout, shared, defaults, where)
@@ -313,8 +321,8 @@ def _check_keys(raw: Mapping[str, Any], where: str) -> None:
     unknown = [k for k in raw if k not in RECIPE_KEYS]
     if unknown:
         raise UserError(
-            f"{where}: unknown key(s) {', '.join(map(str, unknown))}. A recipe has {', '.join(RECIPE_KEYS)}, data "
-            f"(and run options {', '.join(OPTION_KEYS)}; adapter output keys {', '.join(ADAPTER_KEYS)})."
+            f"{where}: unknown key(s) {', '.join(map(str, unknown))}. A recipe has {', '.join(RECIPE_KEYS)}, data, "
+            f"eval (and run options {', '.join(OPTION_KEYS)}; adapter output keys {', '.join(ADAPTER_KEYS)})."
         )
 
 
@@ -411,6 +419,8 @@ def hydra_to_dict(cfg: Mapping[str, Any]) -> dict[str, Any]:
         d["dtype"] = cfg["dtype"]
     if cfg.get("data") is not None:  # e.g. +data.tasks='[...]' for data-driven methods
         d["data"] = cfg["data"]
+    if cfg.get("eval") is not None:  # eval=NAME: score the merged model (merging.scoring)
+        d["eval"] = cfg["eval"]
     for k in OPTION_KEYS + ADAPTER_KEYS:
         if k in cfg:
             d[k] = cfg[k]

@@ -12,6 +12,8 @@
    to the current shard. Non-float tensors (int buffers) are copied from the base unchanged.
 6. Finish: the method's `artifacts()`, config/tokenizer files from the base, the recorded recipe with the input
    hashes in the safetensors headers (patched in place) and in `merge_recipe.yaml`.
+7. Score (a recipe with `eval`, `merging.scoring`): the merged model in the temporary dir is evaluated into
+   `eval.json` before the rename (checked before step 4, so a recipe that cannot be scored fails first).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 
 import torch
 
+from merging import scoring
 from merging.architecture import read_config, stacks_of
 from merging.outconfig import rewrite_config
 from merging.plan import open_models, plan_merge, warn_unmatched_filters
@@ -249,6 +252,7 @@ class _Merge:
             hasher = Hasher(list(dict.fromkeys(f for p in paths for f in input_files(p))), self.opts.hash)
         placeholder = json.dumps(self.record(None), separators=(",", ":"))
         config_src = self.config_source()
+        score = scoring.prepare(self.r, config_src)  # an `eval` recipe: checked now, scored before the rename
         t0 = time.perf_counter()
         try:
             with tuned_malloc(), atomic_output_dir(out, kind="merge", overwrite=self.opts.overwrite) as tmp:
@@ -273,6 +277,8 @@ class _Merge:
                 if (text := json.dumps(final, separators=(",", ":"))) != placeholder:
                     patch_metadata(written, tmp, placeholder, text)
                 write_recipe_file(tmp, final)
+                if score is not None:
+                    score(tmp, out)
         finally:
             if hasher is not None and hasher.is_alive():  # a failed merge stops reading its inputs
                 hasher.stop()

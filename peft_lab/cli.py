@@ -1,5 +1,5 @@
-"""`peft-lab {train, merge, extract, signature, bench}`: parse, call one function, print a `UserError` as one
-paragraph.
+"""`peft-lab {train, merge, extract, eval, signature, bench}`: parse, call one function, print a `UserError` as
+one paragraph.
 
 Each subcommand lives with the code it drives and exposes `main(argv) -> int`; this file only dispatches,
 so importing it stays cheap. User mistakes exit with code 2 and no traceback (`--debug` or
@@ -21,6 +21,7 @@ COMMANDS = {
     "train": ("peft_lab.train.cli", "fine-tune a model with an adapter (Hydra: peft-lab train adapter=lora ...)"),
     "merge": ("merging.cli", "merge models (peft-lab merge --config RECIPE.yaml --out DIR, or Hydra overrides)"),
     "extract": ("merging.extract.cli", "a LoRA from a fine-tune: --base B --model FT --rank R --out DIR"),
+    "eval": ("peft_lab.eval.cli", "score a model: peft-lab eval model=DIR eval=classification|perplexity|lm_eval ..."),
     "signature": ("merging.signatures.cli", "robust weight signatures: extract | patch | unpatch | list"),
     "bench": ("peft_lab.bench", "benchmarks: merge [--quick] | kernels"),
 }

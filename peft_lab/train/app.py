@@ -151,11 +151,13 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
         cfg: a RunConfig, or a composed config (DictConfig/dict with model, data, adapter, trainer, logger, seed).
         output_dir: where outputs and checkpoints go (default: cfg's output_dir).
     """
+    from peft_lab.eval.trained import for_run
     from peft_lab.train.loop import fit
 
     run = cfg if isinstance(cfg, RunConfig) else resolve(cfg)
     out = Path(output_dir or run.output_dir or "outputs/train").absolute()
     _guard_outputs(run, out)
+    evaluator = for_run(run)  # `eval=NAME`: checked now, the trained model scored at the end
     accelerator = _accelerator(run)
     main = accelerator.is_main_process
     dd, built, task = _data_model_task(run)
@@ -198,6 +200,8 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
     )
     accelerator.wait_for_everyone()
     metrics = _metrics(run, res, task, accelerator.num_processes, n_train, n_total)
+    if main and evaluator is not None:
+        metrics.update(_score(evaluator, run, res, built, out, accelerator))
     if main:
         _save_outputs(out, res, metrics, adapter, built, accelerator)
     if accelerator.num_processes == 1:
@@ -206,6 +210,23 @@ def train(cfg: RunConfig | Mapping[str, Any], output_dir: str | os.PathLike | No
 
         AcceleratorState._reset_state()
     return metrics
+
+
+def _score(evaluator, run: RunConfig, res, built, out: Path, accelerator) -> dict[str, Any]:
+    """`eval=NAME`: the trained model scored by `peft_lab.eval` (DIR/eval.json, the logger); returns the score for
+    metrics.json."""
+    from peft_lab.eval import flat_metrics
+    from peft_lab.eval.trained import score_trained
+
+    module = accelerator.unwrap_model(res.module)
+    record = score_trained(evaluator, run, module, built.tokenizer, out, accelerator.device)
+    res.session.log(flat_metrics(record), res.state.step)
+    log.info("eval=%s: %s %.4f -> %s", evaluator.name, record["metric"], record["score"], out / "eval.json")
+    return {
+        "eval_score": record["score"],
+        "eval_metric": record["metric"],
+        "eval_higher_is_better": record["higher_is_better"],
+    }
 
 
 def _accelerator(run: RunConfig):

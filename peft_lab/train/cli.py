@@ -2,7 +2,7 @@
 
 Before Hydra runs, the command line is normalised and every job's config is composed and validated against the
 registries (for `-m`, every combination of the sweep), so a typo fails in a second, before any training:
-- `group.field=value` for the groups model/data/adapter/trainer/logger becomes `++group.field=value`: any field
+- `group.field=value` for the groups model/data/adapter/trainer/logger/eval becomes `++group.field=value`: any field
   of the group's schema can be set whether or not its YAML lists it; unknown fields are caught by validation,
   which lists the valid ones;
 - `output_dir=DIR` becomes `hydra.run.dir=DIR` (with `-m`: `hydra.sweep.dir=DIR`, one subdir per job), so Hydra's
@@ -23,7 +23,7 @@ from peft_lab.hydra_app import HydraApp, compose_all, is_info, is_multirun, job_
 
 __all__ = ["main", "normalise_overrides", "compose_jobs"]
 
-GROUP_KEYS = ("model", "data", "adapter", "trainer", "logger")
+GROUP_KEYS = ("model", "data", "adapter", "trainer", "logger", "eval")
 APP = HydraApp("peft-lab train", "train", sweep_errors="report")
 
 

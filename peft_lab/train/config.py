@@ -129,6 +129,11 @@ class RunConfig:
     logger: Any
     seed: int = 0
     output_dir: str | None = None
+    eval: Any = None  # `eval=NAME`: the evaluator scoring the trained model (peft_lab.eval.trained)
+
+    @property
+    def eval_name(self) -> str | None:
+        return None if self.eval is None else self.eval.name
 
     def to_dict(self) -> dict[str, Any]:
         """Plain, JSON-able: every group as {"name": key, **all its fields} (what config.yaml and W&B record)."""
@@ -136,7 +141,7 @@ class RunConfig:
         def node(name, obj):
             return {"name": name, **dataclasses.asdict(obj)} if name else dataclasses.asdict(obj)
 
-        return {
+        d = {
             "model": node(self.model_name, self.model),
             "data": node(self.data_name, self.data),
             "adapter": node(self.adapter_name, self.adapter),
@@ -144,12 +149,16 @@ class RunConfig:
             "logger": node(self.logger_name, self.logger),
             "seed": self.seed,
         }
+        if self.eval is not None:
+            d["eval"] = self.eval.to_dict()
+        return d
 
     def fingerprint(self) -> str:
         """Hash of what determines the training trajectory (not logging, paths or evaluation cadence): a checkpoint
         resumes only a run with the same fingerprint."""
         d = self.to_dict()
         d.pop("logger")
+        d.pop("eval", None)
         for k in (
             "resume",
             "progress",
@@ -214,9 +223,21 @@ def resolve(cfg: Any, choices: Mapping[str, str] | None = None) -> RunConfig:
         name = _node_name(node, group, choices)
         obj = build(group_schema(group, name), params, where=f"{group}={name}", prefix=f"{group}.")
         out[group], out[f"{group}_name"] = obj, name
-    extra = sorted(set(cfg) - set(GROUPS) - {"seed", "output_dir"})
+    extra = sorted(set(cfg) - set(GROUPS) - {"seed", "output_dir", "eval"})
     if extra:
         raise UserError(
-            f"unknown top-level key(s) {', '.join(extra)}; the config has: {', '.join(GROUPS)}, seed, output_dir."
+            f"unknown top-level key(s) {', '.join(extra)}; the config has: {', '.join(GROUPS)}, seed, output_dir, eval."
         )
-    return RunConfig(seed=seed, output_dir=cfg.get("output_dir"), **out)
+    return RunConfig(seed=seed, output_dir=cfg.get("output_dir"), eval=_evaluator(cfg.get("eval"), choices), **out)
+
+
+def _evaluator(node: Any, choices: Mapping[str, str] | None) -> Any:
+    """`eval=NAME` (peft_lab.eval): None when the run scores nothing beyond its own evaluation."""
+    if node is None:
+        return None
+    from peft_lab.eval import build_evaluator
+
+    node = dict(node)
+    if "name" not in node and choices and choices.get("eval"):
+        node["name"] = choices["eval"]
+    return build_evaluator(node)

@@ -1,6 +1,7 @@
 """The summary of a sweep (`peft-lab train -m ...`): a Hydra callback that, when all jobs are done, reads each
 job's `metrics.json` and its overrides and prints one table, also written as `summary.md` and `summary.csv` in
-the sweep dir. Rows keep the job order; the best headline metric (the task's `metric`) is marked with `*`.
+the sweep dir. Rows keep the job order; the best headline metric (the task's `metric`, or with `eval=NAME` the
+evaluator's score, `eval_score`) is marked with `*`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ __all__ = ["SweepSummary", "summarize"]
 
 log = logging.getLogger("peft_lab.train")
 
-COLUMNS = ("eval_accuracy", "eval_loss", "eval_sample_score", "train_loss", "trainable_params", "train_seconds")
+COLUMNS = (
+    "eval_accuracy",
+    "eval_loss",
+    "eval_sample_score",
+    "eval_score",
+    "train_loss",
+    "trainable_params",
+    "train_seconds",
+)
 
 
 def _fmt(v: Any) -> str:
@@ -54,6 +63,8 @@ def summarize(sweep_dir: str | Path) -> tuple[str, list[dict[str, Any]]]:
     if ok:
         metric = ok[0]["metric"]
         higher = not metric.endswith("loss")
+        if all("eval_score" in r for r in ok):  # `eval=NAME`: the evaluator's score ranks the jobs
+            metric, higher = "eval_score", bool(ok[0].get("eval_higher_is_better", True))
         best = (max if higher else min)(ok, key=lambda r: r[metric])
     header = ["job", "status", *cols]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
