@@ -30,8 +30,18 @@ APP = HydraApp("peft-lab eval", "eval", sweep_errors="report", prefix="peft-lab 
 GROUP_KEYS = ("eval", "logger")
 TOP_KEYS = ("model", "out")
 
+
+def _job_dirname(dirname: str, limit: int = 100) -> str:
+    """A sweep job's dir name from Hydra's override_dirname: paths flattened (`/` -> `_`), cut to `limit`
+    characters with a hash of the whole when longer."""
+    import hashlib
+
+    name = job_dirname(dirname.split(","))
+    return name if len(name) <= limit else f"{name[: limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 # conf/eval.yaml's hydra.sweep.subdir (registered on import, so also in launcher processes that unpickle `_job`)
-OmegaConf.register_new_resolver("peft_lab_dirname", lambda d: job_dirname(d.split(","), safe=False), replace=True)
+OmegaConf.register_new_resolver("peft_lab_eval_dirname", _job_dirname, replace=True)
 
 
 @dataclasses.dataclass(frozen=True)
