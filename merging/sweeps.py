@@ -58,29 +58,42 @@ _LOCK = ".peft-lab-keep.lock"
 
 
 def apply_per_model(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The Hydra form's `per_model: {param: [v0, v1, ...]}` written into `models` (entry i gets parameter `param` =
-    v_i, over its own value): per-model values as one flat key each (`per_model.weight.1=0.7`), which a sweeper can
-    set whatever the order it applies overrides in. Returns the config without `per_model`."""
+    """The Hydra form's `per_model: {param: values}` written into `models`: `values` is a list with one value per
+    model, in order, or a mapping {index: value} for some of them (`++per_model.weight.1=0.7`); each value replaces
+    that model's own. One flat key per value is what a sweeper can set, whatever order it applies overrides in.
+    Returns the config without `per_model`."""
     cfg = dict(cfg)
     per_model = cfg.pop("per_model", None) or {}
-    if not per_model:
-        return cfg
     if not isinstance(per_model, Mapping):
-        raise UserError(
-            f"peft-lab merge: per_model must be a mapping {{param: [one value per model]}}, got {per_model!r}."
-        )
+        raise UserError(f"peft-lab merge: per_model must be a mapping {{param: values}}, got {per_model!r}.")
     models = [dict(m) if isinstance(m, Mapping) else {"model": m} for m in cfg.get("models") or []]
     for key, values in per_model.items():
-        values = list(values) if isinstance(values, (list, tuple)) else [values]
-        if len(values) != len(models):
-            raise UserError(
-                f"peft-lab merge: per_model.{key} has {len(values)} value(s) but models has {len(models)} entries; "
-                "give one value per model, in the order of models."
-            )
-        for m, v in zip(models, values, strict=True):
-            m["parameters"] = {**(m.get("parameters") or {}), key: v}
-    cfg["models"] = models
+        for i, v in _indexed(key, values, len(models)):
+            models[i]["parameters"] = {**(models[i].get("parameters") or {}), key: v}
+    if per_model:
+        cfg["models"] = models
     return cfg
+
+
+def _indexed(key: str, values: Any, n: int) -> list[tuple[int, Any]]:
+    if isinstance(values, Mapping):
+        try:
+            items = [(int(i), v) for i, v in values.items()]
+        except (TypeError, ValueError):
+            items = [(-1, None)]
+        if any(not 0 <= i < n for i, _ in items):
+            raise UserError(
+                f"peft-lab merge: per_model.{key} is keyed by model index (0 to {n - 1}, in the order of models), "
+                f"got {', '.join(map(str, values))}."
+            )
+        return items
+    values = list(values) if isinstance(values, (list, tuple)) else [values]
+    if len(values) != n:
+        raise UserError(
+            f"peft-lab merge: per_model.{key} has {len(values)} value(s) but models has {n} entries; give one "
+            "value per model, in the order of models (or {index: value} for some)."
+        )
+    return list(enumerate(values))
 
 
 def job_name(overrides: list[str], exclude: set[str], limit: int = 120) -> str:

@@ -74,6 +74,24 @@ def test_eval_writes_eval_json_and_logs(models, tmp_path, capsys):
     assert (out / ".hydra" / "overrides.yaml").exists()  # Hydra's own record beside it, as for train
 
 
+def test_eval_runs_every_evaluator(models, tmp_path):
+    """`peft-lab eval` with perplexity and lm_eval (classification: above), each writing its eval.json."""
+    from tests.eval.test_evaluators import _lm_tasks
+
+    text = tmp_path / "t.txt"
+    text.write_text("a few words of text to score with a tiny causal language model " * 3)
+    assert main(["eval", f"model={models['lm']}", "eval=perplexity", f"eval.file={text}", f"out={tmp_path / 'p'}"]) == 0
+    rec = json.loads((tmp_path / "p" / "eval.json").read_text())
+    assert rec["evaluator"] == "perplexity" and rec["metric"] == "perplexity" and rec["higher_is_better"] is False
+    assert rec["tasks"]["t.txt"]["tokens"] > 10 and rec["score"] > 1
+    pytest.importorskip("lm_eval")
+    tasks = _lm_tasks(tmp_path)
+    args = ["eval", f"model={models['lm']}", "eval=lm_eval", f"eval.include_path={tasks}", "eval.tasks=[parity_a]"]
+    assert main([*args, f"out={tmp_path / 'l'}"]) == 0
+    rec = json.loads((tmp_path / "l" / "eval.json").read_text())
+    assert rec["evaluator"] == "lm_eval" and set(rec["tasks"]) == {"parity_a"} and 0 <= rec["score"] <= 1
+
+
 def test_eval_sweep_summary_marks_the_best(models, tmp_path):
     sweep = tmp_path / "s"
     assert (

@@ -44,7 +44,7 @@ def test_study_resumes_and_best_recipe_reproduces(inputs, tmp_path):
     study = optuna.load_study(study_name="ties_text", storage=f"sqlite:///{db}")
     first = [(t.number, dict(t.params)) for t in study.trials]
     assert [n for n, _ in first] == [0, 1, 2]
-    assert set(first[0][1]) == {"method.density", "method.lambda", "per_model.weight.0", "per_model.weight.1"}
+    assert set(first[0][1]) == {"method.density", "method.lambda", "++per_model.weight.0", "++per_model.weight.1"}
     # the same command again: the study goes on (trials 3-5, the sampler sees 0-2), it does not start over
     assert _search(inputs, out, db, "hydra.sweeper.n_trials=3") == 0
     study = optuna.load_study(study_name="ties_text", storage=f"sqlite:///{db}")
@@ -62,7 +62,7 @@ def test_study_resumes_and_best_recipe_reproduces(inputs, tmp_path):
     best = study.best_trial
     assert recipe["parameters"]["lambda"] == best.params["method.lambda"]
     weights = [m["parameters"]["weight"] for m in recipe["models"]]
-    assert weights == [best.params["per_model.weight.0"], best.params["per_model.weight.1"]]
+    assert weights == [best.params["++per_model.weight.0"], best.params["++per_model.weight.1"]]
     assert merge_main(["--config", str(out / "best_recipe.yaml"), "--out", str(tmp_path / "again")]) == 0
     assert json.loads((tmp_path / "again" / "eval.json").read_text())["score"] == best.value
 
@@ -105,7 +105,7 @@ def test_search_settings_are_checked(inputs, tmp_path):
         merge_main([*plain, "eval=classification", f"eval.tasks=[{inputs['task']}]"])
     with pytest.raises(UserError, match=r"study's direction is maximize, but the score \(perplexity\) is lower"):
         merge_main([*plain, "eval=perplexity", f"eval.file={text}", "hydra.sweeper.direction=maximize"])
-    with pytest.raises(UserError, match=r"per_model.weight has 2 value\(s\) but models has 1 entries"):
+    with pytest.raises(UserError, match=r"per_model.weight is keyed by model index \(0 to 0, in the order of models\)"):
         merge_main(
             [
                 "-m",
@@ -120,6 +120,27 @@ def test_search_settings_are_checked(inputs, tmp_path):
             ]
         )
     assert not (tmp_path / "o").exists() and not (tmp_path / "o2").exists()
+
+
+def test_per_model_values():
+    from merging.sweeps import apply_per_model
+
+    cfg = {"models": ["a", {"model": "b", "parameters": {"density": 0.3, "weight": 2.0}}], "x": 1}
+    out = apply_per_model({**cfg, "per_model": {"weight": [0.5, 0.7]}})
+    assert out == {
+        "models": [
+            {"model": "a", "parameters": {"weight": 0.5}},
+            {"model": "b", "parameters": {"density": 0.3, "weight": 0.7}},
+        ],
+        "x": 1,
+    }
+    out = apply_per_model({**cfg, "per_model": {"weight": {"1": 0.9}}})  # by index: only model 1
+    assert out["models"] == [{"model": "a"}, {"model": "b", "parameters": {"density": 0.3, "weight": 0.9}}]
+    assert apply_per_model({**cfg, "per_model": {}}) == cfg
+    with pytest.raises(UserError, match=r"per_model.weight has 3 value\(s\) but models has 2 entries"):
+        apply_per_model({**cfg, "per_model": {"weight": [1, 2, 3]}})
+    with pytest.raises(UserError, match=r"keyed by model index \(0 to 1"):
+        apply_per_model({**cfg, "per_model": {"weight": {"2": 1.0}}})
 
 
 def test_launcher_and_sweeper_configs_compose():
@@ -144,8 +165,8 @@ def test_launcher_and_sweeper_configs_compose():
                 assert list(cfg.hydra.sweeper.params) == [
                     "method.density",
                     "method.lambda",
-                    "per_model.weight.0",
-                    "per_model.weight.1",
+                    "++per_model.weight.0",
+                    "++per_model.weight.1",
                 ]
             cfg = compose(
                 "merge", ["+search=ties_text", "out=o", "hydra/sweeper/sampler=cmaes"], return_hydra_config=True

@@ -1,0 +1,249 @@
+"""An Optuna search against a grid of the same size, both through `peft-lab merge -m` on real text tasks.
+
+    python benchmarks/merge_search.py --work /tmp/merge-search [--trials 30] [--steps 100]
+
+1. Tasks: three binary topic tasks cut from BBC News (sport/politics, tech/entertainment, business/politics),
+   each a JSONL file with train/val/test lines (200/100/200, balanced), or your own with --task NAME=PATH.jsonl
+   (lines with "split" fields; an optional labels YAML as NAME=PATH.jsonl:LABELS.yaml).
+2. Fine-tuning: all-MiniLM-L6-v2's transformer layers per task under its frozen zero-shot label head
+   (`peft_lab.eval.heads`, "This text is about {label}."), AdamW, constant lr; embeddings and pooler stay at θ0.
+3. Two searches over TIES merges of the fine-tunes, each `--trials` merges scored by the average validation
+   accuracy under the zero-shot heads (`eval=classification eval.head=zero_shot`, split val), keep=best:
+   - optuna: `+search=ties_text` (TPE, seed 0): density, λ and one weight per model;
+   - grid: density x λ with equal weights (5 x 6 = 30 for 30 trials), Hydra's basic sweeper.
+   Reported per search: the best validation score, the test score of its kept model, the wall time. Reference
+   rows: the pretrained model (zero-shot), each fine-tune on its own task, TIES at its defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+PAIRS = {
+    "sport_politics": ("sport", "politics"),
+    "tech_ent": ("tech", "entertainment"),
+    "biz_pol": ("business", "politics"),
+}
+SIZES = {"train": 200, "val": 100, "test": 200}
+
+
+def bbc_tasks(root: Path, seed: int = 0) -> dict[str, tuple[Path, Path | None]]:
+    """Three binary BBC News tasks as JSONL files with split fields (balanced per split, seeded)."""
+    from peft_lab.data.bbc_news import LABELS, load_raw
+
+    texts, labels = load_raw()
+    seen, by_topic = set(), {t: [] for t in LABELS}
+    for text, y in zip(texts, labels, strict=True):
+        if text not in seen:  # the corpus holds exact duplicates
+            seen.add(text)
+            by_topic[LABELS[int(y)]].append(" ".join(text.split()[:80]))
+    rng = random.Random(seed)
+    out = {}
+    for name, pair in PAIRS.items():
+        rows = []
+        for topic in pair:
+            pool = by_topic[topic][:]
+            rng.shuffle(pool)
+            start = 0
+            for split, n in SIZES.items():
+                rows += [{"text": t, "label": topic, "split": split} for t in pool[start : start + n // 2]]
+                start += n // 2
+        rng.shuffle(rows)
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out[name] = (path, None)
+    return out
+
+
+def finetune(base: Path, task: Path, labels: Path | None, out: Path, steps: int, lr: float, seed: int) -> None:
+    """The encoder's transformer layers trained on the task's train lines under its frozen zero-shot head."""
+    import torch
+    import torch.nn.functional as F
+
+    from peft_lab.eval import heads
+    from peft_lab.eval.tasks import load_task, task_spec
+
+    data = load_task(task_spec({"file": str(task), "labels": str(labels) if labels else None, "split": "train"}, "t"))
+    enc, tok = heads.load_encoder(str(base))
+    W = heads.label_head(enc, tok, data.descriptions)
+    clf = heads.ZeroShotClassifier(enc, W)
+    params = [p for n, p in enc.named_parameters() if not n.startswith(("embeddings.", "pooler."))]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    y_all = torch.tensor(data.labels)
+    enc.train()
+    for _ in range(steps):
+        idx = torch.randint(len(data.texts), (16,), generator=gen).tolist()
+        batch = tok([data.texts[i] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        loss = F.cross_entropy(clf(batch["input_ids"], batch["attention_mask"]), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    enc.eval()
+    enc.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Wall seconds of a peft-lab command (its output kept in `log`)."""
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        r = subprocess.run([sys.executable, "-m", "peft_lab", *cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    if r.returncode:
+        raise SystemExit(f"failed ({r.returncode}): peft-lab {' '.join(cmd)}; see {log}")
+    return time.perf_counter() - t0
+
+
+def tasks_arg(tasks: dict[str, tuple[Path, Path | None]], split: str) -> str:
+    items = []
+    for name, (path, labels) in tasks.items():
+        lab = f", labels: {labels}" if labels else ""
+        items.append(f"{{name: {name}, file: {path}, split: {split}{lab}}}")
+    return "eval.tasks=[" + ", ".join(items) + "]"
+
+
+def score(model: Path, tasks, split: str, base: Path) -> dict:
+    from peft_lab.eval import evaluate
+
+    spec = {"name": "classification", "head": "zero_shot", "max_length": 64}
+    spec["tasks"] = [
+        {"name": n, "file": str(p), "split": split, "labels": str(lab) if lab else None}
+        for n, (p, lab) in tasks.items()
+    ]
+    return evaluate(spec, model, base=base)
+
+
+def kept_model(sweep: Path) -> Path:
+    (best,) = [d for d in sweep.iterdir() if (d / "model.safetensors").exists()]
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, required=True, help="a new dir for tasks, fine-tunes and sweeps")
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps per task")
+    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--task", action="append", default=[], help="NAME=PATH.jsonl[:LABELS.yaml] (lines with splits)")
+    a = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = a.work.absolute()
+    work.mkdir(parents=True, exist_ok=False)
+    print(f"load average at start: {os.getloadavg()[0]:.2f}; trials per search: {a.trials}", flush=True)
+    if a.task:
+        tasks = {}
+        for item in a.task:
+            name, _, rest = item.partition("=")
+            path, _, labels = rest.partition(":")
+            tasks[name] = (Path(path).absolute(), Path(labels).absolute() if labels else None)
+    else:
+        tasks = bbc_tasks(work)
+    import transformers
+
+    from peft_lab.train.models.text import minilm_path
+
+    base = work / "base"  # θ0 saved as a plain encoder dir (the same tensor names as the fine-tunes)
+    transformers.AutoModel.from_pretrained(minilm_path()).save_pretrained(base)
+    transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(base)
+    fts = []
+    t0 = time.perf_counter()
+    for k, (name, (path, labels)) in enumerate(tasks.items()):
+        fts.append(work / f"ft_{name}")
+        finetune(base, path, labels, fts[-1], a.steps, a.lr, seed=k)
+    print(f"fine-tuning {len(tasks)} tasks x {a.steps} steps: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    ref = {"pretrained (zero-shot)": score(base, tasks, "val", base)}
+    own = [score(ft, {n: tasks[n]}, "val", base)["score"] for ft, n in zip(fts, tasks, strict=True)]
+    common = [
+        f"base={base}",
+        f"models=[{','.join(map(str, fts))}]",
+        tasks_arg(tasks, "val"),
+        "eval.max_length=64",
+        "hash=none",
+    ]
+    extra_params = [f"++per_model.weight.{i}=interval(0.5,1.5)" for i in range(2, len(fts))]  # the config has two
+    t_optuna = run(
+        [
+            "merge",
+            "-m",
+            "+search=ties_text",
+            *common,
+            f"out={work / 'optuna'}",
+            *extra_params,
+            f"hydra.sweeper.n_trials={a.trials}",
+            f"hydra.sweeper.storage=sqlite:///{work / 'optuna.db'}",
+            "hydra.sweeper.sampler.seed=0",
+        ],
+        work / "optuna.log",
+    )
+    densities, lambdas = grid(a.trials)
+    t_grid = run(
+        [
+            "merge",
+            "-m",
+            "method=ties",
+            f"method.density={','.join(map(str, densities))}",
+            f"method.lambda={','.join(map(str, lambdas))}",
+            "eval=classification",
+            "eval.head=zero_shot",
+            "keep=best",
+            *common,
+            f"out={work / 'grid'}",
+        ],
+        work / "grid.log",
+    )
+    t_default = run(
+        ["merge", "method=ties", *common, "eval=classification", "eval.head=zero_shot", f"out={work / 'default'}"],
+        work / "default.log",
+    )
+    report(work, tasks, base, ref, own, {"optuna (TPE)": (t_optuna, "optuna"), "grid": (t_grid, "grid")}, t_default)
+
+
+def grid(trials: int) -> tuple[list[float], list[float]]:
+    """density x λ of `trials` points: 5 densities x trials/5 λ values (30 -> 5 x 6)."""
+    nd = 5 if trials % 5 == 0 else 1
+    nl = trials // nd
+    densities = [round(0.1 + 0.8 * i / (nd - 1), 3) for i in range(nd)] if nd > 1 else [0.5]
+    lambdas = [round(0.5 + 1.5 * i / (nl - 1), 3) for i in range(nl)] if nl > 1 else [1.0]
+    return densities, lambdas
+
+
+def report(work: Path, tasks, base: Path, ref: dict, own: list[float], arms: dict, t_default: float) -> None:
+    from peft_lab.eval import read_record
+
+    names = list(tasks)
+    print("\n| | trials | best val accuracy | test accuracy of that merge | wall |")
+    print("|---|---|---|---|---|")
+    z = ref["pretrained (zero-shot)"]
+    zt = score(base, tasks, "test", base)
+    print(f"| pretrained, zero-shot heads | – | {z['score']:.4f} | {zt['score']:.4f} | – |")
+    print(f"| each fine-tune on its own task (mean) | – | {sum(own) / len(own):.4f} | – | – |")
+    d = read_record(work / "default")
+    dt = score(work / "default", tasks, "test", base)
+    print(f"| TIES defaults (density 0.2, λ 1) | 1 | {d['score']:.4f} | {dt['score']:.4f} | {t_default:.0f} s |")
+    for label, (seconds, sub) in arms.items():
+        sweep = work / sub
+        rows = [read_record(p) for p in sweep.iterdir() if read_record(p) is not None]
+        best = kept_model(sweep)
+        val = read_record(best)
+        test = score(best, tasks, "test", base)
+        print(f"| {label} | {len(rows)} | {val['score']:.4f} | {test['score']:.4f} | {seconds:.0f} s |")
+        per_task = ", ".join(f"{n} {val['tasks'][n]['accuracy']:.3f}" for n in names)
+        print(f"|   best: {best.name[:90]} | | {per_task} | | |")
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
