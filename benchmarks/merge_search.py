@@ -96,14 +96,22 @@ def finetune(base: Path, task: Path, labels: Path | None, out: Path, steps: int,
     tok.save_pretrained(out)
 
 
-def run(cmd: list[str], log: Path) -> float:
-    """Wall seconds of a peft-lab command (its output kept in `log`)."""
-    t0 = time.perf_counter()
+def run(cmd: list[str], log: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of a peft-lab command (its output kept in `log`). The machine is shared: CPU
+    time moves less with other jobs' load than wall time."""
+    t0, c0 = time.perf_counter(), _children_cpu()
     with open(log, "w") as fh:
         r = subprocess.run([sys.executable, "-m", "peft_lab", *cmd], stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     if r.returncode:
         raise SystemExit(f"failed ({r.returncode}): peft-lab {' '.join(cmd)}; see {log}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _children_cpu() - c0
+
+
+def _children_cpu() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def tasks_arg(tasks: dict[str, tuple[Path, Path | None]], split: str) -> str:
@@ -123,6 +131,17 @@ def score(model: Path, tasks, split: str, base: Path) -> dict:
         for n, (p, lab) in tasks.items()
     ]
     return evaluate(spec, model, base=base)
+
+
+def _first_reaching(sweep: Path, target: float) -> int:
+    """1 + the number of jobs (in the order they were scored) before one reached `target`."""
+    from peft_lab.eval import read_record
+
+    done = sorted((p / "eval.json").stat().st_mtime_ns for p in sweep.iterdir() if read_record(p) is not None)
+    hits = [
+        (p / "eval.json").stat().st_mtime_ns for p in sweep.iterdir() if (read_record(p) or {}).get("score") == target
+    ]
+    return done.index(min(hits)) + 1
 
 
 def kept_model(sweep: Path) -> Path:
@@ -158,11 +177,12 @@ def main() -> None:
     transformers.AutoModel.from_pretrained(minilm_path()).save_pretrained(base)
     transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(base)
     fts = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for k, (name, (path, labels)) in enumerate(tasks.items()):
         fts.append(work / f"ft_{name}")
         finetune(base, path, labels, fts[-1], a.steps, a.lr, seed=k)
-    print(f"fine-tuning {len(tasks)} tasks x {a.steps} steps: {time.perf_counter() - t0:.0f} s", flush=True)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"fine-tuning {len(tasks)} tasks x {a.steps} steps: {wall:.0f} s wall, {cpu:.0f} CPU-s", flush=True)
 
     ref = {"pretrained (zero-shot)": score(base, tasks, "val", base)}
     own = [score(ft, {n: tasks[n]}, "val", base)["score"] for ft, n in zip(fts, tasks, strict=True)]
@@ -224,24 +244,29 @@ def report(work: Path, tasks, base: Path, ref: dict, own: list[float], arms: dic
     from peft_lab.eval import read_record
 
     names = list(tasks)
-    print("\n| | trials | best val accuracy | test accuracy of that merge | wall |")
-    print("|---|---|---|---|---|")
+    print("\n| | trials | best val accuracy | test accuracy of that merge | wall | CPU |")
+    print("|---|---|---|---|---|---|")
     z = ref["pretrained (zero-shot)"]
     zt = score(base, tasks, "test", base)
-    print(f"| pretrained, zero-shot heads | – | {z['score']:.4f} | {zt['score']:.4f} | – |")
-    print(f"| each fine-tune on its own task (mean) | – | {sum(own) / len(own):.4f} | – | – |")
+    print(f"| pretrained, zero-shot heads | – | {z['score']:.4f} | {zt['score']:.4f} | – | – |")
+    print(f"| each fine-tune on its own task (mean) | – | {sum(own) / len(own):.4f} | – | – | – |")
     d = read_record(work / "default")
     dt = score(work / "default", tasks, "test", base)
-    print(f"| TIES defaults (density 0.2, λ 1) | 1 | {d['score']:.4f} | {dt['score']:.4f} | {t_default:.0f} s |")
-    for label, (seconds, sub) in arms.items():
+    wall, cpu = t_default
+    print(
+        f"| TIES defaults (density 0.2, λ 1) | 1 | {d['score']:.4f} | {dt['score']:.4f} | {wall:.0f} s | {cpu:.0f} s |"
+    )
+    for label, ((wall, cpu), sub) in arms.items():
         sweep = work / sub
         rows = [read_record(p) for p in sweep.iterdir() if read_record(p) is not None]
         best = kept_model(sweep)
         val = read_record(best)
         test = score(best, tasks, "test", base)
-        print(f"| {label} | {len(rows)} | {val['score']:.4f} | {test['score']:.4f} | {seconds:.0f} s |")
+        print(f"| {label} | {len(rows)} | {val['score']:.4f} | {test['score']:.4f} | {wall:.0f} s | {cpu:.0f} s |")
         per_task = ", ".join(f"{n} {val['tasks'][n]['accuracy']:.3f}" for n in names)
-        print(f"|   best: {best.name[:90]} | | {per_task} | | |")
+        print(f"|   best: {best.name[:90]} | | {per_task} | | | |")
+        first = _first_reaching(sweep, val["score"])
+        print(f"|   first job at that score: {first} of {len(rows)} | | | | | |")
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
 
 

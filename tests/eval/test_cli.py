@@ -84,7 +84,6 @@ def test_eval_runs_every_evaluator(models, tmp_path):
     rec = json.loads((tmp_path / "p" / "eval.json").read_text())
     assert rec["evaluator"] == "perplexity" and rec["metric"] == "perplexity" and rec["higher_is_better"] is False
     assert rec["tasks"]["t.txt"]["tokens"] > 10 and rec["score"] > 1
-    pytest.importorskip("lm_eval")
     tasks = _lm_tasks(tmp_path)
     args = ["eval", f"model={models['lm']}", "eval=lm_eval", f"eval.include_path={tasks}", "eval.tasks=[parity_a]"]
     assert main([*args, f"out={tmp_path / 'l'}"]) == 0

@@ -285,8 +285,7 @@ def test_lm_eval_refused_without_the_extra(models, tmp_path, monkeypatch):
 
 def test_lm_eval_on_a_local_task(models, tmp_path):
     """Two tiny local multiple-choice tasks (6 documents each): the harness's own numbers, averaged."""
-    pytest.importorskip("lm_eval")
-    import lm_eval
+    import lm_eval  # the [eval] extra, part of the test extra
     import transformers
     from lm_eval.models.huggingface import HFLM
 

@@ -4,14 +4,13 @@ recipe reproduces the best trial's score; CMA-ES and parallel trials (joblib) ru
 
 import json
 
+import optuna  # the [search] extra, part of the test extra
 import pytest
 import yaml
 
 from merging.cli import main as merge_main
 from peft_lab.errors import UserError
 from tests.helpers.eval import finetunes, task_file, tiny_model
-
-optuna = pytest.importorskip("optuna")
 
 
 @pytest.fixture(scope="module")
