@@ -1,26 +1,32 @@
 """An Optuna search against a grid of the same size, both through `peft-lab merge -m` on real text tasks.
 
-    python benchmarks/merge_search.py --work /tmp/merge-search [--trials 30] [--steps 100]
+    python benchmarks/merge_search.py --root /tmp/merge-search           # 30 trials per search (≤ 20 min, 2 cores)
+    python benchmarks/merge_search.py --root /tmp/merge-search --quick   # smoke run: 6 trials, tiny tasks
 
 1. Tasks: three binary topic tasks cut from BBC News (sport/politics, tech/entertainment, business/politics),
-   each a JSONL file with train/val/test lines (200/100/200, balanced), or your own with --task NAME=PATH.jsonl
-   (lines with "split" fields; an optional labels YAML as NAME=PATH.jsonl:LABELS.yaml).
+   each a JSONL file with train/val/test lines (200/60/200, balanced; --quick: 32/24/24), or your own with
+   --task NAME=PATH.jsonl (lines with "split" fields; an optional labels YAML as NAME=PATH.jsonl:LABELS.yaml).
 2. Fine-tuning: all-MiniLM-L6-v2's transformer layers per task under its frozen zero-shot label head
    (`peft_lab.eval.heads`, "This text is about {label}."), AdamW, constant lr; embeddings and pooler stay at θ0.
+   The tasks, θ0 and the fine-tunes are cached under --root, named by their settings and the task file's digest:
+   a second run with the same settings skips fine-tuning.
 3. Two searches over TIES merges of the fine-tunes, each `--trials` merges scored by the average validation
    accuracy under the zero-shot heads (`eval=classification eval.head=zero_shot`, split val), keep=best:
    - optuna: `+search=ties_text` (TPE, seed 0): density, λ and one weight per model;
    - grid: density x λ with equal weights (5 x 6 = 30 for 30 trials), Hydra's basic sweeper.
-   Reported per search: the best validation score, the test score of its kept model, the wall time. Reference
+   Each run's sweeps go to a new ROOT/run-<time>/ (the Optuna study in its optuna.db, a fresh one per run).
+   Reported per search: the best validation score, the test score of its kept model, wall and CPU time. Reference
    rows: the pretrained model (zero-shot), each fine-tune on its own task, TIES at its defaults.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -34,11 +40,12 @@ PAIRS = {
     "tech_ent": ("tech", "entertainment"),
     "biz_pol": ("business", "politics"),
 }
-SIZES = {"train": 200, "val": 100, "test": 200}
+SIZES = {"train": 200, "val": 60, "test": 200}
+QUICK = {"trials": 6, "steps": 4, "sizes": {"train": 32, "val": 24, "test": 24}}
 
 
-def bbc_tasks(root: Path, seed: int = 0) -> dict[str, tuple[Path, Path | None]]:
-    """Three binary BBC News tasks as JSONL files with split fields (balanced per split, seeded)."""
+def bbc_tasks(root: Path, sizes: dict[str, int], seed: int = 0) -> dict[str, tuple[Path, Path | None]]:
+    """Three binary BBC News tasks as JSONL files with split fields (balanced per split, seeded); written once."""
     from peft_lab.data.bbc_news import LABELS, load_raw
 
     texts, labels = load_raw()
@@ -55,12 +62,13 @@ def bbc_tasks(root: Path, seed: int = 0) -> dict[str, tuple[Path, Path | None]]:
             pool = by_topic[topic][:]
             rng.shuffle(pool)
             start = 0
-            for split, n in SIZES.items():
+            for split, n in sizes.items():
                 rows += [{"text": t, "label": topic, "split": split} for t in pool[start : start + n // 2]]
                 start += n // 2
         rng.shuffle(rows)
         path = root / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if not path.exists():
+            _write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
         out[name] = (path, None)
     return out
 
@@ -149,40 +157,96 @@ def kept_model(sweep: Path) -> Path:
     return best
 
 
-def main() -> None:
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _digest(*paths: Path | None) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes() if p else b"-")
+    return h.hexdigest()[:10]
+
+
+def cached_dir(path: Path, make) -> Path:
+    """`path`, made by `make(tmp)` in a temporary dir renamed into place (an interrupted run leaves no half-made
+    cache entry), unless it is already there."""
+    if not path.is_dir():
+        tmp = path.with_name(f".{path.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make(tmp)
+        tmp.rename(path)
+    return path
+
+
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, required=True, help="a new dir for tasks, fine-tunes and sweeps")
-    ap.add_argument("--trials", type=int, default=30)
-    ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps per task")
+    ap.add_argument("--root", type=Path, required=True, help="cache of tasks, θ0 and fine-tunes; runs go below it")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 6 trials, 4 steps, 32/24/24 lines per task")
+    ap.add_argument("--trials", type=int, default=None, help="merges per search (default 30; --quick 6)")
+    ap.add_argument("--steps", type=int, default=None, help="fine-tuning steps per task (default 40; --quick 4)")
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--task", action="append", default=[], help="NAME=PATH.jsonl[:LABELS.yaml] (lines with splits)")
     a = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = a.work.absolute()
-    work.mkdir(parents=True, exist_ok=False)
-    print(f"load average at start: {os.getloadavg()[0]:.2f}; trials per search: {a.trials}", flush=True)
-    if a.task:
-        tasks = {}
-        for item in a.task:
-            name, _, rest = item.partition("=")
-            path, _, labels = rest.partition(":")
-            tasks[name] = (Path(path).absolute(), Path(labels).absolute() if labels else None)
-    else:
-        tasks = bbc_tasks(work)
+    a.trials = a.trials or (QUICK["trials"] if a.quick else 30)
+    a.steps = a.steps or (QUICK["steps"] if a.quick else 40)
+    a.sizes = QUICK["sizes"] if a.quick else SIZES
+    return a
+
+
+def _tasks(a: argparse.Namespace, root: Path) -> dict[str, tuple[Path, Path | None]]:
+    if not a.task:
+        sizes = a.sizes
+        tdir = root / f"tasks-{sizes['train']}-{sizes['val']}-{sizes['test']}"
+        tdir.mkdir(parents=True, exist_ok=True)
+        return bbc_tasks(tdir, sizes)
+    tasks = {}
+    for item in a.task:
+        name, _, rest = item.partition("=")
+        path, _, labels = rest.partition(":")
+        tasks[name] = (Path(path).absolute(), Path(labels).absolute() if labels else None)
+    return tasks
+
+
+def _save_base(tmp: Path) -> None:
+    """θ0 saved as a plain encoder dir (the same tensor names as the fine-tunes)."""
     import transformers
 
     from peft_lab.train.models.text import minilm_path
 
-    base = work / "base"  # θ0 saved as a plain encoder dir (the same tensor names as the fine-tunes)
-    transformers.AutoModel.from_pretrained(minilm_path()).save_pretrained(base)
-    transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(base)
-    fts = []
+    transformers.AutoModel.from_pretrained(minilm_path()).save_pretrained(tmp)
+    transformers.AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(tmp)
+
+
+def finetunes(a: argparse.Namespace, root: Path, base: Path, tasks) -> list[Path]:
+    """One fine-tune per task, cached under ROOT/ft/ by task digest, steps, lr and seed."""
+    fts, made = [], 0
     t0, c0 = time.perf_counter(), time.process_time()
     for k, (name, (path, labels)) in enumerate(tasks.items()):
-        fts.append(work / f"ft_{name}")
-        finetune(base, path, labels, fts[-1], a.steps, a.lr, seed=k)
+        d = root / "ft" / f"{name}-{_digest(path, labels)}-steps{a.steps}-lr{a.lr:g}-seed{k}"
+        d.parent.mkdir(parents=True, exist_ok=True)
+        made += not d.is_dir()
+        fts.append(cached_dir(d, lambda tmp, p=path, lab=labels, k=k: finetune(base, p, lab, tmp, a.steps, a.lr, k)))
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    print(f"fine-tuning {len(tasks)} tasks x {a.steps} steps: {wall:.0f} s wall, {cpu:.0f} CPU-s", flush=True)
+    what = f"{made} fine-tuned, {len(tasks) - made} from the cache"
+    print(f"fine-tuning {len(tasks)} tasks x {a.steps} steps ({what}): {wall:.0f} s wall, {cpu:.0f} CPU-s", flush=True)
+    return fts
+
+
+def main() -> None:
+    a = _args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    root = a.root.absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    work = root / time.strftime("run-%Y%m%d-%H%M%S")
+    work.mkdir()
+    t_start = time.perf_counter()
+    print(f"load average at start: {os.getloadavg()[0]:.2f}; trials per search: {a.trials}; run dir {work}", flush=True)
+    tasks = _tasks(a, root)
+    base = cached_dir(root / "base", _save_base)
+    fts = finetunes(a, root, base, tasks)
 
     ref = {"pretrained (zero-shot)": score(base, tasks, "val", base)}
     own = [score(ft, {n: tasks[n]}, "val", base)["score"] for ft, n in zip(fts, tasks, strict=True)]
@@ -208,6 +272,7 @@ def main() -> None:
         ],
         work / "optuna.log",
     )
+    print(f"optuna search: {t_optuna[0]:.0f} s wall", flush=True)
     densities, lambdas = grid(a.trials)
     t_grid = run(
         [
@@ -224,16 +289,18 @@ def main() -> None:
         ],
         work / "grid.log",
     )
+    print(f"grid: {t_grid[0]:.0f} s wall", flush=True)
     t_default = run(
         ["merge", "method=ties", *common, "eval=classification", "eval.head=zero_shot", f"out={work / 'default'}"],
         work / "default.log",
     )
     report(work, tasks, base, ref, own, {"optuna (TPE)": (t_optuna, "optuna"), "grid": (t_grid, "grid")}, t_default)
+    print(f"total: {time.perf_counter() - t_start:.0f} s wall", flush=True)
 
 
 def grid(trials: int) -> tuple[list[float], list[float]]:
-    """density x λ of `trials` points: 5 densities x trials/5 λ values (30 -> 5 x 6)."""
-    nd = 5 if trials % 5 == 0 else 1
+    """density x λ of `trials` points, as square as `trials` allows: 30 -> 5 x 6, 6 -> 2 x 3."""
+    nd = max(d for d in range(1, int(trials**0.5) + 1) if trials % d == 0)
     nl = trials // nd
     densities = [round(0.1 + 0.8 * i / (nd - 1), 3) for i in range(nd)] if nd > 1 else [0.5]
     lambdas = [round(0.5 + 1.5 * i / (nl - 1), 3) for i in range(nl)] if nl > 1 else [1.0]
