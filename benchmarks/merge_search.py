@@ -90,6 +90,7 @@ def finetune(base: Path, task: Path, labels: Path | None, out: Path, steps: int,
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout draws from the global generator
     y_all = torch.tensor(data.labels)
     enc.train()
     for _ in range(steps):
