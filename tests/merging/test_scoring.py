@@ -204,3 +204,24 @@ sys.exit(main(["merge", "-m", "method=ties", "method.density=0.2,0.5,0.9", "base
     first = sweep / "method=ties,method.density=0.2"
     assert (first / "eval.json").exists() and (first / "model.safetensors").exists()
     assert _model_dirs(sweep) == [first]
+
+
+def test_a_slices_recipe_is_scored(inputs, tmp_path):
+    """mergekit's `slices:` grammar (the first layer merged from one fine-tune, the second from both) scored like a
+    `models:` merge: its eval.json is what the evaluator gives the output after the fact."""
+    base, (ft0, ft1) = str(inputs["base"]), map(str, inputs["ft"])
+    recipe = {
+        "merge_method": "ties",
+        "base_model": base,
+        "slices": [
+            {"sources": [{"model": m, "layer_range": [0, 1]} for m in (base, ft0)]},
+            {"sources": [{"model": m, "layer_range": [1, 2]} for m in (base, ft0, ft1)]},
+        ],
+        "parameters": {"density": 0.5},
+        "eval": {"name": "classification", "tasks": [str(inputs["task"])]},
+    }
+    out = run_merge(recipe, tmp_path / "out", hash="none")
+    rec = json.loads((out / "eval.json").read_text())
+    assert rec["tasks"] == evaluate({"name": "classification", "tasks": [str(inputs["task"])]}, out)["tasks"]
+    recorded = yaml.safe_load((out / "merge_recipe.yaml").read_text())
+    assert recorded["eval"]["name"] == "classification" and len(recorded["slices"]) == 2
