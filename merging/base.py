@@ -130,6 +130,9 @@ class MergeMethod:
     # its parameters may vary per tensor (mergekit's gradients and filters); data-driven methods learn or
     # compute model-wide quantities from one set of parameters and refuse them
     per_tensor_params: ClassVar[bool] = True
+    # data-driven: `prepare` needs examples of each task (a recipe's `data` block) or statistics computed from them
+    # (Fisher, AdaMerging, RegMean); the benchmark runs these with its own data loops, every other method as is
+    needs_data: ClassVar[bool] = False
 
     def __init__(self, params: Any = None):
         self.params = params if params is not None else self.Params()

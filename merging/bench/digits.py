@@ -16,6 +16,7 @@ The encoder is pretrained without labels (an autoencoder on the training inputs 
 model, it has seen every domain but no task), each head is a logistic-regression probe on the pretrained
 features (the counterpart of CLIP's zero-shot head), frozen; fine-tuning trains the whole encoder under the
 frozen head. The same routines as the text suite (`merging/bench/text.py`), so `merging/bench/runner.py` runs either.
+This is the fast smoke suite; the text suite follows the papers' zero-shot-head protocol.
 Everything is seeded; one seed's suite builds in seconds on a CPU.
 """
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from merging.datadriven.adamerging import shuffled_batches
+from merging.datadriven.adamerging import entropy, shuffled_batches
 
 __all__ = ["DigitsConfig", "DigitsSuite", "DIGIT_TASKS", "make_tasks", "probe_head"]
 
@@ -168,9 +169,30 @@ def probe_head(lr, num_classes: int) -> Params:
 
 
 class SuiteBase:
-    """What both benchmark suites share: split batches and the logistic-regression probe heads."""
+    """What both benchmark suites share: split batches, evaluation and the logistic-regression probe heads."""
 
     probe_max_iter = 3000
+    pretrained_label = "pretrained"  # the θ_0 row of the table
+    probe_heads: list[Params] | None = None  # heads of a "linear probe" reference row, when they differ from `heads`
+
+    def eval_order(self, k: int, split: str) -> torch.Tensor:
+        return torch.arange(len(self.tasks[k].splits[split]["labels"]))
+
+    @torch.no_grad()
+    def evaluate(self, params: Mapping[str, torch.Tensor], k: int, split: str, head: Params | None = None,
+                 bs: int = 128) -> tuple[float, float]:  # fmt: skip
+        """(accuracy, mean prediction entropy in nats) of task k on a split, with its head (or `head`)."""
+        x, y, order = self.inputs(k, split), self.tasks[k].splits[split]["labels"], self.eval_order(k, split)
+        correct, ent = 0, 0.0
+        for i in range(0, len(order), bs):
+            idx = order[i : i + bs]
+            lg = self.logits(params, k, {kk: v[idx] for kk, v in x.items()}, head)
+            correct += int((lg.argmax(-1) == y[idx]).sum())
+            ent += float(entropy(lg)) * len(idx)
+        return correct / len(y), ent / len(y)
+
+    def accuracy(self, params: Mapping[str, torch.Tensor], k: int, split: str, head: Params | None = None) -> float:
+        return self.evaluate(params, k, split, head)[0]
 
     def batches(self, k: int, split: str, batch_size: int, n: int | None = None) -> Iterator[dict]:
         s = self.tasks[k].splits[split]
@@ -222,9 +244,10 @@ class DigitsSuite(SuiteBase):
                 loss.backward()
                 opt.step()
 
-    # -- the interface merging/bench/runner.py uses (same as merging.bench.text.Suite) ---------------------
-    def logits(self, params: Mapping[str, torch.Tensor], k: int, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return functional_call(self.module, {**params, **self.heads[k]}, args=(), kwargs=dict(inputs))
+    # -- the interface merging/bench/runner.py uses (same as merging.bench.text.TextSuite) -----------------
+    def logits(self, params: Mapping[str, torch.Tensor], k: int, inputs: Mapping[str, torch.Tensor],
+               head: Params | None = None) -> torch.Tensor:  # fmt: skip
+        return functional_call(self.module, {**params, **(self.heads[k] if head is None else head)}, args=(), kwargs=dict(inputs))
 
     def inputs(self, k: int, split: str) -> dict[str, torch.Tensor]:
         return {"x": self.tasks[k].splits[split]["x"]}
@@ -232,11 +255,6 @@ class DigitsSuite(SuiteBase):
     @torch.no_grad()
     def features(self, params: Mapping[str, torch.Tensor], k: int, split: str) -> torch.Tensor:
         return functional_call(self.module, dict(params), args=(), kwargs={"features_only": True, **self.inputs(k, split)})
-
-    @torch.no_grad()
-    def accuracy(self, params: Mapping[str, torch.Tensor], k: int, split: str) -> float:
-        y = self.tasks[k].splits[split]["labels"]
-        return float((self.logits(params, k, self.inputs(k, split)).argmax(-1) == y).float().mean())
 
     def load(self, params: Mapping[str, torch.Tensor], k: int) -> torch.nn.Module:
         W = self.heads[k]["classifier.weight"]

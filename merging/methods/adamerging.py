@@ -100,6 +100,7 @@ class AdaMerging(MergeMethod):
     min_models = 1
     streaming = True
     per_tensor_params = False
+    needs_data = True
 
     def __init__(self, params: AdaMergingParams | None = None):
         super().__init__(params)

@@ -124,6 +124,7 @@ class Fisher(MergeMethod):
     min_models = 1
     streaming = True
     per_tensor_params = False
+    needs_data = True
 
     def __init__(self, params: FisherParams | None = None):
         super().__init__(params)

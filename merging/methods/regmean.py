@@ -78,6 +78,7 @@ class RegMean(MergeMethod):
     uses_deltas = False
     streaming = True
     per_tensor_params = False
+    needs_data = True
 
     def __init__(self, params: RegMeanParams | None = None):
         super().__init__(params)

@@ -1,0 +1,252 @@
+"""The text suite's tasks as files: one JSONL file per task, an optional label-description file, the splits.
+
+Task file: one JSON object per line, `{"text": str, "label": str | int}`, optionally with `"split"`: one of
+`train`, `val`, `test` (then on every line). Without splits the suite draws a stratified split of the requested
+sizes (class proportions kept, so a balanced file gives balanced splits) with a fixed seed, so every run and
+every seed sees the same test set. Label file (YAML): `label: description`, the words the zero-shot head embeds
+in its template ("This text is about {label}."); without one, the label itself is embedded.
+
+Every problem with a file is one `UserError` naming the file, the line and the fix: unreadable lines, missing
+fields, fewer than two classes, too few examples for the split, the same text twice (a text in two splits would
+leak the test set into training), a label file that does not list exactly the task's labels.
+
+The built-in tasks (`BUILTIN`) ship in `merging/bench/data/`, built by `benchmarks/build_text_tasks.py` from BBC
+News and three Debian packages; their sources and licenses are in `merging/bench/data/LICENSES.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from peft_lab.errors import UserError
+
+__all__ = ["BUILTIN", "DATA_DIR", "SPLITS", "TaskFile", "builtin_source", "load_task", "normalize", "stratified_split"]
+
+SPLITS = ("train", "val", "test")
+DATA_DIR = Path(__file__).parent / "data"
+BUILTIN = ("news", "fortunes", "nouns_concrete", "nouns_abstract", "verbs", "packages")
+SPLIT_SEED = 0  # the split of a file without one is fixed: seeds vary the training, not the test set
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class TaskFile:
+    """One task, read and checked.
+
+    Attributes:
+        name: the task's name (table column).
+        labels: the class names, in the head's row order.
+        descriptions: per class, the words embedded for its zero-shot head row.
+        splits: split -> (texts, class indices into `labels`).
+        source: the file it came from.
+    """
+
+    name: str
+    labels: tuple[str, ...]
+    descriptions: tuple[str, ...]
+    splits: dict[str, tuple[list[str], list[int]]]
+    source: str
+
+
+def normalize(text: str) -> str:
+    """The form two texts are compared in for duplicates: whitespace collapsed, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+def builtin_source(name: str) -> tuple[Path, Path]:
+    """(task file, label file) of a built-in task."""
+    return DATA_DIR / f"{name}.jsonl", DATA_DIR / f"{name}.labels.yaml"
+
+
+def check_name(name: str, what: str) -> None:
+    if not _NAME.match(name):
+        raise UserError(f"bench merge: {what}: the task name {name!r} must be letters, digits, '_', '-' or '.' "
+                        "(it names a table column and output files), e.g. --task reviews=reviews.jsonl.")
+
+
+def _read_lines(path: Path, name: str) -> list[tuple[int, str, str, str | None]]:
+    """(line number, text, label, split or None) per non-empty line."""
+    where = f"task {name!r} ({path})"
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"bench merge: {where}: no such file. Give --task NAME=PATH with PATH a JSONL file of "
+                        '{"text": ..., "label": ...} lines.') from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"bench merge: {where}: cannot read the file as UTF-8 text ({e}).") from None
+    rows, problems = [], []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"line {i} is not JSON ({e.msg})")
+            continue
+        if not isinstance(obj, dict):
+            problems.append(f"line {i} is not a JSON object")
+            continue
+        missing = [k for k in ("text", "label") if k not in obj]
+        if missing:
+            problems.append(f"line {i} has no {' and no '.join(repr(k) for k in missing)} field")
+            continue
+        text, label, split = obj["text"], obj["label"], obj.get("split")
+        if not isinstance(text, str) or not text.strip():
+            problems.append(f"line {i}: 'text' must be a non-empty string")
+        elif isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
+            problems.append(f"line {i}: 'label' must be a non-empty string or an integer")
+        elif split is not None and split not in SPLITS:
+            problems.append(f"line {i}: 'split' is {split!r}, not one of {', '.join(SPLITS)}")
+        else:
+            rows.append((i, text, str(label).strip(), split))
+        if len(problems) >= 5:
+            break
+    if problems:
+        raise UserError(f"bench merge: {where}: " + "; ".join(problems) + '. Each line must be a JSON object like '
+                        '{"text": "...", "label": "..."} (optionally with "split": "train" | "val" | "test").')
+    if not rows:
+        raise UserError(f"bench merge: {where}: the file holds no examples.")
+    with_split = sum(r[3] is not None for r in rows)
+    if 0 < with_split < len(rows):
+        first = next(r[0] for r in rows if r[3] is None)
+        raise UserError(f"bench merge: {where}: {with_split} of {len(rows)} lines name a 'split' but line {first} does "
+                        "not; give a split on every line or on none (then the suite draws a stratified split).")
+    return rows
+
+
+def _check_duplicates(rows, where: str) -> None:
+    seen: dict[str, tuple[int, str | None]] = {}
+    dups = []
+    for i, text, _, split in rows:
+        key = normalize(text)
+        if key in seen:
+            j, s = seen[key]
+            dups.append(f"lines {j} and {i}" + (f" ({s} and {split})" if split else ""))
+        else:
+            seen[key] = (i, split)
+    if dups:
+        raise UserError(f"bench merge: {where}: {len(dups)} text(s) occur twice ({', '.join(dups[:5])}"
+                        f"{', ...' if len(dups) > 5 else ''}), compared with whitespace collapsed and case ignored. "
+                        "A text in two splits lets the test set leak into training; remove the duplicates.")
+
+
+def read_labels(path: Path, name: str) -> dict[str, str]:
+    """label -> description from a YAML mapping."""
+    import yaml
+
+    where = f"labels of task {name!r} ({path})"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"bench merge: {where}: no such file. Give --labels NAME=PATH with PATH a YAML mapping "
+                        "'label: description'.") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"bench merge: {where}: cannot read the file as YAML ({str(e).splitlines()[0]}).") from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"bench merge: {where}: the file must be a YAML mapping 'label: description', one per class "
+                        "(e.g. `pos: a positive review`).")
+    bad = [str(k) for k, v in data.items() if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise UserError(f"bench merge: {where}: the description of {', '.join(bad[:5])} is not a non-empty string.")
+    return {str(k).strip(): v.strip() for k, v in data.items()}
+
+
+def stratified_split(labels: Sequence[int], sizes: dict[str, int], seed: int, where: str) -> dict[str, list[int]]:
+    """Indices per split, `sizes[split]` each, keeping the class proportions; split by split, each class gets its
+    share of what remains of it (largest remainder, ties to the class with more left), at least one per split.
+
+    Args:
+        labels: class index per example.
+        sizes: split -> number of examples (in the order given).
+    Returns:
+        split -> example indices (shuffled with `seed`).
+    """
+    rng = random.Random(seed)
+    pools: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        pools.setdefault(y, []).append(i)
+    for ids in pools.values():
+        rng.shuffle(ids)
+    need = sum(sizes.values())
+    if need > len(labels):
+        raise UserError(f"bench merge: {where}: {len(labels)} examples, but the split needs {need} "
+                        f"({', '.join(f'{v} {k}' for k, v in sizes.items())}); give more examples, or add a 'split' "
+                        "field to every line to choose the splits yourself.")
+    out: dict[str, list[int]] = {}
+    for split, n in sizes.items():
+        left = {c: len(ids) for c, ids in pools.items()}
+        total = sum(left.values())
+        share = {c: n * k / total for c, k in left.items()}
+        take = {c: int(s) for c, s in share.items()}
+        order = sorted(left, key=lambda c: (-(share[c] - take[c]), -left[c], c))
+        for c in order[: n - sum(take.values())]:
+            take[c] += 1
+        short = [c for c in left if take[c] < 1]
+        if short:
+            raise UserError(f"bench merge: {where}: class(es) {', '.join(map(str, short[:5]))} would get no {split} "
+                            f"example in a stratified split of {n} (too few examples of them); give more examples "
+                            "of every class or choose the splits yourself with a 'split' field.")
+        out[split] = [i for c in sorted(pools) for i in pools[c][: take[c]]]
+        for c in pools:
+            pools[c] = pools[c][take[c] :]
+        rng.shuffle(out[split])
+    return out
+
+
+def load_task(name: str, path: str | Path, labels_path: str | Path | None = None,
+              sizes: dict[str, int] | None = None) -> TaskFile:  # fmt: skip
+    """Read and check one task file (and its label file).
+
+    Args:
+        name: the task's name.
+        path: the JSONL file.
+        labels_path: a YAML mapping label -> description (default: the labels themselves).
+        sizes: split -> number of examples: drawn (stratified) from a file without splits, where the file must
+            hold that many; for a file with splits, an upper bound per split (a stratified subset).
+    """
+    check_name(name, "--task")
+    path = Path(path)
+    where = f"task {name!r} ({path})"
+    rows = _read_lines(path, name)
+    _check_duplicates(rows, where)
+    counts = Counter(r[2] for r in rows)
+    if len(counts) < 2:
+        raise UserError(f"bench merge: {where}: every example has the label {next(iter(counts))!r}; a task needs "
+                        "at least two classes.")
+    if labels_path is not None:
+        desc = read_labels(Path(labels_path), name)
+        missing, extra = sorted(set(counts) - set(desc)), sorted(set(desc) - set(counts))
+        if missing or extra:
+            raise UserError(f"bench merge: labels of task {name!r} ({labels_path}) do not match the task file {path}: "
+                            + "; ".join(x for x in (f"no description for {', '.join(map(repr, missing[:8]))}" if missing else "",
+                                                    f"labels not in the task file: {', '.join(map(repr, extra[:8]))}" if extra else "") if x)
+                            + ". List every label of the task file exactly once, as `label: description`.")
+        labels = tuple(desc)  # the label file's order
+    else:
+        desc = {k: k for k in counts}
+        labels = tuple(sorted(counts))
+    index = {lab: j for j, lab in enumerate(labels)}
+    texts, ys = [r[1] for r in rows], [index[r[2]] for r in rows]
+    sizes = dict(sizes or {"train": 400, "val": 100, "test": 300})
+    if rows[0][3] is None:
+        idx = stratified_split(ys, sizes, SPLIT_SEED, where)
+    else:
+        idx = {}
+        for s in SPLITS:
+            ids = [i for i, r in enumerate(rows) if r[3] == s]
+            if not ids:
+                raise UserError(f"bench merge: {where}: no line has split {s!r}; the suite needs train, val and test "
+                                "examples (or leave 'split' out on every line to have the suite split the file).")
+            cap = sizes.get(s, len(ids))
+            idx[s] = ids if cap >= len(ids) else [ids[i] for i in stratified_split([ys[i] for i in ids], {s: cap}, SPLIT_SEED, where)[s]]
+    missing = [labels[c] for c in range(len(labels)) if c not in {ys[i] for i in idx["train"]}]
+    if missing:
+        raise UserError(f"bench merge: {where}: the train split has no example of {', '.join(map(repr, missing[:5]))}.")
+    splits = {s: ([texts[i] for i in idx[s]], [ys[i] for i in idx[s]]) for s in SPLITS}
+    return TaskFile(name, labels, tuple(desc[lab] for lab in labels), splits, str(path))
