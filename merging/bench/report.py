@@ -7,7 +7,6 @@ of the mean over seeds (mean ± t(0.975, n−1) · sd / √n; none for one seed)
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import Counter
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["summarize", "markdown", "plots", "log_wandb", "interval", "layer_starts", "FINE_TUNED"]
+__all__ = ["CLAIMS", "claims", "summarize", "markdown", "plots", "log_wandb", "interval", "layer_starts", "FINE_TUNED"]
 
 FINE_TUNED = "fine-tuned (individual)"
 BOUNDS = ("zero-shot", "pretrained", "linear probe", FINE_TUNED)
@@ -101,6 +100,56 @@ def summarize(rows: list[dict]) -> tuple[list[str], list[list[str]], list[dict]]
             ]
         )
     return header, table, records
+
+
+# The papers' claims, as (claim, better row, worse row, margin in points): the ordering of the AdaMerging paper's
+# table (layer-wise AdaMerging > TIES > task arithmetic > weight averaging), its other comparisons, Fisher over
+# plain averaging (Matena & Raffel), DARE's "drop 90 % without loss" (a difference near 0 either way), and this
+# benchmark's acceptance bar (every data-free merge at its paper defaults >= 3 points above zero-shot).
+ADA_T, ADA_L, ADA_PP = "adamerging (task-wise)", "adamerging (layer-wise)", "adamerging_ties (layer-wise)"
+CLAIMS = [
+    ("AdaMerging layer-wise > TIES", (ADA_L, "paper"), ("ties", "paper"), 0.0),
+    ("TIES > task arithmetic", ("ties", "paper"), ("task_arithmetic", "paper"), 0.0),
+    ("task arithmetic > weight averaging", ("task_arithmetic", "paper"), ("linear", "paper"), 0.0),
+    ("AdaMerging layer-wise > task-wise", (ADA_L, "paper"), (ADA_T, "paper"), 0.0),
+    ("AdaMerging++ > AdaMerging (layer-wise)", (ADA_PP, "paper"), (ADA_L, "paper"), 0.0),
+    ("AdaMerging task-wise > task arithmetic", (ADA_T, "paper"), ("task_arithmetic", "paper"), 0.0),
+    ("Fisher > weight averaging", ("fisher", "paper"), ("linear", "paper"), 0.0),
+    ("DARE (drop 90 %) loses nothing vs task arithmetic", ("dare_linear", "paper"), ("task_arithmetic", "paper"), None),
+]
+
+
+def claims(rows: list[dict], zero_shot: str = "zero-shot", bar: float = 3.0) -> tuple[list[str], list[list[str]]]:
+    """Each claim as a paired comparison over seeds: the mean difference of the two rows' average test accuracy,
+    its 95 % t-interval, the seeds where the better row won, and a verdict: "holds" when the interval lies above
+    the margin, "fails" when it lies below, "unresolved" otherwise (DARE's claim holds when the interval lies
+    within ±1 point). Claims whose rows the run lacks are left out. Returns (header, rows) for `markdown`."""
+    test = [r for r in rows if r["split"] == "test"]
+    avg: dict[tuple, dict[int, float]] = {}
+    for mv in {(r["method"], r["variant"]) for r in test}:
+        rs = [r for r in test if (r["method"], r["variant"]) == mv]
+        avg[mv] = {s: 100 * float(np.mean([r["acc"] for r in rs if r["seed"] == s])) for s in {r["seed"] for r in rs}}
+    free = sorted({r["method"] for r in test if r["variant"] == "paper"} - set(LAST))  # the data-free methods
+    todo = list(CLAIMS)
+    if (zero_shot, "-") in avg:
+        todo += [(f"{m} >= {zero_shot} + {bar:g}", (m, "paper"), (zero_shot, "-"), bar) for m in free]
+    out = []
+    for label, a, b, margin in todo:
+        if a not in avg or b not in avg:
+            continue
+        seeds = sorted(set(avg[a]) & set(avg[b]))
+        d = [avg[a][s] - avg[b][s] for s in seeds]
+        m, ci = float(np.mean(d)), interval(d)
+        lo, hi = (m - ci, m + ci) if not math.isnan(ci) else (m, m)
+        if margin is None:
+            verdict = "holds" if -1 <= lo and hi <= 1 else ("fails" if hi < -1 or lo > 1 else "unresolved")
+        else:
+            verdict = "holds" if lo > margin else ("fails" if hi < margin else "unresolved")
+        if math.isnan(ci):
+            verdict += " (one seed)"
+        won = sum(abs(x) <= 1 if margin is None else x > margin for x in d)
+        out.append([label, f"{m:+.1f}", "–" if math.isnan(ci) else f"± {ci:.1f}", f"{won}/{len(d)}", verdict])
+    return ["claim", "difference (points)", "95% CI", "seeds where it holds", "verdict"], out
 
 
 def markdown(header: list[str], table: list[list[str]]) -> str:
@@ -227,9 +276,10 @@ def plots(records: list[dict], extras: list[dict], out: Path) -> list[Path]:
     return [f for f in files if f is not None]
 
 
-def log_wandb(config: dict, rows: list[dict], records: list[dict], files: list[Path], out: Path) -> str:
-    """Log the per-task rows, the summary table and the plots to W&B (offline unless configured); returns the
-    run's folder."""
+def log_wandb(config: dict, rows: list[dict], records: list[dict], files: list[Path], out: Path,
+              claim_table: tuple[list[str], list[list[str]]] | None = None) -> str:  # fmt: skip
+    """Log the per-task rows, the summary table, the claims and the plots to W&B (offline unless configured);
+    returns the run's folder."""
     import wandb
 
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -241,6 +291,8 @@ def log_wandb(config: dict, rows: list[dict], records: list[dict], files: list[P
         for r in records
     ]
     run.log({"table": wandb.Table(columns=cols, data=data)})
+    if claim_table is not None:
+        run.log({"claims": wandb.Table(columns=claim_table[0], data=claim_table[1])})
     for r in records:
         run.summary[f"{r['method']}/{r['variant']}/avg"] = r["avg"]
     for f in files:
@@ -248,7 +300,3 @@ def log_wandb(config: dict, rows: list[dict], records: list[dict], files: list[P
     folder = str(run.dir)
     run.finish()
     return folder
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x))

