@@ -217,8 +217,43 @@ def stratified_split(labels: Sequence[int], sizes: dict[str, int], seed: int, wh
     return out
 
 
-def load_task(name: str, path: str | Path, labels_path: str | Path | None = None,
-              sizes: dict[str, int] | None = None) -> TaskFile:  # fmt: skip
+def _descriptions(name: str, path: Path, labels_path: str | Path | None, counts: Counter) -> dict[str, str]:
+    """label -> description, in the head's row order: the label file's order, else the sorted labels."""
+    if labels_path is None:
+        return {k: k for k in sorted(counts)}
+    desc = read_labels(Path(labels_path), name)
+    missing, extra = sorted(set(counts) - set(desc)), sorted(set(desc) - set(counts))
+    problems = ([f"no description for {', '.join(map(repr, missing[:8]))}"] if missing else []) + (
+        [f"labels not in the task file: {', '.join(map(repr, extra[:8]))}"] if extra else []
+    )
+    if problems:
+        raise UserError(
+            f"bench merge: labels of task {name!r} ({labels_path}) do not match the task file {path}: "
+            + "; ".join(problems)
+            + ". List every label of the task file exactly once, as `label: description`."
+        )
+    return desc
+
+
+def _given_splits(rows, ys: list[int], sizes: dict[str, int], where: str) -> dict[str, list[int]]:
+    """The file's own splits, each cut to at most `sizes[split]` examples (a stratified subset)."""
+    idx = {}
+    for s in SPLITS:
+        ids = [i for i, r in enumerate(rows) if r[3] == s]
+        if not ids:
+            raise UserError(
+                f"bench merge: {where}: no line has split {s!r}; the suite needs train, val and test "
+                "examples (or leave 'split' out on every line to have the suite split the file)."
+            )
+        cap = sizes.get(s, len(ids))
+        sub = stratified_split([ys[i] for i in ids], {s: cap}, SPLIT_SEED, where)[s] if cap < len(ids) else None
+        idx[s] = ids if sub is None else [ids[i] for i in sub]
+    return idx
+
+
+def load_task(
+    name: str, path: str | Path, labels_path: str | Path | None = None, sizes: dict[str, int] | None = None
+) -> TaskFile:
     """Read and check one task file (and its label file).
 
     Args:
@@ -239,48 +274,18 @@ def load_task(name: str, path: str | Path, labels_path: str | Path | None = None
             f"bench merge: {where}: every example has the label {next(iter(counts))!r}; a task needs "
             "at least two classes."
         )
-    if labels_path is not None:
-        desc = read_labels(Path(labels_path), name)
-        missing, extra = sorted(set(counts) - set(desc)), sorted(set(desc) - set(counts))
-        if missing or extra:
-            raise UserError(
-                f"bench merge: labels of task {name!r} ({labels_path}) do not match the task file {path}: "
-                + "; ".join(
-                    x
-                    for x in (
-                        f"no description for {', '.join(map(repr, missing[:8]))}" if missing else "",
-                        f"labels not in the task file: {', '.join(map(repr, extra[:8]))}" if extra else "",
-                    )
-                    if x
-                )
-                + ". List every label of the task file exactly once, as `label: description`."
-            )
-        labels = tuple(desc)  # the label file's order
-    else:
-        desc = {k: k for k in counts}
-        labels = tuple(sorted(counts))
+    desc = _descriptions(name, path, labels_path, counts)
+    labels = tuple(desc)
     index = {lab: j for j, lab in enumerate(labels)}
     texts, ys = [r[1] for r in rows], [index[r[2]] for r in rows]
     sizes = dict(sizes or {"train": 400, "val": 100, "test": 300})
-    if rows[0][3] is None:
-        idx = stratified_split(ys, sizes, SPLIT_SEED, where)
-    else:
-        idx = {}
-        for s in SPLITS:
-            ids = [i for i, r in enumerate(rows) if r[3] == s]
-            if not ids:
-                raise UserError(
-                    f"bench merge: {where}: no line has split {s!r}; the suite needs train, val and test "
-                    "examples (or leave 'split' out on every line to have the suite split the file)."
-                )
-            cap = sizes.get(s, len(ids))
-            idx[s] = (
-                ids
-                if cap >= len(ids)
-                else [ids[i] for i in stratified_split([ys[i] for i in ids], {s: cap}, SPLIT_SEED, where)[s]]
-            )
+    given = rows[0][3] is not None
+    idx = _given_splits(rows, ys, sizes, where) if given else stratified_split(ys, sizes, SPLIT_SEED, where)
     missing = [labels[c] for c in range(len(labels)) if c not in {ys[i] for i in idx["train"]}]
     if missing:
-        raise UserError(f"bench merge: {where}: the train split has no example of {', '.join(map(repr, missing[:5]))}.")
+        raise UserError(
+            f"bench merge: {where}: the train split has no example of {', '.join(map(repr, missing[:5]))}; "
+            "every class needs training examples."
+        )
     splits = {s: ([texts[i] for i in idx[s]], [ys[i] for i in idx[s]]) for s in SPLITS}
     return TaskFile(name, labels, tuple(desc[lab] for lab in labels), splits, str(path))
