@@ -32,6 +32,8 @@ class BenchConfig:
     ties_lambda: float = 1.0  # the TIES paper's λ with its disjoint mean
     dare_density: float = 0.1  # DARE's drop rate 0.9
     fisher_examples: int = 4096  # official: 4096 training examples per model (capped by the split)
+    regmean_examples: int = 256  # training examples per model for the Gram matrices (FusionBench's default)
+    regmean_alpha: float = 0.95  # the RegMean paper's off-diagonal scaling
     ada_steps: int = 500
     ada_batch: int = 16
     ada_batches_per_step: int = 2  # official: 2 batches of 16 per task per step
@@ -50,6 +52,7 @@ class BenchConfig:
     dare_grid: tuple[tuple[float, float], ...] = ((0.1, 0.1), (0.1, 0.3), (0.1, 0.5), (0.3, 0.3))
     dare_ties_grid: tuple[tuple[float, float], ...] = ((0.1, 0.5), (0.1, 1.0), (0.3, 1.0))
     fisher_grid: int = 8  # Dirichlet(1) weight draws (+ uniform), as the official coefficient search
+    regmean_grid: tuple[float, ...] = (0.5, 0.7, 0.9, 0.95, 1.0)
     ada_tuned_lrs: tuple[float, ...] = (1e-2,)  # the tuned variant also tries these lrs
     ada_checkpoints: int = 4  # per run, the λ at every quarter of the steps are candidates of the tuned variant
 
@@ -86,6 +89,8 @@ PRESETS = {
         ft_steps=100,
         n_test=150,
         fisher_examples=64,
+        regmean_examples=64,
+        regmean_grid=(0.9, 1.0),
         ada_steps=25,
         ada_batches_per_step=1,
         ada_lr=2e-2,

@@ -36,7 +36,16 @@ __all__ = ["DigitsConfig", "DigitsSuite", "DIGIT_TASKS", "make_tasks", "probe_he
 
 Params = dict[str, torch.Tensor]
 DIGIT_TASKS = ("digits", "inv_noisy", "shapes", "count", "stripes", "parity180", "transposed", "texture")
-NUM_CLASSES = {"digits": 10, "inv_noisy": 10, "shapes": 5, "count": 5, "stripes": 4, "parity180": 2, "transposed": 2, "texture": 4}
+NUM_CLASSES = {
+    "digits": 10,
+    "inv_noisy": 10,
+    "shapes": 5,
+    "count": 5,
+    "stripes": 4,
+    "parity180": 2,
+    "transposed": 2,
+    "texture": 4,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,8 +146,12 @@ class _Net(torch.nn.Module):
         d = cfg.width
         self.body = torch.nn.ModuleDict({
             "inp": torch.nn.Linear(64, d),
-            "blocks": torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, d), torch.nn.GELU(),
-                                                              torch.nn.Linear(d, d)) for _ in range(cfg.blocks)),
+            "blocks": torch.nn.ModuleList(
+                torch.nn.Sequential(
+                    torch.nn.LayerNorm(d), torch.nn.Linear(d, d), torch.nn.GELU(), torch.nn.Linear(d, d)
+                )
+                for _ in range(cfg.blocks)
+            ),
             "out": torch.nn.Linear(d, cfg.features),
             "norm": torch.nn.LayerNorm(cfg.features),
         })  # fmt: skip
@@ -217,12 +230,23 @@ class DigitsSuite(SuiteBase):
         self.cfg = cfg
         n_train, n_val, n_test = cfg.n_train, cfg.n_val, cfg.n_test
         if n_train < 1 or n_val < 1 or n_test < 1 or n_train + n_val + n_test > 1797:
-            raise ValueError(f"digits suite: n_train + n_val + n_test must fit in 1797 examples, each >= 1 (got {n_train}/{n_val}/{n_test})")
+            raise ValueError(
+                "digits suite: n_train + n_val + n_test must fit in 1797 examples, each >= 1 "
+                f"(got {n_train}/{n_val}/{n_test})"
+            )
         torch.manual_seed(cfg.seed)
         raw = make_tasks(cfg.seed)
-        cuts = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, n_train + n_val + n_test)}
-        self.tasks = [TaskData(t, NUM_CLASSES[t], {s: {"x": raw[t][0][a:b], "labels": raw[t][1][a:b]} for s, (a, b) in cuts.items()})
-                      for t in cfg.tasks]
+        cuts = {
+            "train": (0, n_train),
+            "val": (n_train, n_train + n_val),
+            "test": (n_train + n_val, n_train + n_val + n_test),
+        }
+        self.tasks = [
+            TaskData(
+                t, NUM_CLASSES[t], {s: {"x": raw[t][0][a:b], "labels": raw[t][1][a:b]} for s, (a, b) in cuts.items()}
+            )
+            for t in cfg.tasks
+        ]
         self.module = _Net(cfg).eval()
         self._pretrain()
         self.module.requires_grad_(False)
@@ -255,7 +279,9 @@ class DigitsSuite(SuiteBase):
 
     @torch.no_grad()
     def features(self, params: Mapping[str, torch.Tensor], k: int, split: str) -> torch.Tensor:
-        return functional_call(self.module, dict(params), args=(), kwargs={"features_only": True, **self.inputs(k, split)})
+        return functional_call(
+            self.module, dict(params), args=(), kwargs={"features_only": True, **self.inputs(k, split)}
+        )
 
     def load(self, params: Mapping[str, torch.Tensor], k: int) -> torch.nn.Module:
         W = self.heads[k]["classifier.weight"]
@@ -263,7 +289,9 @@ class DigitsSuite(SuiteBase):
         self.module.load_state_dict({**params, **self.heads[k]}, strict=False)
         return self.module
 
-    def sampler(self, k: int, split: str, batch_size: int, gen: torch.Generator, per_step: int = 1) -> Callable[[], dict]:
+    def sampler(
+        self, k: int, split: str, batch_size: int, gen: torch.Generator, per_step: int = 1
+    ) -> Callable[[], dict]:
         return shuffled_batches(self.inputs(k, split), batch_size, per_step, gen)
 
     def finetune(self, k: int, seed: int) -> Params:

@@ -34,8 +34,10 @@ import torch
 from merging.base import METHODS
 from merging.datadriven.adamerging import adamerge, merged_params
 from merging.datadriven.fisher import diagonal_fisher
+from merging.datadriven.gram import compute_grams
 from merging.methods.adamerging import AdaMergingParams, official_ties, ties_task_vectors
 from merging.methods.fisher import Fisher, FisherModelParams
+from merging.methods.regmean import regmean_merge
 from merging.methods.task_arithmetic import TaskArithmetic
 from merging.sources import in_memory, merge_trees
 from peft_lab.errors import UserError
@@ -60,9 +62,21 @@ class Choice:
     model: dict[str, Any] = field(default_factory=dict)
 
     def label(self, cls) -> dict[str, Any]:
-        """The hyperparameters as a recipe writes them (`lambda`, not `lambda_`)."""
-        keys = {f.name: param_key(f) for f in fields(cls.Params)} if hasattr(cls.Params, "__dataclass_fields__") else {}
+        """The hyperparameters as a recipe writes them (`lambda`, not `lambda_`); a method run at its class
+        defaults shows those defaults."""
+        keys = {f.name: param_key(f) for f in _fields(cls.Params)}
+        if not self.params and not self.model:
+            return {**_defaults(cls.Params, keys), **_defaults(cls.ModelParams, {})}
         return {**{keys.get(k, k): v for k, v in self.params.items()}, **self.model}
+
+
+def _fields(cls) -> tuple:
+    return fields(cls) if hasattr(cls, "__dataclass_fields__") else ()
+
+
+def _defaults(cls, keys: dict[str, str]) -> dict[str, Any]:
+    d = cls()
+    return {keys.get(f.name, f.name): getattr(d, f.name) for f in _fields(cls) if getattr(d, f.name) is not None}
 
 
 @dataclass(frozen=True)
@@ -113,6 +127,14 @@ SETTINGS: dict[str, Setting] = {
         lambda cfg: [_dare(d, x, True) for d, x in cfg.dare_ties_grid],
     ),
 }
+
+# methods that sum task vectors (no disjoint mean by default) and whose papers tune the scale on validation
+# (Model Breadcrumbs, DELLA): at λ = 1 six summed task vectors overshoot, so they start at task arithmetic's λ
+# with the class defaults for everything else, and their tuned rows search the task-arithmetic grid
+for _name in ("breadcrumbs", "breadcrumbs_ties", "della_linear"):
+    SETTINGS[_name] = Setting(
+        lambda cfg: Choice({"lambda_": cfg.ta_lambda}), lambda cfg: [Choice({"lambda_": x}) for x in cfg.ta_grid]
+    )
 
 ADA_VARIANTS = (("adamerging (task-wise)", "task", False), ("adamerging (layer-wise)", "layer", False),
                 ("adamerging_ties (layer-wise)", "layer", True))  # fmt: skip
@@ -265,6 +287,32 @@ class SeedRun:
         )
         self.score("fisher", "tuned", p, hp)
         self.say("fisher done")
+        return spent
+
+    # -- RegMean ---------------------------------------------------------------------------------------
+    def regmean(self) -> float:
+        """RegMean (arXiv 2212.09849): each Linear weight solved from the models' input Gram matrices on their
+        tasks' training examples, other tensors averaged; paper α = 0.95, tuned: α on validation. Returns the
+        CPU-seconds of computing the Grams."""
+        cfg, suite = self.cfg, self.suite
+        c0 = cpu_seconds()
+        linear = [m for m, mod in suite.module.named_modules() if isinstance(mod, torch.nn.Linear)]
+        linear = [m for m in linear if f"{m}.weight" in set(self.names)]
+        grams = []
+        for k in range(self.T):
+            g = compute_grams(suite.load(self.fts[k], k), linear, suite.batches(k, "train", 16, cfg.regmean_examples))
+            grams.append({f"{m}.weight": G for m, G in g.items()})
+        suite.load(self.theta0, 0)
+        spent = cpu_seconds() - c0
+        n_ex = min(cfg.regmean_examples, min(len(t.splits["train"]["labels"]) for t in suite.tasks))
+
+        def merge(alpha: float) -> Params:
+            return regmean_merge(self.fts, grams, alpha=alpha, names=self.names)
+
+        self.score("regmean", "paper", merge(cfg.regmean_alpha), {"alpha": cfg.regmean_alpha, "examples": n_ex})
+        p, hp = self.pick(((lambda a=a: merge(a)), {"alpha": a}) for a in cfg.regmean_grid)
+        self.score("regmean", "tuned", p, hp)
+        self.say("regmean done")
         return spent
 
     # -- AdaMerging ------------------------------------------------------------------------------------

@@ -99,15 +99,31 @@ def fisher_speed(n: int, max_length: int, repeats: int = 3, chunk: int = 16) -> 
     res = {}
 
     def vmap_run():
-        res["vmap"] = diagonal_fisher(model, names, batch, labels="sample", chunk_size=chunk, engine="vmap",
-                                      generator=torch.Generator().manual_seed(0))
+        res["vmap"] = diagonal_fisher(
+            model,
+            names,
+            batch,
+            labels="sample",
+            chunk_size=chunk,
+            engine="vmap",
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def hooks_run():
-        res["hooks"] = diagonal_fisher(model, names, batch, labels="sample", chunk_size=chunk, engine="hooks",
-                                       generator=torch.Generator().manual_seed(0))
+        res["hooks"] = diagonal_fisher(
+            model,
+            names,
+            batch,
+            labels="sample",
+            chunk_size=chunk,
+            engine="hooks",
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def loop_run():
-        res["loop"] = diagonal_fisher_loop(model, names, batch, labels="sample", generator=torch.Generator().manual_seed(0))
+        res["loop"] = diagonal_fisher_loop(
+            model, names, batch, labels="sample", generator=torch.Generator().manual_seed(0)
+        )
 
     small = [{k: v[:2] for k, v in batch[0].items()}]  # warm-up: first calls pay one-off setup costs
     for engine in ("vmap", "hooks"):
@@ -123,15 +139,28 @@ def fisher_speed(n: int, max_length: int, repeats: int = 3, chunk: int = 16) -> 
         return diff / (sum(float(f2[k].double().square().sum()) for k in names) ** 0.5 + 1e-30)
 
     lengths = enc["attention_mask"].sum(1)
-    return {"examples": n, "tokens": max_length, "mean_tokens": float(lengths.float().mean()),
-            "length_groups": int(lengths.unique().numel()), "repeats": repeats, "chunk": chunk,
-            "params": sum(res["loop"][k].numel() for k in names),
-            "hooks_cpu_s": t_hooks.cpu, "hooks_wall_s": t_hooks.wall,
-            "vmap_cpu_s": t_vmap.cpu, "vmap_wall_s": t_vmap.wall, "loop_cpu_s": t_loop.cpu, "loop_wall_s": t_loop.wall,
-            "floor_cpu_s": t_floor.cpu, "floor_wall_s": t_floor.wall,
-            "speedup_hooks_cpu": t_loop.cpu / max(t_hooks.cpu, 1e-9), "speedup_cpu": t_loop.cpu / max(t_vmap.cpu, 1e-9),
-            "bound_cpu": t_loop.cpu / max(t_floor.cpu, 1e-9),
-            "rel_diff_hooks": rel(res["hooks"], res["loop"]), "rel_diff_vmap": rel(res["vmap"], res["loop"])}
+    return {
+        "examples": n,
+        "tokens": max_length,
+        "mean_tokens": float(lengths.float().mean()),
+        "length_groups": int(lengths.unique().numel()),
+        "repeats": repeats,
+        "chunk": chunk,
+        "params": sum(res["loop"][k].numel() for k in names),
+        "hooks_cpu_s": t_hooks.cpu,
+        "hooks_wall_s": t_hooks.wall,
+        "vmap_cpu_s": t_vmap.cpu,
+        "vmap_wall_s": t_vmap.wall,
+        "loop_cpu_s": t_loop.cpu,
+        "loop_wall_s": t_loop.wall,
+        "floor_cpu_s": t_floor.cpu,
+        "floor_wall_s": t_floor.wall,
+        "speedup_hooks_cpu": t_loop.cpu / max(t_hooks.cpu, 1e-9),
+        "speedup_cpu": t_loop.cpu / max(t_vmap.cpu, 1e-9),
+        "bound_cpu": t_loop.cpu / max(t_floor.cpu, 1e-9),
+        "rel_diff_hooks": rel(res["hooks"], res["loop"]),
+        "rel_diff_vmap": rel(res["vmap"], res["loop"]),
+    }
 
 
 def _ada_setting(T: int, bs: int, max_length: int):
@@ -141,7 +170,10 @@ def _ada_setting(T: int, bs: int, max_length: int):
     base = {n: sd[n].detach().clone() for n in names}
     g = torch.Generator().manual_seed(0)
     deltas = [{n: 1e-3 * torch.randn(base[n].shape, generator=g) for n in names} for _ in range(T)]
-    heads = [{"classifier.weight": torch.randn(5, 384, generator=g) * 0.05, "classifier.bias": torch.zeros(5)} for _ in range(T)]
+    heads = [
+        {"classifier.weight": torch.randn(5, 384, generator=g) * 0.05, "classifier.bias": torch.zeros(5)}
+        for _ in range(T)
+    ]
     texts = _texts(T * bs)
     enc = tok(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     pools = [{k: enc[k][i * bs : (i + 1) * bs] for k in ("input_ids", "attention_mask")} for i in range(T)]
@@ -166,10 +198,16 @@ def adamerging_step_cost(T: int, bs: int, steps: int, max_length: int) -> dict:
         for _ in range(steps):
             model.zero_grad(set_to_none=True)
             model(**batch).logits.logsumexp(-1).mean().backward()
-    return {"tasks": T, "examples_per_step": T * bs, "tokens": max_length,
-            "ada_step_cpu_s": t_ada.cpu / steps, "ada_step_wall_s": t_ada.wall / steps,
-            "fwd_bwd_cpu_s": t_fb.cpu / steps, "fwd_bwd_wall_s": t_fb.wall / steps,
-            "ratio_cpu": t_ada.cpu / max(t_fb.cpu, 1e-9)}
+    return {
+        "tasks": T,
+        "examples_per_step": T * bs,
+        "tokens": max_length,
+        "ada_step_cpu_s": t_ada.cpu / steps,
+        "ada_step_wall_s": t_ada.wall / steps,
+        "fwd_bwd_cpu_s": t_fb.cpu / steps,
+        "fwd_bwd_wall_s": t_fb.wall / steps,
+        "ratio_cpu": t_ada.cpu / max(t_fb.cpu, 1e-9),
+    }
 
 
 def _peak_child(T: int, bs: int, max_length: int) -> dict:
@@ -183,10 +221,24 @@ def _peak_child(T: int, bs: int, max_length: int) -> dict:
     adamerge(model, base, deltas, heads, [lambda p=p: p for p in pools], AdaMergingParams(steps=2, batches_per_step=1))
     peak = _status_kb("VmHWM")
     model_mb = sum(v.numel() * 4 for v in base.values()) / 2**20
-    return {"tasks": T, "peak_rss_mb": peak / 1024, "rss_before_mb": rss0 / 1024, "merged_tensors_mb": model_mb,
-            "task_vectors_mb": T * model_mb, "peak_live_mb": _peak_live_bytes(
-                lambda: adamerge(model, base, deltas, heads, [lambda p=p: p for p in pools],
-                                 AdaMergingParams(steps=2, batches_per_step=1))) / 2**20}
+    return {
+        "tasks": T,
+        "peak_rss_mb": peak / 1024,
+        "rss_before_mb": rss0 / 1024,
+        "merged_tensors_mb": model_mb,
+        "task_vectors_mb": T * model_mb,
+        "peak_live_mb": _peak_live_bytes(
+            lambda: adamerge(
+                model,
+                base,
+                deltas,
+                heads,
+                [lambda p=p: p for p in pools],
+                AdaMergingParams(steps=2, batches_per_step=1),
+            )
+        )
+        / 2**20,
+    }
 
 
 def _peak_live_bytes(fn) -> int:
@@ -230,8 +282,12 @@ def memory_growth(tasks: list[int], bs: int, max_length: int, mmap_threshold: in
     from its heap, which keeps freed memory in the process's RSS."""
     out = []
     for T in tasks:
-        cmd = [sys.executable, "-c", f"import json,torch; torch.set_num_threads({torch.get_num_threads()}); "
-               f"from merging.bench.perf import _peak_child; print(json.dumps(_peak_child({T}, {bs}, {max_length})))"]
+        cmd = [
+            sys.executable,
+            "-c",
+            f"import json,torch; torch.set_num_threads({torch.get_num_threads()}); "
+            f"from merging.bench.perf import _peak_child; print(json.dumps(_peak_child({T}, {bs}, {max_length})))",
+        ]
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), *sys.path])
         if mmap_threshold is not None:
@@ -242,18 +298,30 @@ def memory_growth(tasks: list[int], bs: int, max_length: int, mmap_threshold: in
 
 
 def _print_memory(mem: list[dict], how: str) -> None:
-    print(f"\nAdaMerging peak memory during 2 steps (fresh process per row; {how}; RSS after setup includes the task vectors)")
-    print(f"  {'tasks':>5}{'RSS after setup MB':>20}{'peak MB':>9}{'task vectors MB':>17}{'peak - setup MB':>17}"
-          f"{'peak live tensors MB':>22}")
+    print(
+        f"\nAdaMerging peak memory during 2 steps (fresh process per row; {how}; "
+        "RSS after setup includes the task vectors)"
+    )
+    print(
+        f"  {'tasks':>5}{'RSS after setup MB':>20}{'peak MB':>9}{'task vectors MB':>17}{'peak - setup MB':>17}"
+        f"{'peak live tensors MB':>22}"
+    )
     for m in mem:
-        print(f"  {m['tasks']:>5}{m['rss_before_mb']:>20.0f}{m['peak_rss_mb']:>9.0f}{m['task_vectors_mb']:>17.0f}"
-              f"{m['peak_rss_mb'] - m['rss_before_mb']:>17.0f}{m['peak_live_mb']:>22.0f}")
+        print(
+            f"  {m['tasks']:>5}{m['rss_before_mb']:>20.0f}{m['peak_rss_mb']:>9.0f}{m['task_vectors_mb']:>17.0f}"
+            f"{m['peak_rss_mb'] - m['rss_before_mb']:>17.0f}{m['peak_live_mb']:>22.0f}"
+        )
     if len(mem) > 1:
         span = mem[-1]["tasks"] - mem[0]["tasks"]
         per = (mem[-1]["peak_rss_mb"] - mem[0]["peak_rss_mb"]) / span
-        extra = ((mem[-1]["peak_rss_mb"] - mem[-1]["rss_before_mb"]) - (mem[0]["peak_rss_mb"] - mem[0]["rss_before_mb"])) / span
-        print(f"  peak growth per added task: {per:.0f} MB, of which beyond the setup (task vector + data): {extra:.0f} MB; "
-              f"one model (the merged tensors): {mem[0]['merged_tensors_mb']:.0f} MB")
+        extra = (
+            (mem[-1]["peak_rss_mb"] - mem[-1]["rss_before_mb"]) - (mem[0]["peak_rss_mb"] - mem[0]["rss_before_mb"])
+        ) / span
+        print(
+            f"  peak growth per added task: {per:.0f} MB, "
+            f"of which beyond the setup (task vector + data): {extra:.0f} MB; "
+            f"one model (the merged tensors): {mem[0]['merged_tensors_mb']:.0f} MB"
+        )
         live = (mem[-1]["peak_live_mb"] - mem[0]["peak_live_mb"]) / span
         print(f"  peak live tensor bytes per added task: {live:.1f} MB")
 
@@ -269,22 +337,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="examples per task per AdaMerging step")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--memory-tasks", default="2,4,8")
-    ap.add_argument("--mmap-threshold", type=int, default=131072,
-                    help="MALLOC_MMAP_THRESHOLD_ for the second memory table (bytes)")
+    ap.add_argument(
+        "--mmap-threshold", type=int, default=131072, help="MALLOC_MMAP_THRESHOLD_ for the second memory table (bytes)"
+    )
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(f"all-MiniLM-L6-v2, CPU, {args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
     fs = fisher_speed(args.fisher_examples, args.tokens, args.repeats)
-    print(f"\nPer-example Fisher, {fs['examples']} examples x up to {fs['tokens']} tokens (mean {fs['mean_tokens']:.1f}, "
-          f"{fs['length_groups']} lengths), {fs['params'] / 1e6:.1f} M encoder params; median of {fs['repeats']} runs")
+    print(
+        f"\nPer-example Fisher, {fs['examples']} examples x up to {fs['tokens']} tokens (mean {fs['mean_tokens']:.1f}, "
+        f"{fs['length_groups']} lengths), {fs['params'] / 1e6:.1f} M encoder params; median of {fs['repeats']} runs"
+    )
     print(f"  {'method':<44}{'CPU s':>8}{'wall s':>8}")
-    print(f"  {'hooks engine (default), batches of ' + str(fs['chunk']):<44}{fs['hooks_cpu_s']:>8.2f}{fs['hooks_wall_s']:>8.2f}")
-    print(f"  {'torch.func vmap(grad), chunks of ' + str(fs['chunk']):<44}{fs['vmap_cpu_s']:>8.2f}{fs['vmap_wall_s']:>8.2f}")
+    print(
+        f"  {'hooks engine (default), batches of ' + str(fs['chunk']):<44}"
+        f"{fs['hooks_cpu_s']:>8.2f}{fs['hooks_wall_s']:>8.2f}"
+    )
+    print(
+        f"  {'torch.func vmap(grad), chunks of ' + str(fs['chunk']):<44}"
+        f"{fs['vmap_cpu_s']:>8.2f}{fs['vmap_wall_s']:>8.2f}"
+    )
     print(f"  {'python loop, 1 backward/example':<44}{fs['loop_cpu_s']:>8.2f}{fs['loop_wall_s']:>8.2f}")
     print(f"  {'floor: batched forward+backward, no per-ex.':<44}{fs['floor_cpu_s']:>8.2f}{fs['floor_wall_s']:>8.2f}")
-    print(f"  speed-up over the loop (CPU time): hooks {fs['speedup_hooks_cpu']:.2f}x, vmap {fs['speedup_cpu']:.2f}x; "
-          f"the most any per-example method can gain (loop / floor): {fs['bound_cpu']:.2f}x")
+    print(
+        f"  speed-up over the loop (CPU time): hooks {fs['speedup_hooks_cpu']:.2f}x, vmap {fs['speedup_cpu']:.2f}x; "
+        f"the most any per-example method can gain (loop / floor): {fs['bound_cpu']:.2f}x"
+    )
     print(f"  relative L2 difference to the loop: hooks {fs['rel_diff_hooks']:.1e}, vmap {fs['rel_diff_vmap']:.1e}")
     if args.fisher_only:
         if args.json:
@@ -292,7 +371,10 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump({"fisher": fs}, f, indent=1)
         return 0
     ad = adamerging_step_cost(args.tasks, args.batch, args.steps, args.tokens)
-    print(f"\nAdaMerging step (layer-wise, {ad['tasks']} tasks x {args.batch} examples) vs one forward+backward of one model on the same {ad['examples_per_step']} examples")
+    print(
+        f"\nAdaMerging step (layer-wise, {ad['tasks']} tasks x {args.batch} examples) vs one forward+backward "
+        f"of one model on the same {ad['examples_per_step']} examples"
+    )
     print(f"  {'':<28}{'CPU s':>8}{'wall s':>8}")
     print(f"  {'AdaMerging step':<28}{ad['ada_step_cpu_s']:>8.2f}{ad['ada_step_wall_s']:>8.2f}")
     print(f"  {'forward+backward':<28}{ad['fwd_bwd_cpu_s']:>8.2f}{ad['fwd_bwd_wall_s']:>8.2f}")

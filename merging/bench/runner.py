@@ -131,6 +131,9 @@ def run_seed(cfg: BenchConfig, seed: int, progress=print, fts: list | None = Non
     extras["timing"]["fisher_information_cpu_s"] = r.fisher()
     extras["timing"]["fisher_cpu_s"] = cpu_seconds() - c0
     c0 = cpu_seconds()
+    extras["timing"]["regmean_grams_cpu_s"] = r.regmean()
+    extras["timing"]["regmean_cpu_s"] = cpu_seconds() - c0
+    c0 = cpu_seconds()
     r.adamerging(extras)
     extras["timing"]["adamerging_cpu_s"] = cpu_seconds() - c0
     extras["timing"]["total_cpu_s"] = cpu_seconds() - t0

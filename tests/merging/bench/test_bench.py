@@ -34,7 +34,7 @@ TINY = BenchConfig(
         ("n_test", 60),
     ),
 )
-DATA_DRIVEN = ("fisher", "adamerging (task-wise)", "adamerging (layer-wise)", "adamerging_ties (layer-wise)")
+DATA_DRIVEN = ("fisher", "regmean", "adamerging (task-wise)", "adamerging (layer-wise)", "adamerging_ties (layer-wise)")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,15 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 
-
 def test_merging_tour_executes():
     nb = nbformat.read(REPO / "notebooks" / "merging_tour.ipynb", as_version=4)
     env_before = dict(os.environ)
     os.environ["PEFT_LAB_TOUR_SIZE"] = "tiny"
     os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
     try:
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}})
+        client = nbclient.NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+        )
         client.execute()
     finally:
         os.environ.clear()
