@@ -66,7 +66,8 @@ class Choice:
         defaults shows those defaults."""
         keys = {f.name: param_key(f) for f in _fields(cls.Params)}
         if not self.params and not self.model:
-            return {**_defaults(cls.Params, keys), **_defaults(cls.ModelParams, {})}
+            model_keys = {f.name: param_key(f) for f in _fields(cls.ModelParams)}
+            return {**_defaults(cls.Params, keys), **_defaults(cls.ModelParams, model_keys)}
         return {**{keys.get(k, k): v for k, v in self.params.items()}, **self.model}
 
 
