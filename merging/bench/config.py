@@ -82,18 +82,20 @@ PRESETS = {
         dare_ties_grid=((0.1, 0.5), (0.1, 1.0)),
         fisher_grid=4,
     ),
-    # one seed, 100 fine-tuning steps, half the test split, AdaMerging 25 steps (lr scaled as above)
+    # one seed, 100 fine-tuning steps, a third of the test split and 60 validation texts, AdaMerging 15 steps (lr
+    # scaled as above: 15 x 1/30 = the paper's 500 x 1e-3)
     "text-quick": dict(
         suite="text",
         seeds=(0,),
         ft_steps=100,
-        n_test=150,
+        n_val=60,
+        n_test=100,
         fisher_examples=64,
         regmean_examples=64,
         regmean_grid=(0.9, 1.0),
-        ada_steps=25,
+        ada_steps=15,
         ada_batches_per_step=1,
-        ada_lr=2e-2,
+        ada_lr=1 / 30,
         ada_tuned_lrs=(),
         ada_checkpoints=2,
         ta_grid=(0.3, 0.5, 1.0),

@@ -62,7 +62,7 @@ def parser(description: str = "") -> argparse.ArgumentParser:
         choices=("digits", "text"),
         default="digits",
         help="text: 6 real text tasks on all-MiniLM-L6-v2 with zero-shot heads (the papers' protocol; "
-        "~41 min on 2 cores, --quick ~10); digits: 8 image tasks on an MLP (default; the fast smoke suite)",
+        "~41 min on 2 cores, --quick ~8); digits: 8 image tasks on an MLP (default; the fast smoke suite)",
     )
     ap.add_argument(
         "--quick", action="store_true", help="1 seed, smaller grids and budgets (text: 100 fine-tuning steps)"
