@@ -16,7 +16,7 @@ import transformers
 import yaml
 from safetensors.torch import load_file
 
-from merging import METHODS, run_merge
+from merging import run_merge
 from tests.conftest import REPO
 
 FIX = REPO / "tests" / "fixtures" / "mergekit_grammar"
@@ -50,8 +50,6 @@ def _logits(out) -> torch.Tensor:
 @pytest.mark.parametrize("arch, case", CASES, ids=[f"{a}-{c}" for a, c in CASES])
 def test_same_tensors_as_mergekit(arch, case, tmp_path, monkeypatch):
     recipe = _recipe(arch, case)
-    if recipe["merge_method"] not in METHODS.names():
-        pytest.skip(f"merge_method {recipe['merge_method']} is not registered in this checkout")
     monkeypatch.chdir(FIX / arch)  # the recipes use paths relative to the architecture's dir, as given to mergekit
     out = run_merge(recipe, tmp_path / "out", hash="none")
     ours = load_file(out / "model.safetensors")
