@@ -149,6 +149,7 @@ class MergeStreams:
         self.resolver = resolver if resolver is not None and not resolver.constant else None
         self.positions = positions or {}
         self.source_names = source_names or {}
+        self._checked: tuple[str, set[tuple[int, int]]] = ("", set())  # chunks of one tensor found finite
 
     def close(self) -> None:
         self.files.close()
@@ -164,8 +165,16 @@ class MergeStreams:
         return base, [TensorSource(i.tree.get(name), self.files, i.path) for i in self.inputs]
 
     def read(self, name: str, base_src, srcs, start: int, stop: int):
-        """float32 chunks [start, stop) of the base and of each input (task vectors if the method takes them)."""
+        """float32 chunks [start, stop) of the base and of each input (task vectors if the method takes them).
+        Each chunk is checked for NaN/inf on its first read only (a method's statistics passes and its merge pass
+        read the same chunks of a tensor again)."""
         check = not self.allow_nonfinite
+        if check:
+            if self._checked[0] != name:
+                self._checked = (name, set())
+            seen = self._checked[1]
+            check = (start, stop) not in seen
+            seen.add((start, stop))
         base = None
         if base_src is not None:
             base = base_src.read(start, stop)

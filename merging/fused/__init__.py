@@ -1,14 +1,18 @@
-"""Fused CPU loops for the TIES/DARE merges and the soup's mask check, compiled with numba.
+"""Fused CPU loops for the TIES/DARE-family merges, RAM, SCE and the soup's mask check, compiled with numba.
 
-The torch code in `merging/methods/_gta.py`, `merging/methods/_kth_largest.py` and `merging/methods/soup.py` is the
-reference: chains
-of whole-chunk ops (trim, weight, sum, elect, agree, divide; abs, compare, count; draw, mask, rescale) that
-read and write every element ~15 times per model. The loops here do the same float32 arithmetic in the same
-order, one block of elements at a time:
+The torch code in `merging/methods/` (`_gta.py`, `_kth_largest.py`, `_sparsifiers.py`, `_ram.py`, `sce.py`,
+`soup.py`) is the reference: chains of whole-chunk ops (trim, weight, sum, elect, agree, divide; abs, compare,
+count; draw, mask, rescale) that read and write every element ~15 times per model. The loops here do the same
+float32 (and, for DELLA's probabilities, float64) arithmetic in the same order, one block of elements at a time:
 
-- `gta_combine`: TIES's trim + weights + sign election + disjoint mean (or plain sum) + λ + base;
+- `gta_combine`: TIES's trim (exactly k kept, ties by index) + weights + sign election + disjoint mean (or plain
+  sum) + λ + base;
+- `window_`: Model Breadcrumbs' magnitude-rank window (`breadcrumbs`, `breadcrumbs_ties`);
+- `ram_counts`, `ram_combine`: RAM's change counts and its merge (`ram`, `ramplus_tl`);
+- `select_mask_`, `sce_combine`: SCE's variance selection; its sign election, erase and weighted mean;
 - `band`: one pass of TIES's threshold search (count above the bracket, collect the values inside it);
 - `dare_drop`: DARE's random drop, drawing numpy's SFC64 stream inside the loop, and its rescale;
+- `della_mask_`: DELLA's per-row magnitude ranks (a radix sort per row) and its rank-dependent random drop;
 - `first_mask_mismatch`: the soup's shared-zero-mask check;
 - `raw_merge`: linear and task arithmetic straight from bfloat16 inputs (the executor's fast path for them):
   one pass that decodes, checks, combines and rounds to the output dtype; `raw_dot3` and `raw_lerp` do the
@@ -41,11 +45,17 @@ __all__ = [
     "available",
     "band",
     "dare_drop",
+    "della_mask_",
     "first_mask_mismatch",
     "gta_combine",
     "raw_dot3",
     "raw_lerp",
     "raw_merge",
+    "ram_combine",
+    "ram_counts",
+    "sce_combine",
+    "select_mask_",
+    "window_",
 ]
 
 ENABLED = os.environ.get("PEFT_LAB_FUSED", "1") != "0"
@@ -89,14 +99,20 @@ def gta_combine(
     normalize: bool,
     lam: float,
     zero_sign: float = 1.0,
+    tie_budgets: list[int | None] | None = None,
 ) -> torch.Tensor:
     """`merging.methods._gta.combine` with TIES's trim folded in: `xs` are the (unweighted) task-vector chunks, each
-    trimmed to |x| >= its threshold (0: no trim) and multiplied by its weight in the loop. Inputs are not
-    modified. Returns a new float32 tensor."""
+    trimmed to |x| >= its threshold (0: no trim) and multiplied by its weight in the loop. `tie_budgets[t]`
+    (None: no limit) is how many of the entries tied at model t's threshold may still be kept: the first ones in
+    index order are, the rest are trimmed, and the list is updated in place to what is left after this chunk
+    (TIES keeping exactly k entries of a tensor streamed in chunks). Inputs are not modified. Returns a new
+    float32 tensor."""
     n = xs[0].numel()
     out = torch.empty(n, dtype=torch.float32)
     arrs = tuple(x.reshape(-1).contiguous().numpy() for x in xs)
     thr = np.array([max(float(t), 0.0) for t in thresholds], dtype=np.float32)
+    budgets = tie_budgets if tie_budgets is not None else [None] * len(xs)
+    left = np.array([-1 if b is None else int(b) for b in budgets], dtype=np.int64)
     w = np.array(weights, dtype=np.float32)
     div_mode, div_value = 2, np.float32(1.0)  # 2: no division
     if normalize and consensus:
@@ -115,6 +131,7 @@ def gta_combine(
         base is not None,
         arrs,
         thr,
+        left,
         w,
         consensus,
         normalize,
@@ -124,6 +141,10 @@ def gta_combine(
         lam != 1,
         zero_sign < 0,
     )
+    if tie_budgets is not None:
+        for t, b in enumerate(tie_budgets):
+            if b is not None:
+                tie_budgets[t] = int(left[t])
     return out
 
 
@@ -150,6 +171,92 @@ def dare_drop(
     )
     g.state = {**st, "state": {"state": state}}
     return float(before), float(after)
+
+
+def window_(x: torch.Tensor, lo: float, hi: float | None, lo_window: tuple[int, int], hi_first: int, seen: list[int]):
+    """Model Breadcrumbs' magnitude-rank window on a flat float32 chunk, in place (one pass; see
+    `merging.methods._sparsifiers.Window.apply_`, the reference): keep lo < |x| < hi (no upper edge when `hi` is
+    None); of the entries tied at lo, those whose position among all tied ones lies in `lo_window` = [first, stop);
+    of those tied at hi, positions >= `hi_first`. `seen` = [ties at lo, ties at hi] counted in earlier chunks,
+    updated. With lo == hi pass `hi=None` and that run's window in `lo_window`."""
+    counts = np.array(seen, dtype=np.int64)
+    _compiled()._window(
+        x.reshape(-1).numpy(),
+        np.float32(lo),
+        np.float32(0.0 if hi is None else hi),
+        hi is not None,
+        np.int64(lo_window[0]),
+        np.int64(lo_window[1]),
+        np.int64(hi_first),
+        counts,
+    )
+    seen[0], seen[1] = int(counts[0]), int(counts[1])
+    return x
+
+
+def ram_counts(xs: Sequence[torch.Tensor], epsilon: float) -> tuple[list[int], list[int]]:
+    """`merging.methods._ram.ram_counts` in one pass: per model, its changed entries (|x| > epsilon) that another
+    model changes too, and those only it changes."""
+    shared = np.zeros(len(xs), dtype=np.int64)
+    unique = np.zeros(len(xs), dtype=np.int64)
+    _compiled()._ram_counts(tuple(x.reshape(-1).contiguous().numpy() for x in xs), np.float32(epsilon), shared, unique)
+    return shared.tolist(), unique.tolist()
+
+
+def ram_combine(
+    base: torch.Tensor, xs: Sequence[torch.Tensor], epsilon: float, factors: Sequence[float] | None
+) -> torch.Tensor:
+    """`merging.methods._ram.ram_combine` in one pass, in place on the flat float32 `base` (returned); `xs` are not
+    modified."""
+    f = np.array(factors if factors is not None else [1.0] * len(xs), dtype=np.float32)
+    _compiled()._ram_combine(
+        base.reshape(-1).numpy(),
+        tuple(x.reshape(-1).contiguous().numpy() for x in xs),
+        np.float32(epsilon),
+        f,
+        factors is not None,
+    )
+    return base
+
+
+def select_mask_(xs: Sequence[torch.Tensor], v: torch.Tensor, threshold: float, tie_budget: int | None) -> int | None:
+    """Multiply every flat float32 chunk of `xs` in place by the mask `v >= threshold`, keeping only the first
+    `tie_budget` entries tied at the threshold (None: all); returns the budget left."""
+    left = np.array([-1 if tie_budget is None else tie_budget], dtype=np.int64)
+    _compiled()._select_mask(
+        tuple(x.reshape(-1).numpy() for x in xs), v.reshape(-1).contiguous().numpy(), np.float32(threshold), left
+    )
+    return None if tie_budget is None else int(left[0])
+
+
+def sce_combine(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """SCE's erase-and-merge step (`merging.methods.sce.Sce.merge_chunk`'s torch ops) in one pass, in place on the
+    flat float32 `base` (returned)."""
+    _compiled()._sce_combine(
+        base.reshape(-1).numpy(),
+        tuple(x.reshape(-1).contiguous().numpy() for x in xs),
+        np.array(weights, dtype=np.float32),
+    )
+    return base
+
+
+def della_mask_(
+    x: torch.Tensor, L: int, rest: int, c1: float, c2: float, g: np.random.SFC64, *, want_p: bool
+) -> tuple[np.ndarray, torch.Tensor | None]:
+    """DELLA's MagPrune on a flat float32 chunk of whole dimension-0 slices, each L × rest, ranks along L, in place
+    (`merging.methods._sparsifiers`: `della_ranks`, `della_keep`, then τ·mask, are the reference): keep
+    probabilities c1 + c2·rank/(L − 1), drawn from `g` (advanced past the chunk as `della_keep` would). Returns the
+    keep mask (numpy bool) and, with `want_p`, the probabilities (float64)."""
+    n = x.numel()
+    st = g.state
+    state = st["state"]["state"].copy()
+    mask = np.empty(n, dtype=np.bool_)
+    p = np.empty(n if want_p else 0, dtype=np.float64)
+    _compiled()._della_mask(
+        x.reshape(-1).numpy(), int(L), int(rest), float(c1), float(c2), state, mask, p, bool(want_p)
+    )
+    g.state = {**st, "state": {"state": state}}
+    return mask, (torch.from_numpy(p) if want_p else None)
 
 
 def first_mask_mismatch(xs: Sequence[torch.Tensor]) -> tuple[int, int]:
@@ -254,7 +361,15 @@ def warm() -> None:
             gta_combine(x, [x] * T, [0.5] * T, [1.0] * T, consensus=consensus, normalize=True, lam=1.0)
         first_mask_mismatch([x] * T)
     band(x, 0.25, 0.5)
+    window_(x.clone(), 0.25, 0.5, (0, 1), 0, [0, 0])
+    for T in range(1, 5):
+        ram_counts([x] * T, 1e-5)
+        ram_combine(x.clone(), [x] * T, 1e-5, [1.0] * T)
+        ram_combine(x.clone(), [x] * T, 1e-5, None)
+        sce_combine(x.clone(), [x] * T, [1.0 / T] * T)
+        select_mask_([x.clone()] * T, x.abs(), 0.5, None)
     dare_drop(x.clone(), np.random.SFC64(0), 0.5, apply=True)
+    della_mask_(x.clone(), 8, 1, 0.4, 0.2, np.random.SFC64(0), want_p=True)
     bits = x.to(torch.bfloat16).view(torch.uint16).numpy()
     for mode in RAW_MODES:
         for out_dtype in (torch.bfloat16, torch.float32):

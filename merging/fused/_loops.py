@@ -51,12 +51,35 @@ def _band(keys, klo, khi, buf):
 
 
 @_njit
-def _trim_weight(src, xt, th, wt, m):
-    # hardshrink keeps |v| >= thr (and NaN); a trimmed entry is +0; then the weight
+def _trim_weight(src, xt, th, wt, m, left, t):
+    # hardshrink keeps |v| >= thr (and NaN); a trimmed entry is +0; then the weight. left[t] >= 0: only that many
+    # more entries tied at thr are kept (the first ones in index order; the rest are trimmed too), as
+    # merging.methods._gta's `_drop_excess_ties` zeroes the excess ties before the hardshrink
     zero = np.float32(0.0)
+    lt = left[t]
+    if lt == 0 and th > zero:  # no tie left to keep: keep |v| > thr
+        for i in range(m):
+            v = src[i]
+            xt[i] = (zero if abs(v) <= th else v) * wt
+        return
     for i in range(m):
         v = src[i]
         xt[i] = (zero if abs(v) < th else v) * wt
+    if lt < 0 or not th > zero:
+        return
+    ties = 0
+    for i in range(m):  # branch-free count (vectorises); the excess is located only when there is one
+        ties += abs(src[i]) == th
+    if ties <= lt:
+        left[t] = lt - ties
+        return
+    seen = 0
+    for i in range(m):
+        if abs(src[i]) == th:
+            seen += 1
+            if seen > lt:
+                xt[i] = zero * wt
+    left[t] = 0
 
 
 @_njit
@@ -127,7 +150,9 @@ def _finish(mx, ob, bb, has_base, lam, scale, m):
 
 
 @_njit
-def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode, div_value, lam, scale, zero_neg):
+def _gta_combine(
+    out, base, has_base, xs, thr, left, w, consensus, normalize, div_mode, div_value, lam, scale, zero_neg
+):
     # Mirrors merging.methods._gta.combine op by op (see its docstring): every value is float32, the additions run in
     # the reference's order (model 0, 1, ...), and each step is a loop over one block of elements, written
     # with selects instead of branches so that LLVM vectorises it.
@@ -141,7 +166,7 @@ def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode
     for b0 in range(0, n, _BLOCK):
         m = min(_BLOCK, n - b0)
         for t in range(T):  # slices, not xs[t][b0 + i]: a non-negative index lets LLVM vectorise
-            _trim_weight(xs[t][b0 : b0 + m], x[t], thr[t], w[t], m)
+            _trim_weight(xs[t][b0 : b0 + m], x[t], thr[t], w[t], m, left, t)
         _sum_models(x, mx, T, m)
         if consensus:
             _elect(mx.view(np.int32), sg.view(np.int32), zs, m)
@@ -152,6 +177,177 @@ def _gta_combine(out, base, has_base, xs, thr, w, consensus, normalize, div_mode
             for i in range(m):
                 mx[i] = mx[i] / div_value
         _finish(mx, out[b0 : b0 + m], base[b0 : b0 + m], has_base, lam, scale, m)
+
+
+@_njit
+def _window(x, lo, hi, has_hi, lo_first, lo_stop, hi_first, seen):
+    # Model Breadcrumbs' rank window on one chunk, in place (merging.methods._sparsifiers.Window.apply_): keep
+    # lo < |v| < hi (no upper edge without hi); of the entries tied at lo (at hi), keep those whose position among
+    # all tied ones so far (seen[0], seen[1]: carried across chunks) lies in [lo_first, lo_stop) ([hi_first, inf)).
+    # When lo == hi the caller passes has_hi = False and the window of that single run in lo_first/lo_stop.
+    # Dropped entries become v * 0 (as the reference multiplies by the mask: -0 for negative v, NaN stays).
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    slo = seen[0]
+    shi = seen[1]
+    for b0 in range(0, x.size, _BLOCK):
+        blk = x[b0 : b0 + _BLOCK]
+        ties = 0
+        if has_hi:  # branch-free (vectorises): keep the inside and, for now, the ties at either edge
+            for i in range(blk.size):
+                a = abs(blk[i])
+                tie = (a == lo) | (a == hi)
+                ties += tie
+                blk[i] = blk[i] * (one if ((a > lo) & (a < hi)) | tie else zero)
+        else:
+            for i in range(blk.size):
+                a = abs(blk[i])
+                ties += a == lo
+                blk[i] = blk[i] * (one if a >= lo else zero)
+        if ties == 0:
+            continue
+        for i in range(blk.size):  # then the ties outside their window (kept values are unchanged: v·1 = v)
+            a = abs(blk[i])
+            if a == lo:
+                if not ((slo >= lo_first) & (slo < lo_stop)):
+                    blk[i] = blk[i] * zero
+                slo += 1
+            elif has_hi and a == hi:
+                if shi < hi_first:
+                    blk[i] = blk[i] * zero
+                shi += 1
+    seen[0] = slo
+    seen[1] = shi
+
+
+@_njit
+def _ram_counts(xs, eps, shared, unique):
+    # per model: how many of its changed entries (|v| > eps) another model changes too, and how many only it does
+    T = len(xs)
+    n = xs[0].size
+    c = np.empty(_BLOCK, dtype=np.int32)
+    for b0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - b0)
+        for i in range(m):
+            c[i] = 0
+        for t in range(T):
+            xt = xs[t][b0 : b0 + m]
+            for i in range(m):
+                c[i] += abs(xt[i]) > eps
+        for t in range(T):
+            xt = xs[t][b0 : b0 + m]
+            sh = 0
+            un = 0
+            for i in range(m):
+                ch = abs(xt[i]) > eps
+                sh += ch & (c[i] > 1)
+                un += ch & (c[i] == 1)
+            shared[t] += sh
+            unique[t] += un
+
+
+@_njit
+def _ram_combine(base, xs, eps, factors, use_factors):
+    # merging.methods._ram.ram_combine, in place on base: each model's term τ·[|τ| > eps], times its factor where it
+    # alone changes the entry (use_factors) else divided by how many do (at least 1), summed in model order
+    T = len(xs)
+    n = base.size
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    c = np.empty(_BLOCK, dtype=np.int32)
+    acc = np.empty(_BLOCK, dtype=np.float32)
+    for b0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - b0)
+        for i in range(m):
+            c[i] = 0
+        for t in range(T):
+            xt = xs[t][b0 : b0 + m]
+            for i in range(m):
+                c[i] += abs(xt[i]) > eps
+        for t in range(T):
+            xt = xs[t][b0 : b0 + m]
+            f = factors[t]
+            for i in range(m):
+                v = xt[i]
+                term = v * (one if abs(v) > eps else zero)
+                ci = c[i]
+                d = np.float32(ci if ci > 1 else 1)
+                term = term * f if use_factors and ci == 1 else term / d
+                acc[i] = term if t == 0 else acc[i] + term
+        bb = base[b0 : b0 + m]
+        for i in range(m):
+            bb[i] = bb[i] + acc[i]
+
+
+@_njit
+def _select_mask(xs, v, thr, left):
+    # keep entry i of every xs[t] where v[i] >= thr, at most left[0] of those tied at thr (the first ones in index
+    # order; left[0] < 0: all of them), else xs[t][i]·0; left[0] is updated (merging.methods.sce._Selection.mask)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    T = len(xs)
+    keep = np.empty(_BLOCK, dtype=np.float32)
+    lt = left[0]
+    for b0 in range(0, v.size, _BLOCK):
+        vb = v[b0 : b0 + _BLOCK]
+        m = vb.size
+        ties = 0
+        for i in range(m):
+            keep[i] = one if vb[i] >= thr else zero
+            ties += vb[i] == thr
+        if lt >= 0 and ties > 0:
+            if ties <= lt:
+                lt -= ties
+            else:
+                for i in range(m):
+                    if vb[i] == thr:
+                        if lt > 0:
+                            lt -= 1
+                        else:
+                            keep[i] = zero
+        for t in range(T):
+            xt = xs[t][b0 : b0 + m]
+            for i in range(m):
+                xt[i] = xt[i] * keep[i]
+    left[0] = lt
+
+
+@_njit
+def _sce_combine(base, xs, w):
+    # merging.methods.sce's merge step, in place on base: the elected sign γ = sign of Σ_t τ_t (+ for >= 0; torch's
+    # sum starts from +0), e_t = w_t·[sign(τ_t) = γ], θ = θ_0 + Σ_t τ_t e_t / max(Σ_t e_t, 1e-6), sums in model order
+    T = len(xs)
+    n = base.size
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    floor = np.float32(1e-6)
+    s = np.empty(_BLOCK, dtype=np.float32)
+    num = np.empty(_BLOCK, dtype=np.float32)
+    den = np.empty(_BLOCK, dtype=np.float32)
+    for b0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - b0)
+        for i in range(m):
+            s[i] = zero
+            num[i] = zero
+            den[i] = zero
+        for t in range(T):
+            xt = xs[t][b0 : b0 + m]
+            for i in range(m):
+                s[i] = s[i] + xt[i]
+        for t in range(T):
+            xt = xs[t][b0 : b0 + m]
+            wt = w[t]
+            for i in range(m):
+                v = xt[i]
+                g = one if s[i] >= zero else -one
+                sv = one if v > zero else (-one if v < zero else (v if v != v else zero))  # torch.sign
+                e = wt * (one if sv == g else zero)
+                num[i] = num[i] + v * e
+                den[i] = den[i] + e
+        bb = base[b0 : b0 + m]
+        for i in range(m):
+            d = den[i]
+            bb[i] = bb[i] + num[i] / (floor if d < floor else d)
 
 
 @_njit
@@ -209,6 +405,83 @@ def _dare_drop(x, state, cut, sums, apply, op, factor):
                     kept = kept / factor
                 blk[i] = kept
     return before, after
+
+
+@_njit
+def _radix_argsort(keys, idx, k2, i2, cnt):
+    # stable LSD radix sort of (keys, idx) by the uint32 keys, 8 bits a pass; a pass whose digit is the same for
+    # every key is skipped. Returns the sorted (keys, idx): either the inputs or the scratch arrays.
+    L = keys.size
+    src_k, src_i, dst_k, dst_i = keys, idx, k2, i2
+    for shift in (0, 8, 16, 24):
+        sh = np.uint32(shift)
+        for d in range(256):
+            cnt[d] = 0
+        for j in range(L):
+            cnt[(src_k[j] >> sh) & np.uint32(255)] += 1
+        skip = False
+        for d in range(256):
+            skip |= cnt[d] == L
+        if skip:
+            continue
+        total = 0
+        for d in range(256):
+            c = cnt[d]
+            cnt[d] = total
+            total += c
+        for j in range(L):
+            d = (src_k[j] >> sh) & np.uint32(255)
+            pos = cnt[d]
+            cnt[d] = pos + 1
+            dst_k[pos] = src_k[j]
+            dst_i[pos] = src_i[j]
+        src_k, src_i, dst_k, dst_i = dst_k, dst_i, src_k, src_i
+    return src_k, src_i
+
+
+@_njit
+def _della_mask(x, L, rest, c1, c2, state, mask, p, want_p):
+    # DELLA's MagPrune on a chunk of whole dimension-0 slices (merging.methods._sparsifiers: della_ranks, then
+    # della_keep, then τ·mask), in place: the rank of |x| along dimension 1 (stable: ties by index), the keep
+    # probability c1 + rank/(L − 1)·c2 (float64), one 32-bit uniform per element from the SFC64 stream as
+    # `dare_keep` views it, kept iff u < round(p·2^32) − 2^31; the mask goes to `mask`, p to `p` when `want_p`
+    n = x.size
+    xi = x.view(np.int32)
+    ranks = np.empty(n, dtype=np.int32)
+    keys = np.empty(L, dtype=np.uint32)
+    idx = np.empty(L, dtype=np.int32)
+    k2 = np.empty(L, dtype=np.uint32)
+    i2 = np.empty(L, dtype=np.int32)
+    cnt = np.empty(256, dtype=np.int64)
+    slab = L * rest
+    for s0 in range(0, n, slab):
+        for r in range(rest):
+            b = s0 + r
+            for j in range(L):
+                keys[j] = np.uint32(xi[b + j * rest] & _ABS)  # |x| as bits: monotone for non-negative floats
+                idx[j] = j
+            _, order = _radix_argsort(keys, idx, k2, i2, cnt)
+            for pos in range(L):
+                ranks[b + order[pos] * rest] = pos
+    words = np.empty(_BLOCK // 2, dtype=np.uint64)
+    u = words.view(np.int32)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    span = np.float64(L - 1)
+    for b0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - b0)
+        _sfc64_words(state, words, (m + 1) // 2)
+        for i in range(m):
+            q = 0.5 if L == 1 else min(max(np.float64(ranks[b0 + i]) / span, 0.0), 1.0)
+            pr = c1 + q * c2
+            c = np.rint(pr * 4294967296.0)
+            if c > 4294967296.0:
+                c = 4294967296.0
+            k = np.int64(u[i]) < np.int64(c) - np.int64(2147483648)
+            mask[b0 + i] = k
+            if want_p:
+                p[b0 + i] = pr
+            x[b0 + i] = x[b0 + i] * (one if k else zero)
 
 
 @_njit

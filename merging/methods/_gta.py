@@ -443,13 +443,15 @@ class GTAMethod(MergeMethod):
         weights = [p.weight for p in job.model_params]
         if fused.available() and (self.consensus or self.sparsify != "none"):  # one pass (merging/fused/); a
             # plain weighted sum (task arithmetic) is as fast in torch's vectorised ops
-            if self.sparsify == "magnitude":
-                thr = [self._trim_threshold(job, t, tau) for t, tau in enumerate(tensors)]
+            budgets = None
+            if self.sparsify == "magnitude":  # the trim (and its excess ties) happens in the loop
+                thr = [self._threshold(job, t, tau) for t, tau in enumerate(tensors)]
+                budgets = [job.state.get(("ties_kept", t)) if thr[t] > 0 else None for t in range(len(tensors))]
                 xs = tensors
             else:
                 thr = [0.0] * len(tensors)
                 xs = [self._sparsified(job, t, start, tau) for t, tau in enumerate(tensors)]
-            return fused.gta_combine(
+            out = fused.gta_combine(
                 base,
                 xs,
                 thr,
@@ -458,7 +460,12 @@ class GTAMethod(MergeMethod):
                 normalize=self.at(job).normalize,
                 lam=self.at(job).lambda_,
                 zero_sign=self._zero_sign,
+                tie_budgets=budgets,
             )
+            for t, b in enumerate(budgets or ()):
+                if b is not None:
+                    job.state[("ties_kept", t)] = b
+            return out
         return combine(
             base,
             self._weighted(job, start, tensors),

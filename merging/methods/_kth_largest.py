@@ -30,6 +30,7 @@ __all__ = ["KthLargest", "kth_largest", "select_kth"]
 
 _SAMPLE_CAP = 1 << 18  # values kept from the sample pass (more are thinned)
 _HIST_BINS = 1 << 22  # widest bracket counted by a histogram of bit patterns (32 MB of int64 counts)
+_SORT_CAP = 1 << 16  # sample values sorted to bracket (more are thinned)
 _CANDIDATE_CAP = 1 << 23  # values held at once otherwise (32 MB); past it they are thinned into a new sample
 
 
@@ -103,6 +104,9 @@ class KthLargest:
         if self._sample:
             vals = torch.cat([s for s, _ in self._sample])
             wts = torch.cat([torch.full((s.numel(),), w, dtype=torch.float64) for s, w in self._sample])
+            if vals.numel() > _SORT_CAP:  # sorting a million values costs more than the wider bracket of fewer
+                step = -(-vals.numel() // _SORT_CAP)
+                vals, wts = vals[::step], wts[::step] * step
             order = torch.argsort(vals, descending=True)
             self._sample = [(vals[order], wts[order])]  # sorted once, descending
             self._bracket_at(self.k, self.n)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from merging import fused
+
 __all__ = ["ram_masks", "ram_combine", "ram_counts"]
 
 
@@ -34,7 +36,11 @@ def ram_combine(
 ) -> torch.Tensor:
     """θ_0 + the merged task vector (module docstring) of one chunk, in place on the chunks; `factors`: λ_t as float32
     values (None: 1 each). Each model's term is mergekit's `τz·[c = 1]·λ + τz·[c > 1] / max(c, 1)` with τz the
-    changed entries, summed in model order: equal values (only the sign of an exact zero may differ)."""
+    changed entries, summed in model order: equal values (only the sign of an exact zero may differ). One fused pass
+    when numba is available (`merging.fused.ram_combine`; these torch ops are its reference)."""
+    if fused.available() and base.dtype == torch.float32 and base.is_contiguous():
+        f = None if factors is None else [float(x) for x in factors]
+        return fused.ram_combine(base, taus, epsilon, f)
     nonzero, counts = ram_masks(taus, epsilon)
     denom = counts.clamp(min=1).float()
     unique = counts == 1 if factors is not None else None
@@ -47,7 +53,10 @@ def ram_combine(
 
 
 def ram_counts(taus: Sequence[torch.Tensor], epsilon: float) -> tuple[list[int], list[int]]:
-    """Per model, how many of its changed entries are shared with another model, and how many are its alone."""
+    """Per model, how many of its changed entries are shared with another model, and how many are its alone (one
+    fused pass when numba is available)."""
+    if fused.available() and all(t.dtype == torch.float32 for t in taus):
+        return fused.ram_counts(taus, epsilon)
     nonzero, counts = ram_masks(taus, epsilon)
     shared, unique = counts > 1, counts == 1
     return [int((m & shared).sum()) for m in nonzero], [int((m & unique).sum()) for m in nonzero]

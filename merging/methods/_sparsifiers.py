@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from merging import fused
 from merging.base import FULL, SAMPLE, TensorJob
 from merging.methods._gta import _L1_EPS, GTAMethod, GTAModelParams
 from merging.methods._kth_largest import KthLargest, select_kth
@@ -89,9 +90,22 @@ class Window:
         self.seen_hi = self.seen_lo = 0
 
     def apply_(self, tau: torch.Tensor) -> torch.Tensor:
-        """Zero the entries of this chunk outside the window, in place."""
+        """Zero the entries of this chunk outside the window, in place (one fused pass when numba is available,
+        `merging.fused.window_`; these torch ops are its reference)."""
         if self.keep == 0:
             return tau.zero_()
+        if fused.available() and tau.dtype == torch.float32 and tau.is_contiguous():
+            same = self.hi is not None and self.hi == self.lo
+            seen = [self.seen_lo, self.seen_hi]
+            if same:  # one run of ties spans both edges
+                lo_window = (self.skip - self.gt_lo, self.skip + self.keep - self.gt_lo)
+            else:
+                lo_window = (0, self.skip + self.keep - self.gt_lo)
+            hi = None if same else self.hi
+            hi_first = 0 if hi is None else self.skip - self.gt_hi
+            fused.window_(tau, self.lo, hi, lo_window, hi_first, seen)
+            self.seen_lo, self.seen_hi = seen
+            return tau
         a = tau.abs()
         inside = a > self.lo
         if self.hi is not None:
@@ -158,6 +172,14 @@ def della_unit(shape: tuple[int, ...]) -> int:
     for s in shape[1:] if len(shape) >= 2 else shape:
         n *= s
     return max(n, 1)
+
+
+def della_layout(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(L, rest): a dimension-0 slice is L × rest elements and ranks run along L (dimension 1; a 1-D tensor is one
+    row of L)."""
+    if len(shape) >= 2:
+        return shape[1], della_unit(shape) // max(shape[1], 1)
+    return max(shape[0] if shape else 1, 1), 1
 
 
 def della_ranks(tau: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -291,6 +313,16 @@ class SparsifyingGTA(GTAMethod):
         packed = job.state.pop(("keep", t, start), None)
         if packed is not None:
             return tau.mul_(torch.from_numpy(np.unpackbits(packed, count=tau.numel()).view(np.bool_)))
+        want_p = self.at(job).rescale == "keep_rate"
+        if fused.available() and tau.numel() and tau.dtype == torch.float32 and tau.is_contiguous():  # same bits
+            L, rest = della_layout(job.shape)
+            c1, c2 = p.density - p.epsilon, 2 * p.epsilon
+            mask_np, probs = fused.della_mask_(tau, L, rest, c1, c2, self._generator(job, t, start), want_p=want_p)
+            if want_p:
+                job.state["p"] = probs
+            if keep:
+                job.state[("keep", t, start)] = np.packbits(mask_np)
+            return tau
         probs = (p.density - p.epsilon) + della_ranks(tau, job.shape) * (2 * p.epsilon)
         mask = della_keep(probs, self._generator(job, t, start))
         job.state["p"] = probs

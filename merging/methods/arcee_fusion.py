@@ -38,13 +38,28 @@ class NoModelParams(Checked):
     """arcee_fusion takes no per-model parameters."""
 
 
+_BLOCK = 1 << 20  # elements per block of rows: the softmax temporaries stay a few MB, not a few times the tensor
+
+
 def importance(p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """|p − b| times the row's KL divergence between the softmaxes (module docstring)."""
-    diff = (p - b).abs()
-    pp = F.softmax(p, dim=-1) + _EPS
-    qq = F.softmax(b, dim=-1) + _EPS
+    """|p − b| times the row's KL divergence between the softmaxes (module docstring), computed a block of rows at a
+    time (each row's arithmetic is the same as on the whole tensor)."""
+    if p.dim() == 0:
+        return _importance(p, b)
+    rows, cols = p.reshape(-1, p.shape[-1]), b.reshape(-1, p.shape[-1])
+    out = torch.empty_like(rows)
+    step = max(1, _BLOCK // max(p.shape[-1], 1))
+    for r in range(0, rows.shape[0], step):
+        out[r : r + step] = _importance(rows[r : r + step], cols[r : r + step])
+    return out.reshape(p.shape)
+
+
+def _importance(p: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    diff = (p - b).abs_()
+    pp = F.softmax(p, dim=-1).add_(_EPS)
+    qq = F.softmax(b, dim=-1).add_(_EPS)
     kl = torch.sum(pp * torch.log(pp / qq), dim=-1, keepdim=True)
-    return diff * kl
+    return diff.mul_(kl)
 
 
 def sorted_at(x: torch.Tensor, positions: list[int]) -> list[float]:
@@ -52,7 +67,9 @@ def sorted_at(x: torch.Tensor, positions: list[int]) -> list[float]:
     flat = x.reshape(-1)
     n = flat.numel()
     if float(flat.min()) >= 0:  # the usual case: the exact streaming k-th largest is several times faster
-        return [kth_largest(flat, n - i) for i in positions]
+        # (x >= 0 but maybe -0: the fused count of |x| compares the same; a -0 quantile comes back as +0, which
+        # compares equal)
+        return [kth_largest(flat, n - i, absolute=True) for i in positions]
     return [float(torch.kthvalue(flat, i + 1).values) for i in positions]
 
 
@@ -73,4 +90,6 @@ class ArceeFusion(MergeMethod):
         idx = (torch.tensor(_QUANTILES) * (s.numel() - 1)).long().tolist()  # float32, as mergekit indexes
         q1, median, q3 = (torch.tensor(v, dtype=torch.float32) for v in sorted_at(s, idx))
         threshold = median + 1.5 * (q3 - q1)
-        return b + (p - b) * (s >= threshold).float()
+        keep = s >= threshold
+        del s
+        return (p - b).mul_(keep).add_(b)  # b + (p − b)·[s >= τ], without a temporary per step

@@ -10,8 +10,8 @@ Per tensor, with the task vectors τ_1..τ_T:
     merge      θ = θ_0 + Σ_t w_t e_t τ_t / max(Σ_t w_t e_t, 1e-6)
 
 The variance threshold, the weights and the selection are whole-tensor statistics: a streamed tensor gets
-statistics passes (the variance's count of non-zeros and sample, counting passes for the exact threshold, the
-masked squares) before it is merged.
+statistics passes (a sample of the variances, a counting pass for the non-zeros and the exact threshold, more only
+if the sample's bracket missed, the masked squares) before it is merged.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from merging import fused
-from merging.base import FULL, METHODS, MergeMethod
+from merging.base import FULL, METHODS, SAMPLE, MergeMethod
 from merging.methods._kth_largest import KthLargest, select_kth
 from peft_lab.params import Checked, param
 
@@ -73,6 +73,18 @@ class _Selection:
     def restart(self) -> None:
         self.left = self.tied_budget
 
+    def apply_(self, var: torch.Tensor, taus: list[torch.Tensor]) -> list[torch.Tensor]:
+        """τ_t · mask(var), in place (one fused pass when numba is available; `mask` is its reference)."""
+        if (
+            self.threshold is not None
+            and fused.available()
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in taus)
+        ):
+            self.left = fused.select_mask_(taus, var, self.threshold, self.left)
+            return taus
+        mask = self.mask(var)
+        return [t.mul_(mask) for t in taus]
+
     def mask(self, var: torch.Tensor) -> torch.Tensor:
         if self.threshold is None:
             return torch.zeros_like(var, dtype=torch.bool)
@@ -96,29 +108,34 @@ class Sce(MergeMethod):
 
     # -- statistics -----------------------------------------------------------------------------------
     def next_pass(self, job, index):
+        """A streamed tensor: a sample of the variances brackets the threshold at the estimated k; the first full
+        pass counts the non-zero variances (the exact k) and the variances in the bracket; more counting passes
+        only if the bracket missed; then the weights pass (the selected squares)."""
         if not job.chunked:
             return None
         st, topk = job.state, self.at(job).select_topk
         if index == 0:
             if topk >= 1:
                 st["stage"] = "weights"
-            else:
-                st.update(stage="nonzero", nonzero=0, sel=KthLargest(job.numel, 1))
-            return FULL
-        if st["stage"] == "nonzero":
-            k = int(st["nonzero"] * topk)
-            if k == 0:
-                st["selection"] = _Selection(None)
-                st["stage"] = "weights"
                 return FULL
+            st.update(stage="sample", sample_nonzero=0.0, sel=KthLargest(job.numel, 1))
+            return SAMPLE
+        if st["stage"] == "sample":
             sel = st["sel"]
-            sel.k = k
+            sel.k = min(max(int(st["sample_nonzero"] * topk), 1), job.numel)  # an estimate: the count corrects it
             sel.bracket()
             sel.begin_count()
-            st["stage"] = "count"
+            st.update(stage="count", nonzero=0)
             return FULL
         if st["stage"] == "count":
             sel = st["sel"]
+            if "k" not in st:  # the first counting pass also counted the non-zero variances
+                st["k"] = int(st["nonzero"] * topk)
+                if st["k"] == 0:
+                    st["selection"] = _Selection(None)
+                    st["stage"] = "weights"
+                    return FULL
+                sel.k = st["k"]
             if not sel.resolve():
                 sel.begin_count()
                 return FULL
@@ -130,17 +147,19 @@ class Sce(MergeMethod):
     def observe(self, job, pass_index, start, base, tensors):
         st = job.state
         if st["stage"] == "weights":
-            taus = self._selected(job, start, [t.clone() for t in tensors])
+            taus = self._selected(job, start, list(tensors))  # fresh reads: masked in place
             sq = st.setdefault("squares", [0.0] * len(taus))
             for t, tau in enumerate(taus):
                 sq[t] += float(tau.square().sum(dtype=torch.float64))
             return
         var = _variance(tensors)
-        if st["stage"] == "nonzero":
+        if st["stage"] == "sample":
+            st["sample_nonzero"] += int(torch.count_nonzero(var)) / job.sample_rate
+            st["sel"].add_sample(var, 1.0 / job.sample_rate)
+            return
+        if "k" not in st:
             st["nonzero"] += int(torch.count_nonzero(var))
-            st["sel"].add_sample(var, 1.0)
-        else:
-            st["sel"].count(var)
+        st["sel"].count_abs(var)  # var >= 0
 
     def _selected(self, job, start, taus):
         """τ_t · mask for this chunk (in place), with the tensor's selection (computed here for a whole tensor)."""
@@ -153,13 +172,12 @@ class Sce(MergeMethod):
             if k == 0:
                 sel = _Selection(None)
             else:
-                s = select_kth(var, k)
+                s = select_kth(var, k, absolute=True)  # var >= 0: the fused count of |var| is the count of var
                 sel = _Selection(s.threshold, s.count_ge, s.count_eq, k)
             job.state["selection"] = sel
         if start == 0:
             sel.restart()
-        mask = sel.mask(var)
-        return [t.mul_(mask) for t in taus]
+        return sel.apply_(var, taus)
 
     # -- merge ----------------------------------------------------------------------------------------
     def _weights(self, job, taus) -> torch.Tensor:
@@ -174,6 +192,8 @@ class Sce(MergeMethod):
     def merge_chunk(self, job, start, base, tensors):
         taus = self._selected(job, start, list(tensors))
         w = self._weights(job, taus)
+        if fused.available() and base.dtype == torch.float32 and base.is_contiguous():  # one pass, same float32 ops
+            return fused.sce_combine(base, taus, w.tolist())
         tv = torch.stack(taus)
         majority = (tv.sum(dim=0) >= 0).to(tv.dtype) * 2 - 1
         erased = w.reshape(-1, 1) * (tv.sign() == majority)

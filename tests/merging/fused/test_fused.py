@@ -138,6 +138,84 @@ def test_methods_give_the_same_bits_with_and_without_the_fused_loops(monkeypatch
 
 
 @pytest.mark.parametrize(
+    "method,shared,per_model",
+    [
+        ("ties", {}, [{"density": 0.3}, {"density": 0.5, "weight": 0.7}, {"density": 0.1}]),
+        ("ties", {"normalize": False}, [{"density": 0.05, "weight": -0.5}, {"density": 0.6}, {}]),
+        ("breadcrumbs", {}, [{"density": 0.8, "gamma": 0.05}, {"density": 0.5, "gamma": 0.3}, {"density": 0.9}]),
+        ("breadcrumbs", {"rescale": "l1"}, [{"density": 0.2, "gamma": 0.0}, {"density": 0.3, "gamma": 0.7}, {}]),
+        ("breadcrumbs_ties", {}, [{"density": 0.6, "gamma": 0.1}, {"density": 0.7, "gamma": 0.02}, {}]),
+        ("sce", {"select_topk": 0.3}, None),
+        ("sce", {}, None),
+        ("ram", {}, None),
+        ("ramplus_tl", {"r": 0.5, "alpha": 0.9}, None),
+        ("della", {"seed": 2}, [{"density": 0.5, "epsilon": 0.2}, {"density": 0.3}, {"density": 0.7}]),
+        ("della", {"rescale": "keep_rate"}, [{"density": 0.4, "epsilon": 0.3}, {"density": 0.6}, {}]),
+        (
+            "della_linear",
+            {"rescale": "none"},
+            [{"density": 0.2, "epsilon": 0.1}, {"density": 0.9, "epsilon": 0.05}, {}],
+        ),
+    ],
+)
+@pytest.mark.parametrize("chunk", [1 << 30, 1000, 333])
+def test_fused_loops_give_the_same_bits_on_tied_magnitudes(monkeypatch, method, shared, per_model, chunk):
+    """Task vectors on a coarse grid (as bfloat16 deltas are: many entries share a magnitude, so the thresholds of
+    TIES and breadcrumbs fall on long runs of ties), with exact zeros and entries below RAM's epsilon."""
+    base = rand((97, 211), 0)
+    taus = []
+    for i in range(3):
+        tau = torch.round(rand((97, 211), i + 1) * 8) / 256
+        tau.view(-1)[:: 7 + i] = 0.0
+        tau.view(-1)[1 :: 11 + i] = 1e-7  # below ramplus_tl's / ram's epsilon
+        taus.append(tau)
+    taus[1].view(-1)[: 97 * 20] = -taus[0].view(-1)[: 97 * 20]  # exact cancellations (sign elections at 0)
+
+    def run():
+        m, pm = make(method, shared, per_model, n_models=3)
+        return stream_merge(m, "w", base, [t.clone() for t in taus], pm, chunk=chunk)
+
+    fast = run()
+    monkeypatch.setattr(fused, "ENABLED", False)
+    slow = run()
+    assert same_bits(fast, slow)
+    assert not torch.equal(fast, base)  # the merge did something
+
+
+@pytest.mark.parametrize("shape", [(6, 5, 4, 3), (300,), (7, 1), (9, 64)])
+@pytest.mark.parametrize("rescale", ["l1", "keep_rate"])
+def test_fused_della_ranks_along_dimension_1_of_any_shape(monkeypatch, shape, rescale):
+    """Ranks along dimension 1 of a conv-like tensor (strided), of a 1-D tensor (one row), of rows of one element."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(shape, generator=g)
+    taus = []
+    for _ in range(2):  # fine-grained magnitudes, with runs of ties among them
+        x = torch.randn(shape, generator=g) / 16
+        taus.append(torch.where(torch.rand(shape, generator=g) < 0.3, torch.round(x * 64) / 64, x))
+
+    def run():
+        m, pm = make("della", {"rescale": rescale}, [{"density": 0.5, "epsilon": 0.3}, {"density": 0.4}], n_models=2)
+        return stream_merge(m, "w", base, [t.clone() for t in taus], pm, chunk=64)
+
+    fast = run()
+    monkeypatch.setattr(fused, "ENABLED", False)
+    assert same_bits(fast, run())
+
+
+def test_fused_ties_keeps_exactly_k_entries_of_a_streamed_tensor():
+    """Every magnitude tied: the threshold is the only value, and exactly k = floor(density·n) entries survive,
+    the first ones in index order, across chunks."""
+    n = 5000
+    tau = torch.full((n,), 0.25)
+    tau[1::2] = -0.25
+    m, pm = make("ties", {}, [{"density": 0.3}], n_models=1)
+    out = stream_merge(m, "w", torch.zeros(n), [tau.clone()], pm, chunk=777)
+    kept = torch.nonzero(out).reshape(-1)
+    assert kept.numel() == int(0.3 * n)
+    assert torch.equal(kept, torch.arange(int(0.3 * n)))
+
+
+@pytest.mark.parametrize(
     "recipe",
     [
         {"merge_method": "ties", "parameters": {"trim_scope": "global"}, "density": [0.3, 0.5]},

@@ -171,3 +171,19 @@ def test_arcee_fusion_takes_the_upper_outliers_of_importance():
     assert take[3].all() and 0 < int(take.sum()) < s.numel()
     torch.testing.assert_close(got, torch.where(take, p, b), rtol=0, atol=1e-7)
     assert torch.equal(m.merge_tensor("w", b.clone(), [b.clone()], pm), b)
+
+
+@pytest.mark.parametrize("shape", [(37, 16), (5, 3, 8), (50,)])
+def test_arcee_fusion_importance_in_row_blocks_is_the_whole_tensor_formula(monkeypatch, shape):
+    """The importance is computed a block of rows at a time: the same bits as the formula on the whole tensor."""
+    from merging.methods import arcee_fusion
+
+    b = rand(shape, 1)
+    p = b + rand(shape, 2, 0.1)
+    diff = (p - b).abs()
+    pp, qq = torch.softmax(p, -1) + 1e-8, torch.softmax(b, -1) + 1e-8
+    whole = diff * torch.sum(pp * torch.log(pp / qq), dim=-1, keepdim=True)
+    monkeypatch.setattr(arcee_fusion, "_BLOCK", 40)  # blocks of 2 or 5 rows (one row when a row is longer)
+    got = arcee_fusion.importance(p, b)
+    assert got.shape == whole.shape
+    assert torch.equal(got.view(torch.int32), whole.view(torch.int32))
