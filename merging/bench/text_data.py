@@ -16,7 +16,6 @@ News and three Debian packages; their sources and licenses are in `merging/bench
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import Counter
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peft_lab.errors import UserError
+from peft_lab.eval.tasks import read_label_file, read_task_file
 
 __all__ = ["BUILTIN", "DATA_DIR", "SPLITS", "TaskFile", "builtin_source", "load_task", "normalize", "stratified_split"]
 
@@ -73,59 +73,15 @@ def check_name(name: str, what: str) -> None:
 
 
 def _read_lines(path: Path, name: str) -> list[tuple[int, str, str, str | None]]:
-    """(line number, text, label, split or None) per non-empty line."""
-    where = f"task {name!r} ({path})"
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(
-            f"bench merge: {where}: no such file. Give --task NAME=PATH with PATH a JSONL file of "
-            '{"text": ..., "label": ...} lines.'
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"bench merge: {where}: cannot read the file as UTF-8 text ({e}).") from None
-    rows, problems = [], []
-    for i, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append(f"line {i} is not JSON ({e.msg})")
-            continue
-        if not isinstance(obj, dict):
-            problems.append(f"line {i} is not a JSON object")
-            continue
-        missing = [k for k in ("text", "label") if k not in obj]
-        if missing:
-            problems.append(f"line {i} has no {' and no '.join(repr(k) for k in missing)} field")
-            continue
-        text, label, split = obj["text"], obj["label"], obj.get("split")
-        if not isinstance(text, str) or not text.strip():
-            problems.append(f"line {i}: 'text' must be a non-empty string")
-        elif isinstance(label, bool) or not isinstance(label, (str, int)) or str(label).strip() == "":
-            problems.append(f"line {i}: 'label' must be a non-empty string or an integer")
-        elif split is not None and split not in SPLITS:
-            problems.append(f"line {i}: 'split' is {split!r}, not one of {', '.join(SPLITS)}")
-        else:
-            rows.append((i, text, str(label).strip(), split))
-        if len(problems) >= 5:
-            break
-    if problems:
-        raise UserError(
-            f"bench merge: {where}: " + "; ".join(problems) + ". Each line must be a JSON object like "
-            '{"text": "...", "label": "..."} (optionally with "split": "train" | "val" | "test").'
-        )
-    if not rows:
-        raise UserError(f"bench merge: {where}: the file holds no examples.")
-    with_split = sum(r[3] is not None for r in rows)
-    if 0 < with_split < len(rows):
-        first = next(r[0] for r in rows if r[3] is None)
-        raise UserError(
-            f"bench merge: {where}: {with_split} of {len(rows)} lines name a 'split' but line {first} does "
-            "not; give a split on every line or on none (then the suite draws a stratified split)."
-        )
-    return rows
+    """(line number, text, label, split or None) per non-empty line (the JSONL format `peft-lab eval` reads)."""
+    rows = read_task_file(
+        path,
+        name,
+        prefix="bench merge: ",
+        missing_hint='Give --task NAME=PATH with PATH a JSONL file of {"text": ..., "label": ...} lines.',
+        split_hint=" (then the suite draws a stratified split)",
+    )
+    return [r[:4] for r in rows]
 
 
 def _check_duplicates(rows, where: str) -> None:
@@ -148,27 +104,12 @@ def _check_duplicates(rows, where: str) -> None:
 
 def read_labels(path: Path, name: str) -> dict[str, str]:
     """label -> description from a YAML mapping."""
-    import yaml
-
-    where = f"labels of task {name!r} ({path})"
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(
-            f"bench merge: {where}: no such file. Give --labels NAME=PATH with PATH a YAML mapping "
-            "'label: description'."
-        ) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UserError(f"bench merge: {where}: cannot read the file as YAML ({str(e).splitlines()[0]}).") from None
-    if not isinstance(data, dict) or not data:
-        raise UserError(
-            f"bench merge: {where}: the file must be a YAML mapping 'label: description', one per class "
-            "(e.g. `pos: a positive review`)."
-        )
-    bad = [str(k) for k, v in data.items() if not isinstance(v, str) or not v.strip()]
-    if bad:
-        raise UserError(f"bench merge: {where}: the description of {', '.join(bad[:5])} is not a non-empty string.")
-    return {str(k).strip(): v.strip() for k, v in data.items()}
+    return read_label_file(
+        path,
+        name,
+        prefix="bench merge: ",
+        missing_hint="Give --labels NAME=PATH with PATH a YAML mapping 'label: description'.",
+    )
 
 
 def stratified_split(labels: Sequence[int], sizes: dict[str, int], seed: int, where: str) -> dict[str, list[int]]:

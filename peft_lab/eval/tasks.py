@@ -120,7 +120,7 @@ def _stamp(p: Path | None) -> int:
 def _file_task(
     name: str, split: str | None, max_samples: int | None, path: str, stamp: int, labels_path: str | None, lstamp: int
 ) -> TaskData:
-    rows = _read_lines(Path(path), name)
+    rows = read_task_file(Path(path), name)
     split = _file_split(name, split, rows, path)
     if split is not None:
         rows = [r for r in rows if r[3] == split]
@@ -130,7 +130,7 @@ def _file_task(
         rows = rows[:max_samples]
     found = sorted({r[2] for r in rows}, key=_label_key)
     if labels_path is not None:
-        described = _read_labels(Path(labels_path), name)
+        described = read_label_file(Path(labels_path), name)
         missing = [x for x in found if x not in described]
         if missing:
             raise UserError(
@@ -168,15 +168,24 @@ def _file_split(name: str, split: str | None, rows: list, path: str) -> str | No
     return SPLIT_ALIASES[split]
 
 
-def _read_lines(path: Path, name: str) -> list[tuple[int, str, str, str | None, bool]]:
-    """(line number, text, label, split or None, the label was an integer) per non-empty line."""
-    where = f"task {name!r} ({path})"
+def read_task_file(
+    path: Path,
+    name: str,
+    *,
+    prefix: str = "",
+    missing_hint: str = 'A task file is JSONL: one {"text": ..., "label": ...} object per line.',
+    split_hint: str = "",
+) -> list[tuple[int, str, str, str | None, bool]]:
+    """A JSONL task file (the format of docs/eval.md), checked: (line number, text, label, split or None, the label
+    was an integer) per non-empty line. Errors are one paragraph naming the file and up to five bad lines;
+    `prefix` starts every message (e.g. the command), `missing_hint` follows a missing file's message and
+    `split_hint` the message for splits given on some lines only. Used by `peft-lab eval` and by the merging
+    benchmark's text suite."""
+    where = f"{prefix}task {name!r} ({path})"
     try:
         raw = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(
-            f'{where}: no such file. A task file is JSONL: one {{"text": ..., "label": ...}} object per line.'
-        ) from None
+        raise UserError(f"{where}: no such file. {missing_hint}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{where}: cannot read the file as UTF-8 text ({e}).") from None
     rows, problems = [], []
@@ -199,8 +208,8 @@ def _read_lines(path: Path, name: str) -> list[tuple[int, str, str, str | None, 
     if 0 < with_split < len(rows):
         first = next(r[0] for r in rows if r[3] is None)
         raise UserError(
-            f'{where}: {with_split} of {len(rows)} lines name a "split" but line {first} does not; give a split '
-            "on every line or on none."
+            f"{where}: {with_split} of {len(rows)} lines name a 'split' but line {first} does not; give a split "
+            f"on every line or on none{split_hint}."
         )
     return rows
 
@@ -211,34 +220,43 @@ def _parse_line(line: str, i: int, problems: list[str]) -> tuple[int, str, str, 
     except json.JSONDecodeError as e:
         problems.append(f"line {i} is not JSON ({e.msg})")
         return None
-    if not isinstance(obj, dict) or "text" not in obj or "label" not in obj:
-        problems.append(f'line {i} is not a JSON object with "text" and "label"')
+    if not isinstance(obj, dict):
+        problems.append(f"line {i} is not a JSON object")
+        return None
+    missing = [k for k in ("text", "label") if k not in obj]
+    if missing:
+        problems.append(f"line {i} has no {' and no '.join(repr(k) for k in missing)} field")
         return None
     text, label, split = obj["text"], obj["label"], obj.get("split")
     if not isinstance(text, str) or not text.strip():
-        problems.append(f'line {i}: "text" must be a non-empty string')
+        problems.append(f"line {i}: 'text' must be a non-empty string")
     elif isinstance(label, bool) or not isinstance(label, (str, int)) or not str(label).strip():
-        problems.append(f'line {i}: "label" must be a non-empty string or an integer')
+        problems.append(f"line {i}: 'label' must be a non-empty string or an integer")
     elif split is not None and split not in FILE_SPLITS:
-        problems.append(f'line {i}: "split" is {split!r}, not one of {", ".join(FILE_SPLITS)}')
+        problems.append(f"line {i}: 'split' is {split!r}, not one of {', '.join(FILE_SPLITS)}")
     else:
         return i, text, str(label).strip(), split, isinstance(label, int)
     return None
 
 
-def _read_labels(path: Path, name: str) -> dict[str, str]:
-    """label -> description, in the file's order."""
+def read_label_file(
+    path: Path, name: str, *, prefix: str = "", missing_hint: str = "Give a YAML mapping 'label: description'."
+) -> dict[str, str]:
+    """A label file: label -> description, in the file's order (one-paragraph errors, as `read_task_file`)."""
     import yaml
 
-    where = f"labels of task {name!r} ({path})"
+    where = f"{prefix}labels of task {name!r} ({path})"
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{where}: no such file; give a YAML mapping 'label: description'.") from None
+        raise UserError(f"{where}: no such file. {missing_hint}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise UserError(f"{where}: cannot read the file as YAML ({str(e).splitlines()[0]}).") from None
     if not isinstance(data, dict) or not data:
-        raise UserError(f"{where}: the file must be a YAML mapping 'label: description', one per class.")
+        raise UserError(
+            f"{where}: the file must be a YAML mapping 'label: description', one per class "
+            "(e.g. `pos: a positive review`)."
+        )
     bad = [str(k) for k, v in data.items() if not isinstance(v, str) or not v.strip()]
     if bad:
         raise UserError(f"{where}: the description of {', '.join(bad[:5])} is not a non-empty string.")
