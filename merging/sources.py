@@ -24,6 +24,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from merging.base import MergeInputs, MergeMethod, TensorJob
@@ -45,6 +46,7 @@ __all__ = [
     "DEFAULT_CHUNK",
 ]
 
+_FUSED_READ_MIN = 1 << 16  # smaller chunks take the torch path (and do not import numba for it)
 DEFAULT_CHUNK = 1 << 22  # elements per streamed chunk (memory is a few chunks of float32 per input)
 
 
@@ -182,6 +184,11 @@ class MergeStreams:
                 check_finite_chunk(base, where=base_src.where, name=name, start=start)
         out = []
         for src, inp in zip(srcs, self.inputs, strict=True):
+            if self.method.uses_deltas and not inp.is_delta and base is not None:
+                x = self._bf16_delta(src, base, start, stop, check)
+                if x is not None:  # decoded and subtracted in one fused pass; a NaN/inf falls through to the check
+                    out.append(x)
+                    continue
             x = src.read(start, stop)
             if check and src.leaf is not None:
                 check_finite_chunk(x, where=src.where, name=name, start=start)
@@ -191,6 +198,21 @@ class MergeStreams:
                 x.add_(base)
             out.append(x)
         return base, out
+
+    def _bf16_delta(self, src: TensorSource, base: torch.Tensor, start: int, stop: int, check: bool):
+        """The task-vector chunk of a bfloat16 file's tensor in one fused pass over its raw bits (merging.fused
+        .decode_sub), or None where that does not apply (not a bfloat16 file, numba unavailable, a small chunk) or
+        the chunk holds a NaN/inf (the torch path then names it)."""
+        from merging import fused
+
+        leaf = src.leaf
+        if stop - start < _FUSED_READ_MIN or not isinstance(leaf, Lazy) or leaf.dtype != torch.bfloat16:
+            return None
+        if not fused.available():
+            return None
+        bits = np.empty(stop - start, dtype=np.uint16)
+        self.files.read_into(leaf, start, stop, bits)
+        return fused.decode_sub(bits, base, check=check)
 
     def job(self, name: str, **kw) -> TensorJob:
         leaf = self.ref[name]

@@ -14,6 +14,8 @@ float32 (and, for DELLA's probabilities, float64) arithmetic in the same order, 
 - `dare_drop`: DARE's random drop, drawing numpy's SFC64 stream inside the loop, and its rescale;
 - `della_mask_`: DELLA's per-row magnitude ranks (a radix sort per row) and its rank-dependent random drop;
 - `first_mask_mismatch`: the soup's shared-zero-mask check;
+- `decode_sub`: a task-vector chunk straight from a bfloat16 file (decode and subtract the base in one pass), the
+  reader's path for every method that takes task vectors;
 - `raw_merge`: linear and task arithmetic straight from bfloat16 inputs (the executor's fast path for them):
   one pass that decodes, checks, combines and rounds to the output dtype; `raw_dot3` and `raw_lerp` do the
   same for slerp (its norms and dot product are summed in float64 here, in float32 chunks on the torch path,
@@ -45,6 +47,7 @@ __all__ = [
     "available",
     "band",
     "dare_drop",
+    "decode_sub",
     "della_mask_",
     "first_mask_mismatch",
     "gta_combine",
@@ -259,6 +262,16 @@ def della_mask_(
     return mask, (torch.from_numpy(p) if want_p else None)
 
 
+def decode_sub(bits: np.ndarray, base: torch.Tensor, *, check: bool) -> torch.Tensor | None:
+    """float32(bfloat16 `bits`) − `base` (flat float32) in one pass: a task-vector chunk straight from a bfloat16
+    file's raw bits, bit-identical to `x.float().sub_(base)`. None when `check` finds a NaN/inf in `bits` (the
+    caller's torch path then raises the error that names it)."""
+    out = torch.empty(bits.size, dtype=torch.float32)
+    if _compiled()._decode_sub(bits, base.reshape(-1).numpy(), out.numpy(), check):
+        return None
+    return out
+
+
 def first_mask_mismatch(xs: Sequence[torch.Tensor]) -> tuple[int, int]:
     """The first (model, flat index) whose zero pattern differs from model 0's (`x == 0`, so -0 is a zero and
     NaN is not), or (-1, -1) when all share it: one pass, without materialising the masks."""
@@ -370,6 +383,7 @@ def warm() -> None:
         select_mask_([x.clone()] * T, x.abs(), 0.5, None)
     dare_drop(x.clone(), np.random.SFC64(0), 0.5, apply=True)
     della_mask_(x.clone(), 8, 1, 0.4, 0.2, np.random.SFC64(0), want_p=True)
+    decode_sub(x.to(torch.bfloat16).view(torch.uint16).numpy(), x, check=True)
     bits = x.to(torch.bfloat16).view(torch.uint16).numpy()
     for mode in RAW_MODES:
         for out_dtype in (torch.bfloat16, torch.float32):

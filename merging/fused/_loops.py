@@ -537,6 +537,23 @@ def _nonfinite16(src):
 
 
 @_njit
+def _decode_sub(src, base, out, check):
+    # out = float32(bfloat16 bits src) − base, a block at a time (the decode, then the float32 subtraction torch's
+    # `x.float().sub_(base)` does); with `check`, True as soon as a bfloat16 NaN/inf is seen (out is then unfinished)
+    u = out.view(np.uint32)
+    for b0 in range(0, src.size, _BLOCK):
+        sb = src[b0 : b0 + _BLOCK]
+        if check and _nonfinite16(sb):
+            return True
+        _decode(sb, u[b0 : b0 + _BLOCK])
+        ob = out[b0 : b0 + _BLOCK]
+        bb = base[b0 : b0 + _BLOCK]
+        for i in range(ob.size):
+            ob[i] = ob[i] - bb[i]
+    return False
+
+
+@_njit
 def _store(mx, out16, out32, to_bf16, b0, check):
     # one float32 block into the output at b0: rounded to nearest even bfloat16, as torch's float -> bfloat16
     # (NaN -> 0x7FC0), or copied as float32. Returns True (and writes nothing) when `check` finds NaN/inf.

@@ -447,3 +447,76 @@ def test_raw_slerp_refuses_a_nan_input_with_the_torch_paths_message(tmp_path, mo
     monkeypatch.setattr(raw, "MIN_NUMEL", 0)
     msgs, _ = _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, 100)
     assert msgs[0] == msgs[1] and name in msgs[0] and "inf" in msgs[0]
+
+
+def test_decode_sub_is_the_float_then_subtract_of_torch():
+    """Every bfloat16 class (zeros of both signs, subnormals, normals, the largest) minus a float32 base."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(70000, generator=g).to(torch.bfloat16)
+    x[:6] = torch.tensor([0.0, -0.0, 1e-40, -1e-39, 3.3e38, -3.3e38]).to(torch.bfloat16)
+    base = torch.randn(70000, generator=g)
+    base[6:9] = torch.tensor([-0.0, 0.0, 1e-41])
+    bits = x.view(torch.uint16).numpy()
+    got = fused.decode_sub(bits, base, check=True)
+    assert same_bits(got, x.float().sub_(base))
+    bad = x.clone()
+    bad[65537] = float("nan")
+    assert fused.decode_sub(bad.view(torch.uint16).numpy(), base, check=True) is None  # the caller names it
+    unchecked = fused.decode_sub(bad.view(torch.uint16).numpy(), base, check=False)
+    assert unchecked is not None and torch.isnan(unchecked[65537]) and same_bits(unchecked[:65537], got[:65537])
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "sce"])
+def test_task_vectors_read_from_bfloat16_files_in_one_pass_give_the_torch_bytes(tmp_path, monkeypatch, method):
+    """Methods on task vectors read bfloat16 chunks through `fused.decode_sub`: the output bytes are those of the
+    torch reader, whole tensors and chunked."""
+    from merging import sources
+    from merging.run import run_merge
+    from tests.helpers.merge import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=2)  # bfloat16 files
+    per = {"ties": {"density": 0.3}, "breadcrumbs": {"density": 0.8, "gamma": 0.05}, "sce": {}}[method]
+    rec = {
+        "merge_method": method,
+        "base_model": str(base),
+        "dtype": "bfloat16",
+        "parameters": {"select_topk": 0.5} if method == "sce" else {},
+        "models": [{"model": str(p), "parameters": per} for p in fts],
+    }
+    monkeypatch.setattr(sources, "_FUSED_READ_MIN", 16)
+    calls = []
+    real = fused.decode_sub
+    monkeypatch.setattr(fused, "decode_sub", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for chunk in (1 << 20, 1000):
+        outs = []
+        for enabled in (True, False):
+            monkeypatch.setattr(fused, "ENABLED", enabled)
+            n = len(calls)
+            outs.append(run_merge(rec, tmp_path / f"{chunk}{enabled}", chunk_size=chunk, progress=False, hash="none"))
+            assert (len(calls) > n) == enabled
+        assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
+
+
+def test_a_nan_in_a_bfloat16_task_vector_read_is_named_by_the_torch_paths_message(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from merging import sources
+    from tests.helpers.merge import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=2)
+    f = fts[1] / "model.safetensors"
+    sd = load_file(f)
+    name = "model.layers.0.mlp.up_proj.weight"
+    sd[name].view(-1)[37] = float("nan")
+    save_file(sd, f, metadata={"format": "pt"})
+    rec = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "dtype": "bfloat16",
+        "models": [{"model": str(p), "parameters": {"density": 0.5}} for p in fts],
+    }
+    monkeypatch.setattr(sources, "_FUSED_READ_MIN", 16)
+    msgs, outs = _errors_with_and_without_raw_pass(rec, tmp_path, monkeypatch, 1000)
+    assert not any(o.exists() for o in outs)
+    assert msgs[0] == msgs[1] and name in msgs[0] and "flat index 37" in msgs[0] and "NaN" in msgs[0]
+    assert str(fts[1]) in msgs[0]
