@@ -10,7 +10,8 @@ float32 (and, for DELLA's probabilities, float64) arithmetic in the same order, 
 - `window_`: Model Breadcrumbs' magnitude-rank window (`breadcrumbs`, `breadcrumbs_ties`);
 - `ram_counts`, `ram_combine`: RAM's change counts and its merge (`ram`, `ramplus_tl`);
 - `select_mask_`, `sce_combine`: SCE's variance selection; its sign election, erase and weighted mean;
-- `band`: one pass of TIES's threshold search (count above the bracket, collect the values inside it);
+- `band`, `band2`: one pass of TIES's threshold search (count above the bracket, collect the values inside it), for
+  one bracket or two (breadcrumbs' two edges);
 - `dare_drop`: DARE's random drop, drawing numpy's SFC64 stream inside the loop, and its rescale;
 - `della_mask_`: DELLA's per-row magnitude ranks (a radix sort per row) and its rank-dependent random drop;
 - `first_mask_mismatch`: the soup's shared-zero-mask check;
@@ -46,6 +47,7 @@ __all__ = [
     "ENABLED",
     "available",
     "band",
+    "band2",
     "dare_drop",
     "decode_sub",
     "della_mask_",
@@ -90,6 +92,24 @@ def band(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
     khi = int(torch.tensor(hi, dtype=torch.float32).view(torch.int32))
     above, m = _compiled()._band(keys, np.int32(klo), np.int32(khi), scratch)
     return int(above), torch.from_numpy(scratch[:m].copy()).view(torch.float32)
+
+
+def band2(
+    x: torch.Tensor, lo1: float, hi1: float, lo2: float, hi2: float
+) -> tuple[int, torch.Tensor, int, torch.Tensor]:
+    """`band` for two brackets in one pass over `x`: (above1, values in [lo1, hi1], above2, values in [lo2, hi2])."""
+    keys = x.reshape(-1).contiguous().view(torch.int32).numpy()
+    bufs = getattr(_local, "scratch2", None)
+    if bufs is None or bufs[0].size < keys.size + 1:
+        bufs = _local.scratch2 = (np.empty(keys.size + 1, dtype=np.int32), np.empty(keys.size + 1, dtype=np.int32))
+    k = [int(torch.tensor(v, dtype=torch.float32).view(torch.int32)) for v in (lo1, hi1, lo2, hi2)]
+    a1, m1, a2, m2 = _compiled()._band2(keys, *(np.int32(v) for v in k), *bufs)
+    return (
+        int(a1),
+        torch.from_numpy(bufs[0][:m1].copy()).view(torch.float32),
+        int(a2),
+        torch.from_numpy(bufs[1][:m2].copy()).view(torch.float32),
+    )
 
 
 def gta_combine(
@@ -374,6 +394,7 @@ def warm() -> None:
             gta_combine(x, [x] * T, [0.5] * T, [1.0] * T, consensus=consensus, normalize=True, lam=1.0)
         first_mask_mismatch([x] * T)
     band(x, 0.25, 0.5)
+    band2(x, 0.25, 0.5, 0.1, 0.2)
     window_(x.clone(), 0.25, 0.5, (0, 1), 0, [0, 0])
     for T in range(1, 5):
         ram_counts([x] * T, 1e-5)

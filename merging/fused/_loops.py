@@ -51,6 +51,31 @@ def _band(keys, klo, khi, buf):
 
 
 @_njit
+def _band2(keys, klo1, khi1, klo2, khi2, buf1, buf2):
+    # `_band` for two brackets in one pass over the values (breadcrumbs' two edges of a rank window)
+    above1 = 0
+    above2 = 0
+    m1 = 0
+    m2 = 0
+    w1 = np.uint32(khi1 - klo1)
+    w2 = np.uint32(khi2 - klo2)
+    for b0 in range(0, keys.size, _BLOCK):
+        blk = keys[b0 : b0 + _BLOCK]
+        for i in range(blk.size):
+            k = blk[i] & _ABS
+            fin = k <= _INF
+            above1 += (k > khi1) & fin
+            above2 += (k > khi2) & fin
+        for i in range(blk.size):
+            k = blk[i] & _ABS
+            buf1[m1] = k
+            m1 += np.uint32(k - klo1) <= w1
+            buf2[m2] = k
+            m2 += np.uint32(k - klo2) <= w2
+    return above1, m1, above2, m2
+
+
+@_njit
 def _trim_weight(src, xt, th, wt, m, left, t):
     # hardshrink keeps |v| >= thr (and NaN); a trimmed entry is +0; then the weight. left[t] >= 0: only that many
     # more entries tied at thr are kept (the first ones in index order; the rest are trimmed too), as
@@ -192,21 +217,38 @@ def _window(x, lo, hi, has_hi, lo_first, lo_stop, hi_first, seen):
     shi = seen[1]
     for b0 in range(0, x.size, _BLOCK):
         blk = x[b0 : b0 + _BLOCK]
-        ties = 0
+        tlo = 0
+        thi = 0
         if has_hi:  # branch-free (vectorises): keep the inside and, for now, the ties at either edge
             for i in range(blk.size):
                 a = abs(blk[i])
-                tie = (a == lo) | (a == hi)
-                ties += tie
-                blk[i] = blk[i] * (one if ((a > lo) & (a < hi)) | tie else zero)
+                tl = a == lo
+                th = a == hi
+                tlo += tl
+                thi += th
+                blk[i] = blk[i] * (one if ((a > lo) & (a < hi)) | tl | th else zero)
         else:
             for i in range(blk.size):
                 a = abs(blk[i])
-                ties += a == lo
+                tlo += a == lo
                 blk[i] = blk[i] * (one if a >= lo else zero)
-        if ties == 0:
+        # each edge's ties in this block all inside its window (kept as they are), all outside (dropped in one
+        # vectorised loop), or split: a window's end falls in this block (at most a few blocks per tensor)
+        keep_lo = tlo == 0 or (slo >= lo_first and slo + tlo <= lo_stop)
+        drop_lo = tlo > 0 and (slo + tlo <= lo_first or slo >= lo_stop)
+        keep_hi = thi == 0 or shi >= hi_first
+        drop_hi = thi > 0 and shi + thi <= hi_first
+        if (keep_lo or drop_lo) and (keep_hi or drop_hi):
+            if drop_lo or drop_hi:
+                dl = lo if drop_lo else np.float32(-1.0)  # |v| never equals -1
+                dh = hi if drop_hi else np.float32(-1.0)
+                for i in range(blk.size):
+                    a = abs(blk[i])
+                    blk[i] = blk[i] * (zero if (a == dl) | (a == dh) else one)
+            slo += tlo
+            shi += thi
             continue
-        for i in range(blk.size):  # then the ties outside their window (kept values are unchanged: v·1 = v)
+        for i in range(blk.size):  # else drop the ties outside their window (kept values are unchanged: v·1 = v)
             a = abs(blk[i])
             if a == lo:
                 if not ((slo >= lo_first) & (slo < lo_stop)):

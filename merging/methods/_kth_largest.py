@@ -183,6 +183,12 @@ class KthLargest:
         else:
             self.count(x.abs())
 
+    def add_band(self, above: int, inside: torch.Tensor) -> None:
+        """Count one chunk from a fused band pass made elsewhere (`merging.fused.band2`): how many of its values
+        lie above the bracket, and its values inside it."""
+        self._above += above
+        self._add_inside(inside)
+
     def _add_inside(self, c: torch.Tensor) -> None:
         """Record the counted values inside [lo, hi]."""
         self._ncand += c.numel()

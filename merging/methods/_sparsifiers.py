@@ -17,6 +17,7 @@ tensor; the L1 sums), their per-chunk masks, and row-aligned chunks for DELLA's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -282,11 +283,20 @@ class SparsifyingGTA(GTAMethod):
             return super().observe(job, pass_index, start, base, tensors)
         if self._per_row(job) or job.state.get("stage") == "l1":
             return self._observe_masked_l1(job, start, tensors)
-        for (t, _), sel in job.state["sel"].items():
+        sels = job.state["sel"]
+        for (t, edge), sel in sels.items():
             if job.state["stage"] == "sample":
                 sel.add_sample(tensors[t].abs(), 1.0 / job.sample_rate)
             elif sel.threshold is None:
-                sel.count_abs(tensors[t])
+                if edge == "hi" and _bracketed(sel, sels.get((t, "lo"))):
+                    continue  # both edges of this model are counted in one pass below
+                if edge == "lo" and _bracketed(sels.get((t, "hi")), sel):
+                    hi = sels[(t, "hi")]
+                    a1, c1, a2, c2 = fused.band2(tensors[t], hi.lo, hi.hi, sel.lo, sel.hi)
+                    hi.add_band(a1, c1)
+                    sel.add_band(a2, c2)
+                else:
+                    sel.count_abs(tensors[t])
 
     def _observe_masked_l1(self, job: TensorJob, start: int, tensors) -> None:
         before = job.state.setdefault("l1_before", [0.0] * len(tensors))
@@ -359,6 +369,19 @@ class SparsifyingGTA(GTAMethod):
         elif rescale == "keep_rate":
             x.div_(job.state["p"].to(torch.float32))
         return x
+
+
+def _bracketed(a: KthLargest | None, b: KthLargest | None) -> bool:
+    """Both selections still counting, both bracketed, and the fused loops on: one `band2` pass counts both."""
+    return (
+        a is not None
+        and b is not None
+        and a.threshold is None
+        and b.threshold is None
+        and a.hi < math.inf
+        and b.hi < math.inf
+        and fused.available()
+    )
 
 
 def _check_della(p, label: str, tensor: str | None = None) -> None:

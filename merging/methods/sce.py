@@ -38,15 +38,27 @@ class NoModelParams(Checked):
     """sce takes no per-model parameters: the weights come from the task vectors themselves."""
 
 
-def _variance(taus) -> torch.Tensor:
+def _variance(taus) -> tuple[torch.Tensor, int]:
     """The population variance across the models, per entry, bit for bit what mergekit's `torch.var(stack, dim=0,
-    unbiased=False)` gives (Welford's update in float64, in model order, rounded to float32), in one fused pass when
-    numba is available (merging/fused/_stats.py), else at a third of torch.var's cost."""
+    unbiased=False)` gives (Welford's update in float64, in model order, rounded to float32), and how many of the
+    variances are not zero; in one fused pass when numba is available (merging/fused/_stats.py), else at a third of
+    torch.var's cost."""
     if fused.available() and len(taus) > 1:
         from merging.fused._stats import welford_variance
 
-        return torch.from_numpy(welford_variance([t.reshape(-1).contiguous().numpy() for t in taus]))
-    return _torch_variance(taus)
+        var, nonzero = welford_variance([t.reshape(-1).contiguous().numpy() for t in taus])
+        return torch.from_numpy(var), nonzero
+    var = _torch_variance(taus)
+    return var, int(torch.count_nonzero(var))
+
+
+def _square_sum(tau: torch.Tensor) -> float:
+    """Σ τ², each square in float32, summed in float64 (fused: the same sum in a vectorised order)."""
+    if fused.available() and tau.dtype == torch.float32 and tau.is_contiguous():
+        from merging.fused._stats import square_sum
+
+        return square_sum(tau.reshape(-1).numpy())
+    return float(tau.square().sum(dtype=torch.float64))
 
 
 def _torch_variance(taus) -> torch.Tensor:
@@ -150,25 +162,25 @@ class Sce(MergeMethod):
             taus = self._selected(job, start, list(tensors))  # fresh reads: masked in place
             sq = st.setdefault("squares", [0.0] * len(taus))
             for t, tau in enumerate(taus):
-                sq[t] += float(tau.square().sum(dtype=torch.float64))
+                sq[t] += _square_sum(tau)
             return
-        var = _variance(tensors)
+        var, nonzero = _variance(tensors)
         if st["stage"] == "sample":
-            st["sample_nonzero"] += int(torch.count_nonzero(var)) / job.sample_rate
+            st["sample_nonzero"] += nonzero / job.sample_rate
             st["sel"].add_sample(var, 1.0 / job.sample_rate)
             return
         if "k" not in st:
-            st["nonzero"] += int(torch.count_nonzero(var))
+            st["nonzero"] += nonzero
         st["sel"].count_abs(var)  # var >= 0
 
     def _selected(self, job, start, taus):
         """τ_t · mask for this chunk (in place), with the tensor's selection (computed here for a whole tensor)."""
         if self.at(job).select_topk >= 1:
             return taus
-        var = _variance(taus)
+        var, nonzero = _variance(taus)
         sel = job.state.get("selection")
         if sel is None:  # a whole tensor: select here
-            k = int(int(torch.count_nonzero(var)) * self.at(job).select_topk)
+            k = int(nonzero * self.at(job).select_topk)
             if k == 0:
                 sel = _Selection(None)
             else:
@@ -182,7 +194,7 @@ class Sce(MergeMethod):
     # -- merge ----------------------------------------------------------------------------------------
     def _weights(self, job, taus) -> torch.Tensor:
         if "squares" not in job.state:  # a whole tensor: its selected task vectors are these
-            job.state["squares"] = [float(t.square().sum(dtype=torch.float64)) for t in taus]
+            job.state["squares"] = [_square_sum(t) for t in taus]
         means = torch.tensor([s / max(job.numel, 1) for s in job.state["squares"]], dtype=torch.float32)
         total = float(means.sum())
         if abs(total) < 1e-6:

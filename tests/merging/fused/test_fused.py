@@ -109,6 +109,19 @@ def test_band_counts_like_the_torch_count():
     assert torch.equal(inside, a[(a >= lo) & (a <= hi)])  # the values themselves, in order
 
 
+def test_band2_counts_two_brackets_like_two_band_passes():
+    x = tricky(50_000, 4, 1)[0]
+    x[7], x[8], x[9] = float("inf"), float("-inf"), float("nan")
+    a = x.abs()
+    q = [float(torch.quantile(a[a.isfinite()], f)) for f in (0.1, 0.2, 0.6, 0.99)]
+    for lo1, hi1, lo2, hi2 in ((q[2], q[3], q[0], q[1]), (q[0], q[2], q[1], q[3]), (q[1], q[1], q[1], q[1])):
+        got = fused.band2(x, lo1, hi1, lo2, hi2)
+        for (above, inside), (g_above, g_inside) in zip(
+            (fused.band(x, lo1, hi1), fused.band(x, lo2, hi2)), (got[:2], got[2:]), strict=True
+        ):
+            assert g_above == above and torch.equal(g_inside, inside)
+
+
 @pytest.mark.parametrize(
     "method,shared,per_model",
     [
@@ -200,6 +213,19 @@ def test_fused_della_ranks_along_dimension_1_of_any_shape(monkeypatch, shape, re
     fast = run()
     monkeypatch.setattr(fused, "ENABLED", False)
     assert same_bits(fast, run())
+
+
+@pytest.mark.parametrize("chunk", [1 << 20, 777])
+def test_fused_breadcrumbs_keeps_the_rank_window_of_an_all_tied_tensor(chunk):
+    """Every magnitude tied: the window is positions [g, g + k) of the one run of ties, in index order, across
+    blocks and chunks."""
+    n = 50_000
+    tau = torch.full((n,), 0.25)
+    tau[1::2] = -0.25
+    m, pm = make("breadcrumbs", {}, [{"density": 0.3, "gamma": 0.1}], n_models=1)
+    out = stream_merge(m, "w", torch.zeros(n), [tau.clone()], pm, chunk=chunk)
+    g, k = int(0.1 * n), int(0.3 * n)
+    assert torch.equal(torch.nonzero(out).reshape(-1), torch.arange(g, g + k))
 
 
 def test_fused_ties_keeps_exactly_k_entries_of_a_streamed_tensor():
