@@ -64,6 +64,11 @@ class TensorSource:
         self._dense: torch.Tensor | None = None
 
     @property
+    def bf16_file(self) -> bool:
+        """The tensor is read from a file that stores it in bfloat16 (the fused raw-bits paths apply)."""
+        return isinstance(self.leaf, Lazy) and self.leaf.dtype == torch.bfloat16
+
+    @property
     def where(self) -> str:
         return self.leaf.path if isinstance(self.leaf, Lazy) else self.label
 
@@ -205,13 +210,10 @@ class MergeStreams:
         the chunk holds a NaN/inf (the torch path then names it)."""
         from merging import fused
 
-        leaf = src.leaf
-        if stop - start < _FUSED_READ_MIN or not isinstance(leaf, Lazy) or leaf.dtype != torch.bfloat16:
-            return None
-        if not fused.available():
+        if stop - start < _FUSED_READ_MIN or not src.bf16_file or not fused.available():
             return None
         bits = np.empty(stop - start, dtype=np.uint16)
-        self.files.read_into(leaf, start, stop, bits)
+        self.files.read_into(src.leaf, start, stop, bits)
         return fused.decode_sub(bits, base, check=check)
 
     def job(self, name: str, **kw) -> TensorJob:

@@ -263,6 +263,17 @@ def _window(x, lo, hi, has_hi, lo_first, lo_stop, hi_first, seen):
 
 
 @_njit
+def _change_counts(xs, eps, b0, m, c):
+    # c[i] = how many models change entry b0 + i by more than eps (|v| > eps), for a block of m entries
+    for i in range(m):
+        c[i] = 0
+    for t in range(len(xs)):
+        xt = xs[t][b0 : b0 + m]
+        for i in range(m):
+            c[i] += abs(xt[i]) > eps
+
+
+@_njit
 def _ram_counts(xs, eps, shared, unique):
     # per model: how many of its changed entries (|v| > eps) another model changes too, and how many only it does
     T = len(xs)
@@ -270,12 +281,7 @@ def _ram_counts(xs, eps, shared, unique):
     c = np.empty(_BLOCK, dtype=np.int32)
     for b0 in range(0, n, _BLOCK):
         m = min(_BLOCK, n - b0)
-        for i in range(m):
-            c[i] = 0
-        for t in range(T):
-            xt = xs[t][b0 : b0 + m]
-            for i in range(m):
-                c[i] += abs(xt[i]) > eps
+        _change_counts(xs, eps, b0, m, c)
         for t in range(T):
             xt = xs[t][b0 : b0 + m]
             sh = 0
@@ -300,12 +306,7 @@ def _ram_combine(base, xs, eps, factors, use_factors):
     acc = np.empty(_BLOCK, dtype=np.float32)
     for b0 in range(0, n, _BLOCK):
         m = min(_BLOCK, n - b0)
-        for i in range(m):
-            c[i] = 0
-        for t in range(T):
-            xt = xs[t][b0 : b0 + m]
-            for i in range(m):
-                c[i] += abs(xt[i]) > eps
+        _change_counts(xs, eps, b0, m, c)
         for t in range(T):
             xt = xs[t][b0 : b0 + m]
             f = factors[t]

@@ -19,7 +19,6 @@ import torch
 
 from merging import fused
 from merging.stream import chunk_ranges
-from peft_lab.tree import Lazy
 
 if TYPE_CHECKING:
     from merging.base import TensorJob
@@ -32,7 +31,7 @@ WHOLE_NUMEL = 1 << 25  # slerp reads a tensor up to this size once (2 x 64 MB of
 
 
 def _bf16_file(src: TensorSource | None) -> bool:
-    return src is not None and isinstance(src.leaf, Lazy) and src.leaf.dtype == torch.bfloat16
+    return src is not None and src.bf16_file
 
 
 def plan(streams: MergeStreams, job: TensorJob, base_src, srcs, dtype: torch.dtype) -> dict | None:

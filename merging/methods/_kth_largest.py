@@ -177,9 +177,7 @@ class KthLargest:
     def count_abs(self, x: torch.Tensor) -> None:
         """`count(x.abs())`, in one fused pass over `x` when a bracket is set."""
         if self.hi < math.inf and fused.available():
-            above, c = fused.band(x, self.lo, self.hi)
-            self._above += above
-            self._add_inside(c)
+            self.add_band(*fused.band(x, self.lo, self.hi))
         else:
             self.count(x.abs())
 

@@ -95,15 +95,9 @@ class Window:
         `merging.fused.window_`; these torch ops are its reference)."""
         if self.keep == 0:
             return tau.zero_()
+        lo_window, hi, hi_first = self._edges()
         if fused.available() and tau.dtype == torch.float32 and tau.is_contiguous():
-            same = self.hi is not None and self.hi == self.lo
             seen = [self.seen_lo, self.seen_hi]
-            if same:  # one run of ties spans both edges
-                lo_window = (self.skip - self.gt_lo, self.skip + self.keep - self.gt_lo)
-            else:
-                lo_window = (0, self.skip + self.keep - self.gt_lo)
-            hi = None if same else self.hi
-            hi_first = 0 if hi is None else self.skip - self.gt_hi
             fused.window_(tau, self.lo, hi, lo_window, hi_first, seen)
             self.seen_lo, self.seen_hi = seen
             return tau
@@ -111,13 +105,19 @@ class Window:
         inside = a > self.lo
         if self.hi is not None:
             inside &= a < self.hi
-        if self.hi is not None and self.hi == self.lo:  # one run of ties spans both edges
-            self._ties(a, inside, self.lo, self.skip - self.gt_lo, self.skip + self.keep - self.gt_lo, "lo")
-        else:
-            self._ties(a, inside, self.lo, 0, self.skip + self.keep - self.gt_lo, "lo")
-            if self.hi is not None:
-                self._ties(a, inside, self.hi, self.skip - self.gt_hi, None, "hi")
+        self._ties(a, inside, self.lo, *lo_window, "lo")
+        if hi is not None:
+            self._ties(a, inside, hi, hi_first, None, "hi")
         return tau.mul_(inside)
+
+    def _edges(self) -> tuple[tuple[int, int], float | None, int]:
+        """Which tied entries are kept: positions [first, stop) of those tied at lo, and positions >= hi_first of
+        those tied at hi (hi None when there is no upper edge, or when one run of ties spans both edges: then the
+        lo window holds the whole window)."""
+        if self.hi is not None and self.hi == self.lo:
+            return (self.skip - self.gt_lo, self.skip + self.keep - self.gt_lo), None, 0
+        hi_first = 0 if self.hi is None else self.skip - self.gt_hi
+        return (0, self.skip + self.keep - self.gt_lo), self.hi, hi_first
 
     def _ties(self, a: torch.Tensor, inside: torch.Tensor, v: float, first: int, stop: int | None, which: str) -> None:
         """Mark the entries tied at `v` whose position among all tied ones (in index order) is in [first, stop)."""
@@ -186,8 +186,7 @@ def della_layout(shape: tuple[int, ...]) -> tuple[int, int]:
 def della_ranks(tau: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """(rank − 1)/(L − 1) of each |τ| along dimension 1 (mergekit's `dim=1`; a 1-D tensor is one row), for a chunk
     of whole dimension-0 slices; float64, 0.5 where L = 1."""
-    L = shape[1] if len(shape) >= 2 else max(shape[0] if shape else 1, 1)
-    rest = della_unit(shape) // L if len(shape) >= 2 else 1
+    L, rest = della_layout(shape)
     a = tau.abs().reshape(-1, L, rest)
     order = torch.argsort(a, dim=1, stable=True)
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(L).reshape(1, L, 1).expand_as(order))
