@@ -5,9 +5,9 @@ The torch code in `merging/methods/` (`_gta.py`, `_kth_largest.py`, `_sparsifier
 count; draw, mask, rescale) that read and write every element ~15 times per model. The loops here do the same
 float32 (and, for DELLA's probabilities, float64) arithmetic in the same order, one block of elements at a time:
 
-- `gta_combine`: TIES's trim (exactly k kept, ties by index) + weights + sign election + disjoint mean (or plain
-  sum) + λ + base;
-- `window_`: Model Breadcrumbs' magnitude-rank window (`breadcrumbs`, `breadcrumbs_ties`);
+- `gta_combine`: TIES's trim (exactly k kept, ties by index) or Model Breadcrumbs' magnitude-rank window
+  (`breadcrumbs`, `breadcrumbs_ties`) + weights + sign election + disjoint mean (or plain sum) + λ + base;
+- `window_`: the breadcrumbs window alone, in place (where a rescale needs the masked task vector first);
 - `ram_counts`, `ram_combine`: RAM's change counts and its merge (`ram`, `ramplus_tl`);
 - `select_mask_`, `sce_combine`: SCE's variance selection; its sign election, erase and weighted mean;
 - `band`, `band2`: one pass of TIES's threshold search (count above the bracket, collect the values inside it), for
@@ -59,6 +59,7 @@ __all__ = [
     "ram_combine",
     "ram_counts",
     "sce_combine",
+    "sce_combine_packed",
     "select_mask_",
     "window_",
 ]
@@ -79,37 +80,46 @@ def _compiled():
     return _loops
 
 
-_local = threading.local()  # a per-thread scratch buffer for `band`, grown to the largest chunk seen
+_local = threading.local()  # per-thread scratch buffers for `band` and `band2`
 
 
-def band(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
-    """One pass over `x` for TIES's threshold search: (#{|x| > hi}, the values of |x| in [lo, hi])."""
+def band(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor | int]:
+    """One pass over `x` for TIES's threshold search: (#{|x| > hi}, the values of |x| in [lo, hi], in order). When
+    lo == hi the values are all equal and only their count is returned (an int)."""
     keys = x.reshape(-1).contiguous().view(torch.int32).numpy()
-    scratch = getattr(_local, "scratch", None)
-    if scratch is None or scratch.size < keys.size + 1:
-        scratch = _local.scratch = np.empty(keys.size + 1, dtype=np.int32)
-    klo = int(torch.tensor(lo, dtype=torch.float32).view(torch.int32))
-    khi = int(torch.tensor(hi, dtype=torch.float32).view(torch.int32))
-    above, m = _compiled()._band(keys, np.int32(klo), np.int32(khi), scratch)
-    return int(above), torch.from_numpy(scratch[:m].copy()).view(torch.float32)
+    collect = lo != hi
+    scratch = _scratch("scratch", keys.size if collect else 0)[0]
+    above, m = _compiled()._band(keys, np.int32(_bits(lo)), np.int32(_bits(hi)), scratch, collect)
+    return int(above), _inside(scratch, m, collect)
 
 
 def band2(
     x: torch.Tensor, lo1: float, hi1: float, lo2: float, hi2: float
-) -> tuple[int, torch.Tensor, int, torch.Tensor]:
+) -> tuple[int, torch.Tensor | int, int, torch.Tensor | int]:
     """`band` for two brackets in one pass over `x`: (above1, values in [lo1, hi1], above2, values in [lo2, hi2])."""
     keys = x.reshape(-1).contiguous().view(torch.int32).numpy()
-    bufs = getattr(_local, "scratch2", None)
-    if bufs is None or bufs[0].size < keys.size + 1:
-        bufs = _local.scratch2 = (np.empty(keys.size + 1, dtype=np.int32), np.empty(keys.size + 1, dtype=np.int32))
-    k = [int(torch.tensor(v, dtype=torch.float32).view(torch.int32)) for v in (lo1, hi1, lo2, hi2)]
-    a1, m1, a2, m2 = _compiled()._band2(keys, *(np.int32(v) for v in k), *bufs)
-    return (
-        int(a1),
-        torch.from_numpy(bufs[0][:m1].copy()).view(torch.float32),
-        int(a2),
-        torch.from_numpy(bufs[1][:m2].copy()).view(torch.float32),
-    )
+    c1, c2 = lo1 != hi1, lo2 != hi2
+    b1, b2 = _scratch("scratch2", keys.size if c1 or c2 else 0)
+    k = [np.int32(_bits(v)) for v in (lo1, hi1, lo2, hi2)]
+    a1, m1, a2, m2 = _compiled()._band2(keys, *k, b1, b2, c1, c2)
+    return int(a1), _inside(b1, m1, c1), int(a2), _inside(b2, m2, c2)
+
+
+def _bits(v: float) -> int:
+    return int(torch.tensor(v, dtype=torch.float32).view(torch.int32))
+
+
+def _scratch(name: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two per-thread int32 scratch buffers of at least n + 1 entries, grown to the largest chunk seen."""
+    bufs = getattr(_local, name, None)
+    if bufs is None or bufs[0].size < n + 1:
+        bufs = (np.empty(n + 1, dtype=np.int32), np.empty(n + 1, dtype=np.int32))
+        setattr(_local, name, bufs)
+    return bufs
+
+
+def _inside(buf: np.ndarray, m: int, collected: bool) -> torch.Tensor | int:
+    return torch.from_numpy(buf[:m].copy()).view(torch.float32) if collected else int(m)
 
 
 def gta_combine(
@@ -123,14 +133,24 @@ def gta_combine(
     lam: float,
     zero_sign: float = 1.0,
     tie_budgets: list[int | None] | None = None,
+    windows: Sequence[WindowSpec | None] | None = None,
 ) -> torch.Tensor:
     """`merging.methods._gta.combine` with TIES's trim folded in: `xs` are the (unweighted) task-vector chunks, each
     trimmed to |x| >= its threshold (0: no trim) and multiplied by its weight in the loop. `tie_budgets[t]`
     (None: no limit) is how many of the entries tied at model t's threshold may still be kept: the first ones in
     index order are, the rest are trimmed, and the list is updated in place to what is left after this chunk
-    (TIES keeping exactly k entries of a tensor streamed in chunks). Inputs are not modified. Returns a new
-    float32 tensor."""
+    (TIES keeping exactly k entries of a tensor streamed in chunks). `windows[t]`, when given, masks model t by
+    Model Breadcrumbs' rank window instead of a threshold (the arguments of `window_`, whose `seen` is updated),
+    in the same loop. Inputs are not modified. Returns a new float32 tensor."""
     n = xs[0].numel()
+    T = len(xs)
+    win = np.zeros(T, dtype=np.bool_)
+    wf = np.zeros((T, 2), dtype=np.float32)
+    wi = np.zeros((T, 6), dtype=np.int64)
+    for t, spec in enumerate(windows or ()):
+        if spec is not None:
+            win[t] = True
+            wf[t], wi[t] = _window_args(*spec)
     out = torch.empty(n, dtype=torch.float32)
     arrs = tuple(x.reshape(-1).contiguous().numpy() for x in xs)
     thr = np.array([max(float(t), 0.0) for t in thresholds], dtype=np.float32)
@@ -155,6 +175,9 @@ def gta_combine(
         arrs,
         thr,
         left,
+        win,
+        wf,
+        wi,
         w,
         consensus,
         normalize,
@@ -168,6 +191,9 @@ def gta_combine(
         for t, b in enumerate(tie_budgets):
             if b is not None:
                 tie_budgets[t] = int(left[t])
+    for t, spec in enumerate(windows or ()):
+        if spec is not None:
+            spec[4][0], spec[4][1] = int(wi[t, 4]), int(wi[t, 5])
     return out
 
 
@@ -202,19 +228,23 @@ def window_(x: torch.Tensor, lo: float, hi: float | None, lo_window: tuple[int, 
     None); of the entries tied at lo, those whose position among all tied ones lies in `lo_window` = [first, stop);
     of those tied at hi, positions >= `hi_first`. `seen` = [ties at lo, ties at hi] counted in earlier chunks,
     updated. With lo == hi pass `hi=None` and that run's window in `lo_window`."""
-    counts = np.array(seen, dtype=np.int64)
-    _compiled()._window(
-        x.reshape(-1).numpy(),
-        np.float32(lo),
-        np.float32(0.0 if hi is None else hi),
-        hi is not None,
-        np.int64(lo_window[0]),
-        np.int64(lo_window[1]),
-        np.int64(hi_first),
-        counts,
-    )
-    seen[0], seen[1] = int(counts[0]), int(counts[1])
+    lo_hi, wi = _window_args(lo, hi, lo_window, hi_first, seen)
+    _compiled()._window(x.reshape(-1).numpy(), lo_hi[0], lo_hi[1], wi)
+    seen[0], seen[1] = int(wi[4]), int(wi[5])
     return x
+
+
+WindowSpec = tuple[
+    float, "float | None", tuple[int, int], int, list[int]
+]  # window_'s lo, hi, lo_window, hi_first, seen
+
+
+def _window_args(lo, hi, lo_window, hi_first, seen) -> tuple[np.ndarray, np.ndarray]:
+    """A window as the loops take it: float32 (lo, hi) and int64 (has_hi, lo_first, lo_stop, hi_first, seen_lo,
+    seen_hi)."""
+    f = np.array([lo, 0.0 if hi is None else hi], dtype=np.float32)
+    i = np.array([hi is not None, lo_window[0], lo_window[1], hi_first, seen[0], seen[1]], dtype=np.int64)
+    return f, i
 
 
 def ram_counts(xs: Sequence[torch.Tensor], epsilon: float) -> tuple[list[int], list[int]]:
@@ -258,6 +288,20 @@ def sce_combine(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequenc
     _compiled()._sce_combine(
         base.reshape(-1).numpy(),
         tuple(x.reshape(-1).contiguous().numpy() for x in xs),
+        np.array(weights, dtype=np.float32),
+    )
+    return base
+
+
+def sce_combine_packed(
+    base: torch.Tensor, xs: Sequence[torch.Tensor], bits: np.ndarray, weights: Sequence[float]
+) -> torch.Tensor:
+    """`sce_combine` on the task vectors masked by a selection given as bits (bit i % 8 of byte i // 8: entry i
+    kept), in the same pass (`select_mask_` then `sce_combine` give the same bits); `xs` are not modified."""
+    _compiled()._sce_combine_packed(
+        base.reshape(-1).numpy(),
+        tuple(x.reshape(-1).contiguous().numpy() for x in xs),
+        bits,
         np.array(weights, dtype=np.float32),
     )
     return base
@@ -401,6 +445,7 @@ def warm() -> None:
         ram_combine(x.clone(), [x] * T, 1e-5, [1.0] * T)
         ram_combine(x.clone(), [x] * T, 1e-5, None)
         sce_combine(x.clone(), [x] * T, [1.0 / T] * T)
+        sce_combine_packed(x.clone(), [x] * T, np.full(8, 0x5A, dtype=np.uint8), [1.0 / T] * T)
         select_mask_([x.clone()] * T, x.abs(), 0.5, None)
     dare_drop(x.clone(), np.random.SFC64(0), 0.5, apply=True)
     della_mask_(x.clone(), 8, 1, 0.4, 0.2, np.random.SFC64(0), want_p=True)

@@ -33,25 +33,58 @@ _njit = _jit(error_model="numpy")
 _BLOCK = 2048  # elements per block: the loops below run over one block at a time, so their scratch stays in L1
 
 
+_SUB = 64  # elements per sub-block of the band loops: only sub-blocks holding a value in the bracket are compacted
+
+
+@_jit(fastmath={"reassoc", "nsz"}, error_model="numpy")
+def _count_band(keys, klo, width, khi):
+    # (#{k > khi, k finite}, #{klo <= k <= khi}) of the keys' |x| bit patterns, summed as float32 ones: exact below
+    # 2^24 in any order, so the sums vectorise (an integer count of comparisons is widened to int64 lanes)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    above = np.float32(0.0)
+    inside = np.float32(0.0)
+    for i in range(keys.size):
+        k = keys[i] & _ABS  # bit pattern of |x|: monotone in |x| for non-negative floats
+        above += one if (k > khi) & (k <= _INF) else zero  # |x| > hi; NaN excluded, as `x > hi` excludes it
+        inside += one if np.uint32(k - klo) <= width else zero
+    return int(above), int(inside)
+
+
 @_njit
-def _band(keys, klo, khi, buf):
+def _compact(keys, klo, width, buf, m):
+    # append the keys in [klo, klo + width] to buf[m:], sub-block by sub-block (most sub-blocks hold none: they are
+    # skipped after a vectorised count); returns the new m
+    for s0 in range(0, keys.size, _SUB):
+        sub = keys[s0 : s0 + _SUB]
+        if _count_band(sub, klo, width, klo)[1] == 0:
+            continue
+        for i in range(sub.size):  # without a branch
+            k = sub[i] & _ABS
+            buf[m] = k
+            m += np.uint32(k - klo) <= width
+    return m
+
+
+@_njit
+def _band(keys, klo, khi, buf, collect):
+    # one bracket: (#{|x| > hi}, #{lo <= |x| <= hi}), and with `collect` those values' bit patterns in buf
     above = 0
     m = 0
     width = np.uint32(khi - klo)
     for b0 in range(0, keys.size, _BLOCK):
         blk = keys[b0 : b0 + _BLOCK]  # a slice, not keys[b0 + i]: a non-negative index lets LLVM vectorise
-        for i in range(blk.size):  # |x| > hi; NaN excluded, as `x > hi` excludes it
-            k = blk[i] & _ABS  # bit pattern of |x|: monotone in |x| for non-negative floats
-            above += (k > khi) & (k <= _INF)
-        for i in range(blk.size):  # lo <= |x| <= hi, compacted into buf without a branch
-            k = blk[i] & _ABS
-            buf[m] = k
-            m += np.uint32(k - klo) <= width
+        a, c = _count_band(blk, klo, width, khi)
+        above += a
+        if not collect:
+            m += c
+        elif c:
+            m = _compact(blk, klo, width, buf, m)
     return above, m
 
 
 @_njit
-def _band2(keys, klo1, khi1, klo2, khi2, buf1, buf2):
+def _band2(keys, klo1, khi1, klo2, khi2, buf1, buf2, collect1, collect2):
     # `_band` for two brackets in one pass over the values (breadcrumbs' two edges of a rank window)
     above1 = 0
     above2 = 0
@@ -61,17 +94,18 @@ def _band2(keys, klo1, khi1, klo2, khi2, buf1, buf2):
     w2 = np.uint32(khi2 - klo2)
     for b0 in range(0, keys.size, _BLOCK):
         blk = keys[b0 : b0 + _BLOCK]
-        for i in range(blk.size):
-            k = blk[i] & _ABS
-            fin = k <= _INF
-            above1 += (k > khi1) & fin
-            above2 += (k > khi2) & fin
-        for i in range(blk.size):
-            k = blk[i] & _ABS
-            buf1[m1] = k
-            m1 += np.uint32(k - klo1) <= w1
-            buf2[m2] = k
-            m2 += np.uint32(k - klo2) <= w2
+        a, c = _count_band(blk, klo1, w1, khi1)
+        above1 += a
+        if not collect1:
+            m1 += c
+        elif c:
+            m1 = _compact(blk, klo1, w1, buf1, m1)
+        a, c = _count_band(blk, klo2, w2, khi2)
+        above2 += a
+        if not collect2:
+            m2 += c
+        elif c:
+            m2 = _compact(blk, klo2, w2, buf2, m2)
     return above1, m1, above2, m2
 
 
@@ -176,11 +210,13 @@ def _finish(mx, ob, bb, has_base, lam, scale, m):
 
 @_njit
 def _gta_combine(
-    out, base, has_base, xs, thr, left, w, consensus, normalize, div_mode, div_value, lam, scale, zero_neg
+    out, base, has_base, xs, thr, left, win, wf, wi, w, consensus, normalize, div_mode, div_value, lam, scale, zero_neg
 ):
     # Mirrors merging.methods._gta.combine op by op (see its docstring): every value is float32, the additions run in
     # the reference's order (model 0, 1, ...), and each step is a loop over one block of elements, written
-    # with selects instead of branches so that LLVM vectorises it.
+    # with selects instead of branches so that LLVM vectorises it. Model t is trimmed at thr[t] (TIES), or, where
+    # win[t], masked by its breadcrumbs window (wf[t] = lo, hi; wi[t] = has_hi, lo_first, lo_stop, hi_first,
+    # seen_lo, seen_hi: see _window_block) before its weight.
     T = len(xs)
     n = out.size
     x = np.empty((T, _BLOCK), dtype=np.float32)
@@ -191,7 +227,11 @@ def _gta_combine(
     for b0 in range(0, n, _BLOCK):
         m = min(_BLOCK, n - b0)
         for t in range(T):  # slices, not xs[t][b0 + i]: a non-negative index lets LLVM vectorise
-            _trim_weight(xs[t][b0 : b0 + m], x[t], thr[t], w[t], m, left, t)
+            if win[t]:
+                _window_block(xs[t][b0 : b0 + m], x[t], wf[t, 0], wf[t, 1], wi[t], m)
+                _scale(x[t], w[t], m)
+            else:
+                _trim_weight(xs[t][b0 : b0 + m], x[t], thr[t], w[t], m, left, t)
         _sum_models(x, mx, T, m)
         if consensus:
             _elect(mx.view(np.int32), sg.view(np.int32), zs, m)
@@ -205,61 +245,86 @@ def _gta_combine(
 
 
 @_njit
-def _window(x, lo, hi, has_hi, lo_first, lo_stop, hi_first, seen):
-    # Model Breadcrumbs' rank window on one chunk, in place (merging.methods._sparsifiers.Window.apply_): keep
-    # lo < |v| < hi (no upper edge without hi); of the entries tied at lo (at hi), keep those whose position among
-    # all tied ones so far (seen[0], seen[1]: carried across chunks) lies in [lo_first, lo_stop) ([hi_first, inf)).
-    # When lo == hi the caller passes has_hi = False and the window of that single run in lo_first/lo_stop.
-    # Dropped entries become v * 0 (as the reference multiplies by the mask: -0 for negative v, NaN stays).
-    one = np.float32(1.0)
-    zero = np.float32(0.0)
-    slo = seen[0]
-    shi = seen[1]
+def _scale(x, wt, m):
+    for i in range(m):
+        x[i] = x[i] * wt
+
+
+@_njit
+def _window(x, lo, hi, wi):
+    # Model Breadcrumbs' rank window on one chunk, in place (merging.methods._sparsifiers.Window.apply_), a block at
+    # a time
     for b0 in range(0, x.size, _BLOCK):
         blk = x[b0 : b0 + _BLOCK]
-        tlo = 0
-        thi = 0
-        if has_hi:  # branch-free (vectorises): keep the inside and, for now, the ties at either edge
-            for i in range(blk.size):
-                a = abs(blk[i])
-                tl = a == lo
-                th = a == hi
-                tlo += tl
-                thi += th
-                blk[i] = blk[i] * (one if ((a > lo) & (a < hi)) | tl | th else zero)
+        _window_block(blk, blk, lo, hi, wi, blk.size)
+
+
+@_jit(fastmath={"reassoc", "nsz"}, error_model="numpy")
+def _count_eq2(x, u, v, m):
+    # (#{|x| == u}, #{|x| == v}) over x[:m], m <= _BLOCK: summed as float32 ones, exact below 2^24 in any order, so
+    # the sum may be reassociated and vectorised (an integer count of comparisons vectorises poorly here: each
+    # compare mask is widened to int64 lanes)
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    cu = np.float32(0.0)
+    cv = np.float32(0.0)
+    for i in range(m):
+        a = abs(x[i])
+        cu += one if a == u else zero
+        cv += one if a == v else zero
+    return int(cu), int(cv)
+
+
+@_njit
+def _window_block(src, dst, lo, hi, wi, m):
+    # dst = src masked by Model Breadcrumbs' rank window (dst may be src): keep lo < |v| < hi (no upper edge unless
+    # wi[0]); of the entries tied at lo (at hi), keep those whose position among all tied ones so far (wi[4], wi[5]:
+    # carried across blocks and chunks, updated) lies in [wi[1], wi[2]) ([wi[3], inf)). When lo == hi the caller
+    # passes no upper edge and the window of that single run in wi[1], wi[2]. Dropped entries become v * 0 (as the
+    # reference multiplies by the mask: -0 for negative v, NaN stays).
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    has_hi = wi[0] != 0
+    lo_first = wi[1]
+    lo_stop = wi[2]
+    hi_first = wi[3]
+    slo = wi[4]
+    shi = wi[5]
+    tlo, thi = _count_eq2(src, lo, hi if has_hi else np.float32(-1.0), m)  # |v| never equals -1
+    # each edge's ties in this block all inside its window, all outside, or split: a window's end falls in this
+    # block (at most a few blocks per tensor). Without a split, one branch-free (vectorised) loop
+    kl = tlo == 0 or (slo >= lo_first and slo + tlo <= lo_stop)
+    split_lo = not kl and not (slo + tlo <= lo_first or slo >= lo_stop)
+    kh = thi == 0 or shi >= hi_first
+    split_hi = not kh and shi + thi > hi_first
+    if not (split_lo or split_hi):
+        if has_hi:
+            for i in range(m):
+                v = src[i]
+                a = abs(v)
+                dst[i] = v * (one if ((a > lo) & (a < hi)) | ((a == lo) & kl) | ((a == hi) & kh) else zero)
         else:
-            for i in range(blk.size):
-                a = abs(blk[i])
-                tlo += a == lo
-                blk[i] = blk[i] * (one if a >= lo else zero)
-        # each edge's ties in this block all inside its window (kept as they are), all outside (dropped in one
-        # vectorised loop), or split: a window's end falls in this block (at most a few blocks per tensor)
-        keep_lo = tlo == 0 or (slo >= lo_first and slo + tlo <= lo_stop)
-        drop_lo = tlo > 0 and (slo + tlo <= lo_first or slo >= lo_stop)
-        keep_hi = thi == 0 or shi >= hi_first
-        drop_hi = thi > 0 and shi + thi <= hi_first
-        if (keep_lo or drop_lo) and (keep_hi or drop_hi):
-            if drop_lo or drop_hi:
-                dl = lo if drop_lo else np.float32(-1.0)  # |v| never equals -1
-                dh = hi if drop_hi else np.float32(-1.0)
-                for i in range(blk.size):
-                    a = abs(blk[i])
-                    blk[i] = blk[i] * (zero if (a == dl) | (a == dh) else one)
-            slo += tlo
-            shi += thi
-            continue
-        for i in range(blk.size):  # else drop the ties outside their window (kept values are unchanged: v·1 = v)
-            a = abs(blk[i])
-            if a == lo:
-                if not ((slo >= lo_first) & (slo < lo_stop)):
-                    blk[i] = blk[i] * zero
-                slo += 1
-            elif has_hi and a == hi:
-                if shi < hi_first:
-                    blk[i] = blk[i] * zero
-                shi += 1
-    seen[0] = slo
-    seen[1] = shi
+            for i in range(m):
+                v = src[i]
+                a = abs(v)
+                dst[i] = v * (one if (a > lo) | ((a == lo) & kl) else zero)
+        wi[4] = slo + tlo
+        wi[5] = shi + thi
+        return
+    for i in range(m):  # entry by entry, the ties by their positions
+        v = src[i]
+        a = abs(v)
+        if a == lo:
+            keep = (slo >= lo_first) & (slo < lo_stop)
+            slo += 1
+        elif has_hi and a == hi:
+            keep = shi >= hi_first
+            shi += 1
+        else:
+            keep = (a > lo) & ((a < hi) | (not has_hi))
+        dst[i] = v * (one if keep else zero)
+    wi[4] = slo
+    wi[5] = shi
 
 
 @_njit
@@ -361,36 +426,73 @@ def _sce_combine(base, xs, w):
     # sum starts from +0), e_t = w_t·[sign(τ_t) = γ], θ = θ_0 + Σ_t τ_t e_t / max(Σ_t e_t, 1e-6), sums in model order
     T = len(xs)
     n = base.size
+    x = np.empty((T, _BLOCK), dtype=np.float32)
+    tmp = np.empty((3, _BLOCK), dtype=np.float32)
+    for b0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - b0)
+        for t in range(T):
+            src = xs[t][b0 : b0 + m]
+            xt = x[t]
+            for i in range(m):
+                xt[i] = src[i]
+        _sce_block(base[b0 : b0 + m], x, w, tmp, m)
+
+
+@_njit
+def _sce_combine_packed(base, xs, bits, w):
+    # _sce_combine on the task vectors masked by SCE's selection, given as bits (bit i % 8 of byte i // 8: entry i
+    # selected): each entry is x·1 or x·0, as merging.methods.sce._Selection.apply_ masks them
+    T = len(xs)
+    n = base.size
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    x = np.empty((T, _BLOCK), dtype=np.float32)
+    tmp = np.empty((3, _BLOCK), dtype=np.float32)
+    keep = np.empty(_BLOCK, dtype=np.float32)
+    for b0 in range(0, n, _BLOCK):  # b0 is a multiple of 8: its bits start at byte b0 // 8
+        m = min(_BLOCK, n - b0)
+        bb = bits[b0 // 8 : (b0 + m + 7) // 8]
+        for i in range(m):
+            keep[i] = one if (bb[i >> 3] >> (i & 7)) & 1 else zero
+        for t in range(T):
+            src = xs[t][b0 : b0 + m]
+            xt = x[t]
+            for i in range(m):
+                xt[i] = src[i] * keep[i]
+        _sce_block(base[b0 : b0 + m], x, w, tmp, m)
+
+
+@_njit
+def _sce_block(bb, x, w, tmp, m):
+    # one block of _sce_combine: x holds the T task vectors' entries, bb the base's (updated in place)
+    T = x.shape[0]
     one = np.float32(1.0)
     zero = np.float32(0.0)
     floor = np.float32(1e-6)
-    s = np.empty(_BLOCK, dtype=np.float32)
-    num = np.empty(_BLOCK, dtype=np.float32)
-    den = np.empty(_BLOCK, dtype=np.float32)
-    for b0 in range(0, n, _BLOCK):
-        m = min(_BLOCK, n - b0)
+    s = tmp[0]
+    num = tmp[1]
+    den = tmp[2]
+    for i in range(m):
+        s[i] = zero
+        num[i] = zero
+        den[i] = zero
+    for t in range(T):
+        xt = x[t]
         for i in range(m):
-            s[i] = zero
-            num[i] = zero
-            den[i] = zero
-        for t in range(T):
-            xt = xs[t][b0 : b0 + m]
-            for i in range(m):
-                s[i] = s[i] + xt[i]
-        for t in range(T):
-            xt = xs[t][b0 : b0 + m]
-            wt = w[t]
-            for i in range(m):
-                v = xt[i]
-                g = one if s[i] >= zero else -one
-                sv = one if v > zero else (-one if v < zero else (v if v != v else zero))  # torch.sign
-                e = wt * (one if sv == g else zero)
-                num[i] = num[i] + v * e
-                den[i] = den[i] + e
-        bb = base[b0 : b0 + m]
+            s[i] = s[i] + xt[i]
+    for t in range(T):
+        xt = x[t]
+        wt = w[t]
         for i in range(m):
-            d = den[i]
-            bb[i] = bb[i] + num[i] / (floor if d < floor else d)
+            v = xt[i]
+            g = one if s[i] >= zero else -one
+            sv = one if v > zero else (-one if v < zero else (v if v != v else zero))  # torch.sign
+            e = wt * (one if sv == g else zero)
+            num[i] = num[i] + v * e
+            den[i] = den[i] + e
+    for i in range(m):
+        d = den[i]
+        bb[i] = bb[i] + num[i] / (floor if d < floor else d)
 
 
 @_njit

@@ -5,13 +5,16 @@ in model order, rounded to float32, the same IEEE operations as the torch refere
 (no fast-math), so the two are bit-identical; one pass instead of ~10 array passes. It also counts the non-zero
 variances. `square_sum` is SCE's Σ τ² for its weights: float32 squares summed in float64, as the torch reference
 `tau.square().sum(dtype=torch.float64)`, but in another order (vectorised), so the two sums can differ by ~1e-16
-relative (the float32 weights derived from them practically never do; DARE's L1 sums have the same caveat)."""
+relative (the float32 weights derived from them practically never do; DARE's L1 sums have the same caveat).
+`sce_count` is SCE's counting pass on a chunk, a block at a time: the variances, their band for the threshold
+search and, in its first round, the squares of the entries sure to be selected (the weights then need no pass of
+their own) and the positions of the undecided ones."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from merging.fused._loops import _jit, _njit
+from merging.fused._loops import _ABS, _BLOCK, _SUB, _count_band, _jit, _njit
 
 
 @_njit
@@ -54,3 +57,130 @@ def welford_variance(xs) -> tuple[np.ndarray, int]:
 def square_sum(x: np.ndarray) -> float:
     """Σ x² of a float32 array: each square in float32, the sum in float64 (in a vectorised order)."""
     return float(_square_sum(x))
+
+
+@_njit
+def _welford_block(xs, b0, m, vb):
+    # vb[:m] = the variances of entries b0 .. b0 + m − 1, as _welford computes them; returns how many are not zero
+    T = len(xs)
+    nonzero = 0
+    for j in range(m):
+        mean = np.float64(xs[0][b0 + j])
+        m2 = 0.0
+        for i in range(1, T):
+            x = np.float64(xs[i][b0 + j])
+            delta = x - mean
+            mean = mean + delta / (i + 1)
+            m2 = m2 + delta * (x - mean)
+        v = np.float32(m2 / T)
+        vb[j] = v
+        nonzero += v != 0
+    return nonzero
+
+
+@_jit(fastmath={"reassoc", "nsz"}, error_model="numpy")
+def _squares_above(xs, b0, vb, hi, m, sums, sure):
+    # sums[t] += Σ x_t² over this block's entries whose variance is > hi (squares in float32, the sum in float64 in
+    # a vectorised order); sure[i] = 1 for those entries, else 0
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for i in range(m):
+        sure[i] = one if vb[i] > hi else zero
+    for t in range(len(xs)):
+        xt = xs[t][b0 : b0 + m]
+        s = 0.0
+        for i in range(m):
+            x = xt[i]
+            s += np.float64(x * x * sure[i])
+        sums[t] += s
+
+
+@_njit
+def _pack(sure, m, bits, at):
+    # bit i % 8 of bits[at + i // 8] = sure[i] != 0
+    for j in range(m // 8):
+        byte = 0
+        for b in range(8):
+            byte |= np.int64(sure[8 * j + b] != 0) << b
+        bits[at + j] = byte
+    if m % 8:
+        byte = 0
+        for i in range(m - m % 8, m):
+            byte |= np.int64(sure[i] != 0) << (i % 8)
+        bits[at + m // 8] = byte
+
+
+@_njit
+def _sce_count(xs, hi, klo, khi, collect, fold, sums, keys, pos, bits):
+    # SCE's counting pass over one chunk, a block at a time (the variances never leave the block): the non-zero
+    # variances; the band of the threshold search on them (how many are above hi, how many in [lo, hi], and with
+    # `collect` their bit patterns in keys and positions in pos, in order); with `fold`, the squares of the entries
+    # whose variance is above hi summed into sums and those entries marked in bits
+    n = xs[0].size
+    vb = np.empty(_BLOCK, dtype=np.float32)
+    sure = np.empty(_BLOCK, dtype=np.float32)
+    kv = vb.view(np.int32)
+    width = np.uint32(khi - klo)
+    nonzero = 0
+    above = 0
+    m = 0
+    for b0 in range(0, n, _BLOCK):  # b0 is a multiple of 8: its bits start at byte b0 // 8
+        mb = min(_BLOCK, n - b0)
+        nonzero += _welford_block(xs, b0, mb, vb)
+        a, c = _count_band(kv[:mb], klo, width, khi)
+        above += a
+        if fold:
+            _squares_above(xs, b0, vb, hi, mb, sums, sure)
+            _pack(sure, mb, bits, b0 // 8)
+        if c == 0:
+            continue
+        if not collect:
+            m += c
+            continue
+        for s0 in range(0, mb, _SUB):  # the values in the bracket, sub-block by sub-block (most hold none)
+            sub = kv[s0 : min(s0 + _SUB, mb)]
+            if _count_band(sub, klo, width, klo)[1] == 0:
+                continue
+            for i in range(sub.size):
+                k = sub[i] & _ABS
+                if np.uint32(k - klo) <= width:
+                    keys[m] = k
+                    pos[m] = b0 + s0 + i
+                    m += 1
+    return nonzero, above, m
+
+
+@_njit
+def _gather_squares(xs, pos, out):
+    for t in range(len(xs)):
+        xt = xs[t]
+        ot = out[t]
+        for j in range(pos.size):
+            x = xt[pos[j]]
+            ot[j] = x * x
+
+
+def sce_count(xs, lo: float, hi: float, sums: np.ndarray | None):
+    """One chunk of SCE's counting pass from the task vectors `xs` (float32 arrays), without materialising the
+    variances: (how many variances are not zero, how many are above `hi`, those in [lo, hi]: their values (float32)
+    or, when lo == hi, their count). With `sums` (float64, one per model) it also folds the weights in: adds Σ x_t²
+    over the entries whose variance is above `hi` and returns, in addition, those entries as bits (bit i % 8 of
+    byte i // 8), the positions of the variances in [lo, hi] and their squares ((T, m) float32)."""
+    n = xs[0].size
+    fold = sums is not None
+    collect = lo != hi or fold
+    keys = np.empty(n if collect else 0, dtype=np.int32)
+    pos = np.empty(n if collect else 0, dtype=np.int64)
+    bits = np.empty((n + 7) // 8 if fold else 0, dtype=np.uint8)
+    klo, khi = (np.float32(v).view(np.int32) for v in (lo, hi))
+    xs = tuple(xs)
+    nonzero, above, m = _sce_count(
+        xs, np.float32(hi), klo, khi, collect, fold, sums if fold else np.zeros(0), keys, pos, bits
+    )
+    inside = keys[:m].copy().view(np.float32) if lo != hi else int(m)
+    if not fold:
+        return int(nonzero), int(above), inside
+    pos = pos[:m].copy()
+    squares = np.empty((len(xs), m), dtype=np.float32)
+    _gather_squares(xs, pos, squares)
+    return int(nonzero), int(above), inside, bits, pos, squares

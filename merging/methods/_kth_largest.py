@@ -181,11 +181,17 @@ class KthLargest:
         else:
             self.count(x.abs())
 
-    def add_band(self, above: int, inside: torch.Tensor) -> None:
-        """Count one chunk from a fused band pass made elsewhere (`merging.fused.band2`): how many of its values
-        lie above the bracket, and its values inside it."""
+    def add_band(self, above: int, inside: torch.Tensor | int) -> None:
+        """Count one chunk from a fused band pass (`merging.fused.band`, `band2`): how many of its values lie above
+        the bracket, and its values inside it (or, for a bracket of one value, how many)."""
         self._above += above
-        self._add_inside(inside)
+        if not isinstance(inside, int):
+            return self._add_inside(inside)
+        if inside and self.lo != self.hi:
+            raise ValueError("a count of the values inside a bracket needs a bracket of one value")
+        self._ncand += inside
+        if self._hist is not None:  # one bin
+            self._hist[0] += inside
 
     def _add_inside(self, c: torch.Tensor) -> None:
         """Record the counted values inside [lo, hi]."""

@@ -97,9 +97,9 @@ class Window:
             return tau.zero_()
         lo_window, hi, hi_first = self._edges()
         if fused.available() and tau.dtype == torch.float32 and tau.is_contiguous():
-            seen = [self.seen_lo, self.seen_hi]
-            fused.window_(tau, self.lo, hi, lo_window, hi_first, seen)
-            self.seen_lo, self.seen_hi = seen
+            spec = self.spec()
+            fused.window_(tau, *spec)
+            self.advance(spec)
             return tau
         a = tau.abs()
         inside = a > self.lo
@@ -109,6 +109,15 @@ class Window:
         if hi is not None:
             self._ties(a, inside, hi, hi_first, None, "hi")
         return tau.mul_(inside)
+
+    def spec(self) -> fused.WindowSpec:
+        """The window as the fused loops take it (`merging.fused.window_`'s arguments); `advance` reads back the
+        ties they counted."""
+        lo_window, hi, hi_first = self._edges()
+        return self.lo, hi, lo_window, hi_first, [self.seen_lo, self.seen_hi]
+
+    def advance(self, spec: fused.WindowSpec) -> None:
+        self.seen_lo, self.seen_hi = spec[4]
 
     def _edges(self) -> tuple[tuple[int, int], float | None, int]:
         """Which tied entries are kept: positions [first, stop) of those tied at lo, and positions >= hi_first of
@@ -347,6 +356,47 @@ class SparsifyingGTA(GTAMethod):
             skip, keep = outlier_counts(job.numel, job.model_params[t].density, job.model_params[t].gamma)
             job.state[key] = window(tau, skip, keep)
         return job.state[key]
+
+    # -- merge ----------------------------------------------------------------------------------------
+    def merge_chunk(self, job, start, base, tensors) -> torch.Tensor:
+        """With the fused loops, breadcrumbs' windows (without a rescale) are applied inside `fused.gta_combine`: one
+        pass over each task vector instead of two."""
+        if not (
+            self.sparsify == "outliers"
+            and fused.available()
+            and not self._per_row(job)
+            and self.at(job).rescale == "none"
+            and all(t.dtype == torch.float32 for t in tensors)
+        ):
+            return super().merge_chunk(job, start, base, tensors)
+        windows: list[Window | None] = []
+        for t, tau in enumerate(tensors):
+            w = None
+            if job.model_params[t].density < 1:
+                w = self._window(job, t, tau)
+                if start == 0:
+                    w.restart()
+                if w.keep == 0:
+                    tau.zero_()
+                    w = None
+            windows.append(w)
+        specs = [None if w is None else w.spec() for w in windows]
+        p = self.at(job)
+        out = fused.gta_combine(
+            base,
+            tensors,
+            [0.0] * len(tensors),
+            [m.weight for m in job.model_params],
+            consensus=self.consensus,
+            normalize=p.normalize,
+            lam=p.lambda_,
+            zero_sign=self._zero_sign,
+            windows=specs,
+        )
+        for w, spec in zip(windows, specs, strict=True):
+            if w is not None:
+                w.advance(spec)
+        return out
 
     def _sparsified(self, job: TensorJob, t: int, start: int, tau: torch.Tensor) -> torch.Tensor:
         if self.sparsify not in ("outliers", "della"):

@@ -11,19 +11,26 @@ Per tensor, with the task vectors τ_1..τ_T:
 
 The variance threshold, the weights and the selection are whole-tensor statistics: a streamed tensor gets
 statistics passes (a sample of the variances, a counting pass for the non-zeros and the exact threshold, more only
-if the sample's bracket missed, the masked squares) before it is merged.
+if the sample's bracket missed, the masked squares) before it is merged. The counting pass also sums the squares
+of the entries whose variance is above the sample's bracket (selected whatever the exact threshold inside it) and
+keeps those inside it: when that pass resolves the threshold, as it does unless the bracket missed, the weights
+need no pass of their own.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from merging import fused
 from merging.base import FULL, METHODS, SAMPLE, MergeMethod
 from merging.methods._kth_largest import KthLargest, select_kth
 from peft_lab.params import Checked, param
+
+_FOLD_CAP = 1 << 22  # undecided entries kept by the counting pass for the weights (past it: a weights pass)
 
 
 @dataclass(frozen=True)
@@ -143,15 +150,21 @@ class Sce(MergeMethod):
             sel = st["sel"]
             if "k" not in st:  # the first counting pass also counted the non-zero variances
                 st["k"] = int(st["nonzero"] * topk)
-                if st["k"] == 0:
+                if st["k"] == 0:  # nothing selected: every square is 0
                     st["selection"] = _Selection(None)
-                    st["stage"] = "weights"
-                    return FULL
+                    st["squares"] = [0.0] * len(job.model_params)
+                    st["stage"] = "done"
+                    return None
                 sel.k = st["k"]
             if not sel.resolve():
+                st["fold"] = None  # the squares summed in the first round assumed its bracket
                 sel.begin_count()
                 return FULL
             st["selection"] = _Selection(sel.threshold, sel.count_ge, sel.count_eq, sel.k)
+            if st.get("fold") is not None and sel.rounds == 1:
+                st["squares"], st["bits"] = self._folded(st["fold"], st["selection"])
+                st["stage"] = "done"
+                return None
             st["stage"] = "weights"
             return FULL
         return None  # the weights pass is done
@@ -164,6 +177,8 @@ class Sce(MergeMethod):
             for t, tau in enumerate(taus):
                 sq[t] += _square_sum(tau)
             return
+        if st["stage"] == "count" and self._fused_count(job, start, tensors):
+            return
         var, nonzero = _variance(tensors)
         if st["stage"] == "sample":
             st["sample_nonzero"] += nonzero / job.sample_rate
@@ -171,7 +186,82 @@ class Sce(MergeMethod):
             return
         if "k" not in st:
             st["nonzero"] += nonzero
+            self._fold(job, start, var, tensors)
         st["sel"].count_abs(var)  # var >= 0
+
+    # -- the weights, from the first counting pass --------------------------------------------------
+    def _fold_begin(self, job, start, T: int):
+        """The first counting round also sums the squares of the entries whose variance is above the bracket
+        (selected whatever the threshold inside it) and keeps the positions, variances and squares of those inside
+        it (decided once the threshold is known): `st["fold"]`, None once that does not apply."""
+        st, sel = job.state, job.state["sel"]
+        if start == 0:
+            ok = "k" not in st and sel.hi < math.inf
+            st["fold"] = {"sums": np.zeros(T), "var": [], "sq": [], "pos": [], "bits": {}, "n": 0} if ok else None
+        return st.get("fold") if "k" not in st else None
+
+    def _fold_add(self, job, fold, start, var, pos, squares) -> None:
+        fold["n"] += pos.numel()
+        if fold["n"] > _FOLD_CAP:  # too many undecided entries to hold: the weights get their own pass
+            job.state["fold"] = None
+            return
+        fold["var"].append(var)
+        fold["pos"].append((start, pos))
+        fold["sq"].append(squares)
+
+    def _fused_count(self, job, start, taus) -> bool:
+        """The counting pass on one chunk in one fused loop (merging/fused/_stats.py `sce_count`): the variances
+        stay in its blocks. Its first round also folds in the weights and records the entries above the bracket as
+        bits, from which the merge pass builds the selection without computing the variances again."""
+        sel = job.state["sel"]
+        if not (fused.available() and sel.hi < math.inf and all(t.dtype == torch.float32 for t in taus)):
+            return False
+        from merging.fused._stats import sce_count
+
+        fold = self._fold_begin(job, start, len(taus))
+        arrs = [t.reshape(-1).contiguous().numpy() for t in taus]
+        out = sce_count(arrs, sel.lo, sel.hi, fold["sums"] if fold is not None else None)
+        nonzero, above, inside = out[:3]
+        if "k" not in job.state:
+            job.state["nonzero"] += nonzero
+        sel.add_band(above, torch.from_numpy(inside) if not isinstance(inside, int) else inside)
+        if fold is not None:
+            bits, pos, squares = out[3:]
+            var = torch.from_numpy(inside) if not isinstance(inside, int) else torch.full((pos.size,), sel.lo)
+            fold["bits"][start] = bits
+            self._fold_add(job, fold, start, var, torch.from_numpy(pos), torch.from_numpy(squares))
+        return True
+
+    def _fold(self, job, start, var, taus) -> None:
+        """`_fused_count`'s fold, in torch ops (the reference; no bits: its merge pass computes the variances)."""
+        fold = self._fold_begin(job, start, len(taus))
+        if fold is None:
+            return
+        sel = job.state["sel"]
+        above = var > sel.hi
+        for t, tau in enumerate(taus):
+            fold["sums"][t] += float(tau[above].square().sum(dtype=torch.float64))
+        idx = torch.nonzero((var >= sel.lo) & (var <= sel.hi)).reshape(-1)
+        self._fold_add(job, fold, start, var[idx], idx, torch.stack([t[idx].square() for t in taus]))
+
+    @staticmethod
+    def _folded(fold, selection: _Selection) -> tuple[list[float], dict]:
+        """Σ τ_t² over the selected entries (the sums above the bracket plus the selected entries inside it: those
+        above the threshold, and the first of those tied at it, in index order, as `_Selection.mask` keeps), and,
+        where the fused count recorded them, each chunk's selection as bits."""
+        var = torch.cat(fold["var"])
+        sq = torch.cat(fold["sq"], dim=1)
+        keep = var > selection.threshold
+        tied = torch.nonzero(var == selection.threshold).reshape(-1)
+        keep[tied if selection.tied_budget is None else tied[: selection.tied_budget]] = True
+        squares = [float(s) + float(q[keep].sum(dtype=torch.float64)) for s, q in zip(fold["sums"], sq, strict=True)]
+        bits, i = fold["bits"], 0
+        for start, pos in fold["pos"]:
+            chosen = pos[keep[i : i + pos.numel()]].numpy()
+            i += pos.numel()
+            if start in bits:
+                np.bitwise_or.at(bits[start], chosen >> 3, (1 << (chosen & 7)).astype(np.uint8))
+        return squares, bits
 
     def _selected(self, job, start, taus):
         """τ_t · mask for this chunk (in place), with the tensor's selection (computed here for a whole tensor)."""
@@ -202,6 +292,10 @@ class Sce(MergeMethod):
         return means / total
 
     def merge_chunk(self, job, start, base, tensors):
+        bits = job.state.get("bits", {}).pop(start, None)
+        if bits is not None and base.dtype == torch.float32 and base.is_contiguous():  # the selection from the count
+            w = self._weights(job, tensors)
+            return fused.sce_combine_packed(base, tensors, bits, w.tolist())
         taus = self._selected(job, start, list(tensors))
         w = self._weights(job, taus)
         if fused.available() and base.dtype == torch.float32 and base.is_contiguous():  # one pass, same float32 ops

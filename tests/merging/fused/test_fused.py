@@ -4,6 +4,7 @@ results, signed zeros, ties at the threshold and the weight/normalize/λ variant
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -86,6 +87,44 @@ def test_combine_matches_the_torch_ops_bit_for_bit(seed, T, consensus, normalize
 
 
 @settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    T=st.integers(1, 3),
+    consensus=st.booleans(),
+    skip=st.floats(0, 0.5),
+    keep=st.floats(0, 0.6),
+    chunk=st.sampled_from([4099, 1000, 137]),
+)
+def test_breadcrumbs_windows_inside_the_combine_loop_give_window_then_combine(seed, T, consensus, skip, keep, chunk):
+    """`gta_combine(windows=...)` is `window_` on each task vector, then `gta_combine`: same bits, same tie counts
+    carried from chunk to chunk (ties split across blocks and chunks: the task vectors are on a coarse grid)."""
+    from merging.methods._sparsifiers import window
+
+    n = 4099
+    xs = [torch.round(x * 3) / 3 for x in tricky(n, seed, T)]
+    weights = [1.0, 0.6, -0.4][:T]
+    wins = [window(x, min(int(skip * n), n - int(keep * n)), int(keep * n)) for x in xs]
+    wins = [w if w.keep else None for w in wins]
+    ref_wins = [None if w is None else copy.deepcopy(w) for w in wins]
+    for s in range(0, n, chunk):
+        part = [x[s : s + chunk] for x in xs]
+        before = [p.clone() for p in part]
+        specs = [None if w is None else w.spec() for w in wins]
+        got = fused.gta_combine(
+            None, part, [0.0] * T, weights, consensus=consensus, normalize=True, lam=1.0, windows=specs
+        )
+        for w, spec in zip(wins, specs, strict=True):
+            if w is not None:
+                w.advance(spec)
+        masked = [p.clone() if w is None else w.apply_(p.clone()) for p, w in zip(part, ref_wins, strict=True)]
+        ref = fused.gta_combine(None, masked, [0.0] * T, weights, consensus=consensus, normalize=True, lam=1.0)
+        assert same_bits(got, ref)
+        assert all(same_bits(a, b) for a, b in zip(part, before, strict=True))  # inputs untouched
+    for w, r in zip(wins, ref_wins, strict=True):
+        assert w == r  # the same ties counted at both edges
+
+
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 2**16), n=st.integers(1, 5000), frac=st.floats(0, 1), levels=st.sampled_from([0, 3, 50]))
 def test_fused_count_finds_the_same_threshold(seed, n, frac, levels):
     x = rand(n, seed)
@@ -107,19 +146,29 @@ def test_band_counts_like_the_torch_count():
     above, inside = fused.band(x, lo, hi)
     assert above == int((a > hi).sum())
     assert torch.equal(inside, a[(a >= lo) & (a <= hi)])  # the values themselves, in order
+    v = 0.25  # a bracket of one value (tricky() rounds a fifth of the entries to quarters): its count
+    above, inside = fused.band(x, v, v)
+    assert above == int((a > v).sum()) and inside == int((a == v).sum()) > 0
 
 
-def test_band2_counts_two_brackets_like_two_band_passes():
+def test_band2_counts_two_brackets_like_the_torch_counts():
     x = tricky(50_000, 4, 1)[0]
     x[7], x[8], x[9] = float("inf"), float("-inf"), float("nan")
+    x[100:5000:3] = 0.5  # sparse runs and dense runs of values in a bracket, across sub-blocks
     a = x.abs()
     q = [float(torch.quantile(a[a.isfinite()], f)) for f in (0.1, 0.2, 0.6, 0.99)]
-    for lo1, hi1, lo2, hi2 in ((q[2], q[3], q[0], q[1]), (q[0], q[2], q[1], q[3]), (q[1], q[1], q[1], q[1])):
-        got = fused.band2(x, lo1, hi1, lo2, hi2)
-        for (above, inside), (g_above, g_inside) in zip(
-            (fused.band(x, lo1, hi1), fused.band(x, lo2, hi2)), (got[:2], got[2:]), strict=True
-        ):
-            assert g_above == above and torch.equal(g_inside, inside)
+    for b1, b2 in (
+        ((q[2], q[3]), (q[0], q[1])),
+        ((q[0], q[2]), (q[1], q[3])),
+        ((q[1], q[1]), (0.5, 0.5)),
+        ((0.5, 0.5), (0.49, 0.51)),
+        ((q[0], q[0] * 1.0001), (q[3], q[3])),
+    ):
+        got = fused.band2(x, *b1, *b2)
+        for (lo, hi), above, inside in ((b1, *got[:2]), (b2, *got[2:])):
+            assert above == int((a > hi).sum())
+            want = a[(a >= lo) & (a <= hi)]
+            assert inside == want.numel() if lo == hi else torch.equal(inside, want)
 
 
 @pytest.mark.parametrize(

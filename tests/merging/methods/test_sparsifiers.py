@@ -166,3 +166,22 @@ def test_sce_selects_weights_and_erases(topk, levels):
     m2, _ = make("sce", {"select_topk": topk}, None, 3)
     got = stream_merge(m2, "w", base, [t.clone() for t in taus], pm, chunk=10)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cap", [None, 0])
+def test_sce_streamed_takes_its_weights_from_the_counting_pass(monkeypatch, cap):
+    """A streamed tensor: a sample pass and one counting pass, whose squares give the weights (no weights pass);
+    with too many undecided entries to keep (cap 0) a weights pass follows. Both give the reference merge."""
+    from merging.methods import sce
+
+    if cap is not None:
+        monkeypatch.setattr(sce, "_FOLD_CAP", cap)
+    base = rand((40, 50), 1)
+    taus = [(rand((40, 50), 2 + i, 0.1 * (i + 1)) * 50).round() / 50 for i in range(3)]  # tied variances
+    m, pm = make("sce", {"select_topk": 0.3}, None, 3)
+    passes = []
+    observe = m.observe
+    monkeypatch.setattr(m, "observe", lambda job, i, *a: passes.append(i) or observe(job, i, *a))
+    got = stream_merge(m, "w", base, [t.clone() for t in taus], pm, chunk=300)
+    assert sorted(set(passes)) == ([0, 1] if cap is None else [0, 1, 2])
+    torch.testing.assert_close(got, _sce_reference(base, taus, 0.3), rtol=1e-6, atol=1e-7)
