@@ -3,6 +3,7 @@
     python benchmarks/merge_speed.py --root /tmp/merge_bench [--mergekit /tmp/mk/bin/mergekit-yaml]
     python benchmarks/merge_speed.py --pairs 3 --mergekit ...     # paired runs, each tool with its default settings
     python benchmarks/merge_speed.py --contention --runs ties     # threads=1 vs auto, with and without a busy core
+    python benchmarks/merge_speed.py --floor-pairs 3 --sizes 1.1B --runs sce,...   # floor, merge: ratios per pair
 
 Generates (once, seeded, sharded, bfloat16) a Llama-style base from a config and 3 variants (base + small
 noise), for two model sizes, then runs every merge as a subprocess (one thread: OMP_NUM_THREADS=1) and reports
@@ -282,6 +283,13 @@ def _parse() -> argparse.Namespace:
         "settings (no OMP_NUM_THREADS); reports the range of times and of the ratios",
     )
     ap.add_argument(
+        "--floor-pairs",
+        type=int,
+        default=0,
+        help="instead: N rounds per method of the floor then the peft-lab merge, back to back (one thread): the "
+        "ratio to the floor per pair, under the same machine state (the floor follows the VM's write speed)",
+    )
+    ap.add_argument(
         "--contention",
         action="store_true",
         help="instead: peft-lab with threads=1 and threads=auto, on an idle machine and beside a "
@@ -373,6 +381,46 @@ def standard(a, size: str, base: Path, models: list[Path], runs: list[str]) -> l
     return results
 
 
+def floor_paired(a, size: str, base: Path, models: list[Path], runs: list[str]) -> list[dict]:
+    """`--floor-pairs N` rounds; in each, for every run, the floor and then the peft-lab merge, back to back: the
+    ratio of a pair is measured under the same machine state (both write the merged model into fresh page-cache
+    pages, whose speed drifts on this VM by a third between minutes)."""
+    import yaml
+
+    out = a.root / size / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    rec = a.root / size / "recipe.yaml"
+    results = []
+    for i in range(a.floor_pairs):
+        for run in runs:
+            fl = timed([sys.executable, __file__, "--floor", str(base), *map(str, models), str(out)])
+            shutil.rmtree(out)
+            rec.write_text(yaml.safe_dump(recipe_for(run, base, models)))
+            ours = _peft_lab(rec, out)
+            results.append({"size": size, "run": run, "floor": fl, "peft-lab": ours})
+            print(
+                f"  [{i + 1}/{a.floor_pairs}] {run}: floor {fl['wall']:.1f} s, peft-lab {ours['wall']:.1f} s "
+                f"({ours['wall'] / fl['wall']:.2f}x), {ours['rss_gb']:.2f} GB",
+                flush=True,
+            )
+    return results
+
+
+def report_floor_pairs(results: list[dict]) -> None:
+    print("\n| size | run | pairs | floor wall s | peft-lab wall s | peak RSS GB | / floor, per pair | median |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size in dict.fromkeys(r["size"] for r in results):
+        for run in dict.fromkeys(r["run"] for r in results if r["size"] == size):
+            rows = [r for r in results if r["size"] == size and r["run"] == run]
+            ratios = sorted(r["peft-lab"]["wall"] / r["floor"]["wall"] for r in rows)
+            print(
+                f"| {size} | {run} | {len(rows)} | {_range([r['floor']['wall'] for r in rows])} | "
+                f"{_range([r['peft-lab']['wall'] for r in rows])} | "
+                f"{_range([r['peft-lab']['rss_gb'] for r in rows], '{:.2f}')} | {_range(ratios, '{:.2f}')} | "
+                f"{ratios[len(ratios) // 2]:.2f} |"
+            )
+
+
 def paired(a, size: str, base: Path, models: list[Path], runs: list[str]) -> list[dict]:
     """`--pairs N` rounds; in each, every run once with peft-lab then once with mergekit, back to back, each with
     its default settings: the ratio of a pair is measured under the same machine state."""
@@ -447,12 +495,13 @@ def main() -> None:
     # numba compiles the fused merge loops on their first use on a machine and caches them on disk: do it
     # before timing anything (a one-off of a few seconds, not a per-merge cost)
     subprocess.run([sys.executable, "-c", "from merging import fused; fused.warm()"], check=True, cwd=REPO)
-    mode = paired if a.pairs else contention if a.contention else standard
+    mode = paired if a.pairs else floor_paired if a.floor_pairs else contention if a.contention else standard
     results = []
     for size in a.sizes.split(","):
         base, models = _inputs(a, size)
         results += mode(a, size, base, models, runs)
-    {paired: report_pairs, contention: report_contention, standard: report}[mode](results)
+    reports = {paired: report_pairs, floor_paired: report_floor_pairs, contention: report_contention, standard: report}
+    reports[mode](results)
     (a.root / "results.json").write_text(json.dumps(results, indent=1))
 
 

@@ -301,8 +301,19 @@ class MergeStreams:
             return
         start = 0
         for out in drive(self.method, job, lambda s, e: self.read(name, base_src, srcs, s, e), self.chunk_size):
-            yield self.checked(out, name, start).to(dtype)
+            yield self._output(out, name, start, dtype)
             start += out.numel()
+
+    def _output(self, out: torch.Tensor, name: str, start: int, dtype: torch.dtype) -> torch.Tensor:
+        """A merged float32 chunk checked and cast to the output dtype: one fused pass for a large bfloat16 chunk."""
+        if dtype == torch.bfloat16 and out.numel() >= _FUSED_READ_MIN and out.dtype == torch.float32:
+            from merging import fused
+
+            if fused.available():
+                x = fused.to_bf16(out, check=not self.allow_nonfinite)
+                if x is not None:
+                    return x
+        return self.checked(out, name, start).to(dtype)
 
 
 class _NoBar:

@@ -15,6 +15,7 @@ float32 (and, for DELLA's probabilities, float64) arithmetic in the same order, 
 - `dare_drop`: DARE's random drop, drawing numpy's SFC64 stream inside the loop, and its rescale;
 - `della_mask_`: DELLA's per-row magnitude ranks (a radix sort per row) and its rank-dependent random drop;
 - `first_mask_mismatch`: the soup's shared-zero-mask check;
+- `to_bf16`: a merged chunk checked for NaN/inf and rounded to bfloat16 in one pass (the streamed merges' output);
 - `decode_sub`: a task-vector chunk straight from a bfloat16 file (decode and subtract the base in one pass), the
   reader's path for every method that takes task vectors;
 - `raw_merge`: linear and task arithmetic straight from bfloat16 inputs (the executor's fast path for them):
@@ -60,6 +61,7 @@ __all__ = [
     "ram_counts",
     "sce_combine",
     "sce_combine_packed",
+    "to_bf16",
     "select_mask_",
     "window_",
 ]
@@ -336,6 +338,15 @@ def decode_sub(bits: np.ndarray, base: torch.Tensor, *, check: bool) -> torch.Te
     return out
 
 
+def to_bf16(x: torch.Tensor, *, check: bool) -> torch.Tensor | None:
+    """A flat float32 chunk rounded to bfloat16, bit for bit as `x.to(torch.bfloat16)`, in one pass that also checks
+    for NaN/inf (`check`): None when it finds one (the caller's torch path then raises the error that names it)."""
+    out = np.empty(x.numel(), dtype=np.uint16)
+    if _compiled()._to_bf16(x.reshape(-1).contiguous().numpy(), out, check):
+        return None
+    return torch.from_numpy(out).view(torch.bfloat16)
+
+
 def first_mask_mismatch(xs: Sequence[torch.Tensor]) -> tuple[int, int]:
     """The first (model, flat index) whose zero pattern differs from model 0's (`x == 0`, so -0 is a zero and
     NaN is not), or (-1, -1) when all share it: one pass, without materialising the masks."""
@@ -457,3 +468,4 @@ def warm() -> None:
     for out_dtype in (torch.bfloat16, torch.float32):
         raw_lerp(bits, bits, 0.5, 0.5, out_dtype=out_dtype)
     raw_dot3(bits, bits)
+    to_bf16(x, check=True)

@@ -699,6 +699,16 @@ def _decode_sub(src, base, out, check):
 
 
 @_njit
+def _to_bf16(x, out16, check):
+    # a float32 chunk rounded to bfloat16 (as torch's cast) block by block; 1 when `check` finds NaN/inf
+    none = np.empty(0, dtype=np.float32)
+    for b0 in range(0, x.size, _BLOCK):
+        if _store(x[b0 : b0 + _BLOCK], out16, none, True, b0, check):
+            return 1
+    return 0
+
+
+@_njit
 def _store(mx, out16, out32, to_bf16, b0, check):
     # one float32 block into the output at b0: rounded to nearest even bfloat16, as torch's float -> bfloat16
     # (NaN -> 0x7FC0), or copied as float32. Returns True (and writes nothing) when `check` finds NaN/inf.

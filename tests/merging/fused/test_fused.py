@@ -595,3 +595,42 @@ def test_a_nan_in_a_bfloat16_task_vector_read_is_named_by_the_torch_paths_messag
     assert not any(o.exists() for o in outs)
     assert msgs[0] == msgs[1] and name in msgs[0] and "flat index 37" in msgs[0] and "NaN" in msgs[0]
     assert str(fts[1]) in msgs[0]
+
+
+def test_to_bf16_rounds_as_torch_and_refuses_nonfinite():
+    """The merged chunk's cast: bit for bit torch's float32 -> bfloat16 (round to nearest even, subnormals, -0,
+    values past the largest bfloat16), and None for NaN/inf when checking (the caller's message then names it)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(70_001, generator=g) * torch.exp(torch.randn(70_001, generator=g) * 12).clamp(max=1e37)
+    x[:8] = torch.tensor([0.0, -0.0, 1e-40, -1e-45, 3.4e38, -3.39e38, 1.0 + 2**-8, 1.0 + 3 * 2**-8])
+    got = fused.to_bf16(x, check=True)
+    assert got is not None and torch.equal(got.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    x[60_000] = float("inf")
+    assert fused.to_bf16(x, check=True) is None
+    x[60_000] = float("nan")
+    unchecked = fused.to_bf16(x, check=False)
+    assert unchecked is not None and torch.isnan(unchecked[60_000].float())
+    assert torch.equal(unchecked[:60_000].view(torch.int16), x[:60_000].to(torch.bfloat16).view(torch.int16))
+
+
+def test_a_merge_overflow_in_a_fused_bfloat16_cast_is_named_by_the_torch_paths_message(tmp_path, monkeypatch):
+    from merging import sources
+    from merging.run import run_merge
+    from peft_lab.errors import UserError
+    from tests.helpers.merge import tiny_llama_dirs
+
+    base, fts = tiny_llama_dirs(tmp_path, n_models=2)
+    monkeypatch.setattr(sources, "_FUSED_READ_MIN", 16)  # the tiny model's tensors take the fused cast
+    calls = []
+    real = fused.to_bf16
+    monkeypatch.setattr(fused, "to_bf16", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rec = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "dtype": "bfloat16",
+        "parameters": {"lambda": 1e36, "normalize": False},
+        "models": [{"model": str(p), "parameters": {"density": 0.5, "weight": 1e6}} for p in fts],
+    }
+    with pytest.raises(UserError, match=r"the ties merge: tensor \S+ contains (inf|NaN)"):
+        run_merge(rec, tmp_path / "out", progress=False, hash="none")
+    assert calls
