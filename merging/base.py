@@ -190,6 +190,12 @@ class MergeMethod:
         the executor reads it once and every pass sees that whole chunk."""
         return None
 
+    def raw_ok(self, job: TensorJob, kind: str) -> bool:
+        """Whether this pass (`FULL`, or `"merge"` for the merge pass) of a streamed tensor may receive task vectors
+        undecoded (`merging.fused.RawDelta`: raw bfloat16 bits and the base, which the fused loops decode a block
+        at a time) instead of float32 tensors. Default: no."""
+        return False
+
     def chunk_unit(self, job: TensorJob) -> int:
         """Chunks of this tensor hold a whole multiple of this many elements (default 1: any split). A method whose
         statistics are per row (`shape[-1]` elements) returns the row length, so that no row straddles two chunks;

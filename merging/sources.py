@@ -171,10 +171,11 @@ class MergeStreams:
         base = TensorSource(self.base[name], self.files, self.base_label) if self.base is not None else None
         return base, [TensorSource(i.tree.get(name), self.files, i.path) for i in self.inputs]
 
-    def read(self, name: str, base_src, srcs, start: int, stop: int):
+    def read(self, name: str, base_src, srcs, start: int, stop: int, raw: bool = False):
         """float32 chunks [start, stop) of the base and of each input (task vectors if the method takes them).
         Each chunk is checked for NaN/inf on its first read only (a method's statistics passes and its merge pass
-        read the same chunks of a tensor again)."""
+        read the same chunks of a tensor again). With `raw`, task vectors from bfloat16 files are returned
+        undecoded (`merging.fused.RawDelta`) when every input is one."""
         check = not self.allow_nonfinite
         if check:
             if self._checked[0] != name:
@@ -187,6 +188,10 @@ class MergeStreams:
             base = base_src.read(start, stop)
             if check:
                 check_finite_chunk(base, where=base_src.where, name=name, start=start)
+        if raw and base is not None:
+            raws = self._raw_deltas(srcs, base, start, stop, check)
+            if raws is not None:
+                return base, raws
         out = []
         for src, inp in zip(srcs, self.inputs, strict=True):
             if self.method.uses_deltas and not inp.is_delta and base is not None:
@@ -203,6 +208,24 @@ class MergeStreams:
                 x.add_(base)
             out.append(x)
         return base, out
+
+    def _raw_deltas(self, srcs, base: torch.Tensor, start: int, stop: int, check: bool):
+        """Every input's task-vector chunk as raw bfloat16 bits (`merging.fused.RawDelta`), or None where that does
+        not apply to all of them (see `_bf16_delta`) or a chunk holds a NaN/inf (the float path then names it)."""
+        from merging import fused
+
+        if not self.method.uses_deltas or stop - start < _FUSED_READ_MIN or not fused.available():
+            return None
+        if any(inp.is_delta or not src.bf16_file for src, inp in zip(srcs, self.inputs, strict=True)):
+            return None
+        out = []
+        for src in srcs:
+            bits = np.empty(stop - start, dtype=np.uint16)
+            self.files.read_into(src.leaf, start, stop, bits)
+            if check and fused.nonfinite16(bits):
+                return None
+            out.append(fused.RawDelta(bits, base))
+        return out
 
     def _bf16_delta(self, src: TensorSource, base: torch.Tensor, start: int, stop: int, check: bool):
         """The task-vector chunk of a bfloat16 file's tensor in one fused pass over its raw bits (merging.fused
@@ -300,7 +323,13 @@ class MergeStreams:
             yield from raw.chunks(self, job, base_src, srcs, dtype, plan)
             return
         start = 0
-        for out in drive(self.method, job, lambda s, e: self.read(name, base_src, srcs, s, e), self.chunk_size):
+        for out in drive(
+            self.method,
+            job,
+            lambda s, e: self.read(name, base_src, srcs, s, e),
+            self.chunk_size,
+            raw_read=lambda s, e: self.read(name, base_src, srcs, s, e, raw=True),
+        ):
             yield self._output(out, name, start, dtype)
             start += out.numel()
 

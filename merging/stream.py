@@ -38,6 +38,7 @@ __all__ = ["SAMPLE", "FULL", "Reader", "drive", "chunk_ranges", "sample_ranges",
 # statistic pass kinds (see MergeMethod.next_pass)
 SAMPLE = "sample"  # a representative subset of each tensor's elements (blocks), enough to estimate quantiles
 FULL = "full"  # every element, in order
+MERGE = "merge"  # the merge pass (for `MergeMethod.raw_ok`)
 
 SAMPLE_BLOCK = 1 << 16
 SAMPLE_EVERY = 64
@@ -70,6 +71,7 @@ def drive(
     *,
     sample_block: int = SAMPLE_BLOCK,
     sample_every: int = SAMPLE_EVERY,
+    raw_read: Reader | None = None,
 ) -> Iterator[torch.Tensor]:
     """Run `method`'s statistic passes over one tensor, then yield `merge_chunk`'s flat float32 results in order.
 
@@ -80,7 +82,14 @@ def drive(
         read: `read(start, stop)` -> fresh float32 chunks (base or None, one per input).
         chunk_size: elements per chunk.
         sample_block, sample_every: the SAMPLE pass's blocks (tests shrink them to exercise small tensors).
+        raw_read: a reader that may return task vectors as undecoded `merging.fused.RawDelta`s, used for the FULL
+            passes and the merge of a streamed tensor where the method accepts them (`MergeMethod.raw_ok`).
     """
+
+    def reader(kind: str) -> Reader:
+        raw = raw_read is not None and kind != SAMPLE and job.chunked and method.raw_ok(job, kind)
+        return raw_read if raw else read
+
     numel = job.numel
     unit = method.chunk_unit(job)
     if unit > 1 and chunk_size < numel:  # whole rows per chunk (see MergeMethod.chunk_unit)
@@ -97,11 +106,13 @@ def drive(
                 ranges, job.sample_rate = sample_ranges(numel, sample_block, sample_every)
             else:
                 ranges, job.sample_rate = chunk_ranges(numel, chunk_size), 1.0
+            rd = reader(kind)
             for s, e in ranges:
-                method.observe(job, i, s, *read(s, e))
+                method.observe(job, i, s, *rd(s, e))
         i += 1
+    rd = reader(MERGE)
     for s, e in chunk_ranges(numel, chunk_size):
-        base, chunks = cached if cached is not None else read(s, e)
+        base, chunks = cached if cached is not None else rd(s, e)
         cached = None
         yield method.merge_chunk(job, s, base, chunks)
 

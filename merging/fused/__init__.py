@@ -46,6 +46,7 @@ import torch
 
 __all__ = [
     "ENABLED",
+    "RawDelta",
     "available",
     "band",
     "band2",
@@ -53,6 +54,7 @@ __all__ = [
     "decode_sub",
     "della_mask_",
     "first_mask_mismatch",
+    "nonfinite16",
     "gta_combine",
     "raw_dot3",
     "raw_lerp",
@@ -61,6 +63,7 @@ __all__ = [
     "ram_counts",
     "sce_combine",
     "sce_combine_packed",
+    "tensors",
     "to_bf16",
     "select_mask_",
     "window_",
@@ -85,25 +88,64 @@ def _compiled():
 _local = threading.local()  # per-thread scratch buffers for `band` and `band2`
 
 
-def band(x: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor | int]:
+class RawDelta:
+    """A task-vector chunk not yet decoded: a bfloat16 file's raw bits and the float32 base chunk to subtract (the
+    reader hands these to a method that asks for them, `MergeMethod.raw_ok`). The fused loops decode a block at a
+    time where they read it, so no float32 copy of the chunk is written and read back; `tensor()` decodes it whole
+    (`decode_sub`, bit for bit the reader's float32 task vector) for any other use."""
+
+    __slots__ = ("bits", "base", "_tensor")
+
+    def __init__(self, bits: np.ndarray, base: torch.Tensor):
+        self.bits, self.base, self._tensor = bits, base, None
+
+    def numel(self) -> int:
+        return int(self.bits.size)
+
+    def tensor(self) -> torch.Tensor:
+        """The float32 task vector (decoded once)."""
+        if self._tensor is None:
+            self._tensor = decode_sub(self.bits, self.base, check=False)
+        return self._tensor
+
+
+def tensors(xs) -> list[torch.Tensor]:
+    """`xs` with every `RawDelta` decoded (`RawDelta.tensor`)."""
+    return [x.tensor() if isinstance(x, RawDelta) else x for x in xs]
+
+
+def _inputs(xs, base: torch.Tensor | None = None):
+    """(float32 arrays, bfloat16 bit arrays, base array, raw) for the loops that read either."""
+    if xs and all(isinstance(x, RawDelta) for x in xs):
+        b = xs[0].base if base is None else base
+        return (_NONE32,), tuple(x.bits for x in xs), b.reshape(-1).contiguous().numpy(), True
+    arrs = tuple(x.reshape(-1).contiguous().numpy() for x in tensors(xs))
+    return arrs, (_NONE16,), _NONE32, False
+
+
+_NONE32 = np.empty(0, dtype=np.float32)
+_NONE16 = np.empty(0, dtype=np.uint16)
+
+
+def band(x: torch.Tensor | RawDelta, lo: float, hi: float) -> tuple[int, torch.Tensor | int]:
     """One pass over `x` for TIES's threshold search: (#{|x| > hi}, the values of |x| in [lo, hi], in order). When
     lo == hi the values are all equal and only their count is returned (an int)."""
-    keys = x.reshape(-1).contiguous().view(torch.int32).numpy()
+    xf, xb, b, raw = _inputs([x])
     collect = lo != hi
-    scratch = _scratch("scratch", keys.size if collect else 0)[0]
-    above, m = _compiled()._band(keys, np.int32(_bits(lo)), np.int32(_bits(hi)), scratch, collect)
+    scratch = _scratch("scratch", x.numel() if collect else 0)[0]
+    above, m = _compiled()._band(xf, xb, b, raw, np.int32(_bits(lo)), np.int32(_bits(hi)), scratch, collect)
     return int(above), _inside(scratch, m, collect)
 
 
 def band2(
-    x: torch.Tensor, lo1: float, hi1: float, lo2: float, hi2: float
+    x: torch.Tensor | RawDelta, lo1: float, hi1: float, lo2: float, hi2: float
 ) -> tuple[int, torch.Tensor | int, int, torch.Tensor | int]:
     """`band` for two brackets in one pass over `x`: (above1, values in [lo1, hi1], above2, values in [lo2, hi2])."""
-    keys = x.reshape(-1).contiguous().view(torch.int32).numpy()
+    xf, xb, b, raw = _inputs([x])
     c1, c2 = lo1 != hi1, lo2 != hi2
-    b1, b2 = _scratch("scratch2", keys.size if c1 or c2 else 0)
+    b1, b2 = _scratch("scratch2", x.numel() if c1 or c2 else 0)
     k = [np.int32(_bits(v)) for v in (lo1, hi1, lo2, hi2)]
-    a1, m1, a2, m2 = _compiled()._band2(keys, *k, b1, b2, c1, c2)
+    a1, m1, a2, m2 = _compiled()._band2(xf, xb, b, raw, *k, b1, b2, c1, c2)
     return int(a1), _inside(b1, m1, c1), int(a2), _inside(b2, m2, c2)
 
 
@@ -126,7 +168,7 @@ def _inside(buf: np.ndarray, m: int, collected: bool) -> torch.Tensor | int:
 
 def gta_combine(
     base: torch.Tensor | None,
-    xs: Sequence[torch.Tensor],
+    xs: Sequence[torch.Tensor | RawDelta],
     thresholds: Sequence[float],
     weights: Sequence[float],
     *,
@@ -143,9 +185,13 @@ def gta_combine(
     index order are, the rest are trimmed, and the list is updated in place to what is left after this chunk
     (TIES keeping exactly k entries of a tensor streamed in chunks). `windows[t]`, when given, masks model t by
     Model Breadcrumbs' rank window instead of a threshold (the arguments of `window_`, whose `seen` is updated),
-    in the same loop. Inputs are not modified. Returns a new float32 tensor."""
+    in the same loop. `xs` may be `RawDelta`s taken from `base`: decoded in the loop. Inputs are not modified.
+    Returns a new float32 tensor."""
     n = xs[0].numel()
     T = len(xs)
+    if base is None and any(isinstance(x, RawDelta) for x in xs):
+        xs = tensors(xs)
+    xf, xb, _, raw = _inputs(xs, base)
     win = np.zeros(T, dtype=np.bool_)
     wf = np.zeros((T, 2), dtype=np.float32)
     wi = np.zeros((T, 6), dtype=np.int64)
@@ -154,7 +200,6 @@ def gta_combine(
             win[t] = True
             wf[t], wi[t] = _window_args(*spec)
     out = torch.empty(n, dtype=torch.float32)
-    arrs = tuple(x.reshape(-1).contiguous().numpy() for x in xs)
     thr = np.array([max(float(t), 0.0) for t in thresholds], dtype=np.float32)
     budgets = tie_budgets if tie_budgets is not None else [None] * len(xs)
     left = np.array([-1 if b is None else int(b) for b in budgets], dtype=np.int64)
@@ -174,7 +219,9 @@ def gta_combine(
         out.numpy(),
         b,
         base is not None,
-        arrs,
+        xf,
+        xb,
+        raw,
         thr,
         left,
         win,
@@ -296,16 +343,12 @@ def sce_combine(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequenc
 
 
 def sce_combine_packed(
-    base: torch.Tensor, xs: Sequence[torch.Tensor], bits: np.ndarray, weights: Sequence[float]
+    base: torch.Tensor, xs: Sequence[torch.Tensor | RawDelta], bits: np.ndarray, weights: Sequence[float]
 ) -> torch.Tensor:
     """`sce_combine` on the task vectors masked by a selection given as bits (bit i % 8 of byte i // 8: entry i
     kept), in the same pass (`select_mask_` then `sce_combine` give the same bits); `xs` are not modified."""
-    _compiled()._sce_combine_packed(
-        base.reshape(-1).numpy(),
-        tuple(x.reshape(-1).contiguous().numpy() for x in xs),
-        bits,
-        np.array(weights, dtype=np.float32),
-    )
+    xf, xb, _, raw = _inputs(xs, base)  # raw: decoded against base, block by block, before it is updated
+    _compiled()._sce_combine_packed(base.reshape(-1).numpy(), xf, xb, raw, bits, np.array(weights, dtype=np.float32))
     return base
 
 
@@ -326,6 +369,11 @@ def della_mask_(
     )
     g.state = {**st, "state": {"state": state}}
     return mask, (torch.from_numpy(p) if want_p else None)
+
+
+def nonfinite16(bits: np.ndarray) -> bool:
+    """Whether bfloat16 bits (uint16) hold a NaN or inf."""
+    return bool(_compiled()._any_nonfinite16(bits))
 
 
 def decode_sub(bits: np.ndarray, base: torch.Tensor, *, check: bool) -> torch.Tensor | None:

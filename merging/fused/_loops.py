@@ -33,6 +33,22 @@ _njit = _jit(error_model="numpy")
 _BLOCK = 2048  # elements per block: the loops below run over one block at a time, so their scratch stays in L1
 
 
+@_njit
+def _load(xf, xb, base, raw, t, b0, m, buf):
+    # model t's float32 task-vector entries b0 .. b0 + m − 1: a slice of xf[t], or (raw) decoded from its bfloat16
+    # bits xb[t] and the base subtracted into buf, as decode_sub does for a whole chunk
+    if not raw:
+        return xf[t][b0 : b0 + m]
+    src = xb[t][b0 : b0 + m]
+    u = buf.view(np.uint32)
+    for i in range(m):
+        u[i] = np.uint32(src[i]) << np.uint32(16)
+    bb = base[b0 : b0 + m]
+    for i in range(m):
+        buf[i] = buf[i] - bb[i]
+    return buf[:m]
+
+
 _SUB = 64  # elements per sub-block of the band loops: only sub-blocks holding a value in the bracket are compacted
 
 
@@ -67,13 +83,16 @@ def _compact(keys, klo, width, buf, m):
 
 
 @_njit
-def _band(keys, klo, khi, buf, collect):
-    # one bracket: (#{|x| > hi}, #{lo <= |x| <= hi}), and with `collect` those values' bit patterns in buf
+def _band(xf, xb, base, raw, klo, khi, buf, collect):
+    # one bracket over model 0 of xf (or of its raw bits xb): (#{|x| > hi}, #{lo <= |x| <= hi}), and with `collect`
+    # those values' bit patterns in buf
     above = 0
     m = 0
     width = np.uint32(khi - klo)
-    for b0 in range(0, keys.size, _BLOCK):
-        blk = keys[b0 : b0 + _BLOCK]  # a slice, not keys[b0 + i]: a non-negative index lets LLVM vectorise
+    n = xb[0].size if raw else xf[0].size
+    scratch = np.empty(_BLOCK, dtype=np.float32)
+    for b0 in range(0, n, _BLOCK):
+        blk = _load(xf, xb, base, raw, 0, b0, min(_BLOCK, n - b0), scratch).view(np.int32)
         a, c = _count_band(blk, klo, width, khi)
         above += a
         if not collect:
@@ -84,7 +103,7 @@ def _band(keys, klo, khi, buf, collect):
 
 
 @_njit
-def _band2(keys, klo1, khi1, klo2, khi2, buf1, buf2, collect1, collect2):
+def _band2(xf, xb, base, raw, klo1, khi1, klo2, khi2, buf1, buf2, collect1, collect2):
     # `_band` for two brackets in one pass over the values (breadcrumbs' two edges of a rank window)
     above1 = 0
     above2 = 0
@@ -92,8 +111,10 @@ def _band2(keys, klo1, khi1, klo2, khi2, buf1, buf2, collect1, collect2):
     m2 = 0
     w1 = np.uint32(khi1 - klo1)
     w2 = np.uint32(khi2 - klo2)
-    for b0 in range(0, keys.size, _BLOCK):
-        blk = keys[b0 : b0 + _BLOCK]
+    n = xb[0].size if raw else xf[0].size
+    scratch = np.empty(_BLOCK, dtype=np.float32)
+    for b0 in range(0, n, _BLOCK):
+        blk = _load(xf, xb, base, raw, 0, b0, min(_BLOCK, n - b0), scratch).view(np.int32)
         a, c = _count_band(blk, klo1, w1, khi1)
         above1 += a
         if not collect1:
@@ -210,16 +231,36 @@ def _finish(mx, ob, bb, has_base, lam, scale, m):
 
 @_njit
 def _gta_combine(
-    out, base, has_base, xs, thr, left, win, wf, wi, w, consensus, normalize, div_mode, div_value, lam, scale, zero_neg
+    out,
+    base,
+    has_base,
+    xs,
+    xb,
+    raw,
+    thr,
+    left,
+    win,
+    wf,
+    wi,
+    w,
+    consensus,
+    normalize,
+    div_mode,
+    div_value,
+    lam,
+    scale,
+    zero_neg,
 ):
     # Mirrors merging.methods._gta.combine op by op (see its docstring): every value is float32, the additions run in
     # the reference's order (model 0, 1, ...), and each step is a loop over one block of elements, written
     # with selects instead of branches so that LLVM vectorises it. Model t is trimmed at thr[t] (TIES), or, where
     # win[t], masked by its breadcrumbs window (wf[t] = lo, hi; wi[t] = has_hi, lo_first, lo_stop, hi_first,
-    # seen_lo, seen_hi: see _window_block) before its weight.
-    T = len(xs)
+    # seen_lo, seen_hi: see _window_block) before its weight. With `raw` the task vectors come as bfloat16 bits (xb)
+    # and are decoded a block at a time (base is then the base they are taken from).
+    T = len(xb) if raw else len(xs)
     n = out.size
     x = np.empty((T, _BLOCK), dtype=np.float32)
+    buf = np.empty(_BLOCK, dtype=np.float32)
     sg = np.empty(_BLOCK, dtype=np.float32)
     mx = np.empty(_BLOCK, dtype=np.float32)
     dv = np.empty(_BLOCK, dtype=np.float32)
@@ -227,11 +268,12 @@ def _gta_combine(
     for b0 in range(0, n, _BLOCK):
         m = min(_BLOCK, n - b0)
         for t in range(T):  # slices, not xs[t][b0 + i]: a non-negative index lets LLVM vectorise
+            src = _load(xs, xb, base, raw, t, b0, m, buf)
             if win[t]:
-                _window_block(xs[t][b0 : b0 + m], x[t], wf[t, 0], wf[t, 1], wi[t], m)
+                _window_block(src, x[t], wf[t, 0], wf[t, 1], wi[t], m)
                 _scale(x[t], w[t], m)
             else:
-                _trim_weight(xs[t][b0 : b0 + m], x[t], thr[t], w[t], m, left, t)
+                _trim_weight(src, x[t], thr[t], w[t], m, left, t)
         _sum_models(x, mx, T, m)
         if consensus:
             _elect(mx.view(np.int32), sg.view(np.int32), zs, m)
@@ -439,11 +481,13 @@ def _sce_combine(base, xs, w):
 
 
 @_njit
-def _sce_combine_packed(base, xs, bits, w):
+def _sce_combine_packed(base, xs, xb, raw, bits, w):
     # _sce_combine on the task vectors masked by SCE's selection, given as bits (bit i % 8 of byte i // 8: entry i
-    # selected): each entry is x·1 or x·0, as merging.methods.sce._Selection.apply_ masks them
-    T = len(xs)
+    # selected): each entry is x·1 or x·0, as merging.methods.sce._Selection.apply_ masks them. With `raw` the task
+    # vectors come as bfloat16 bits (xb), decoded a block at a time against base (before it is updated)
+    T = len(xb) if raw else len(xs)
     n = base.size
+    buf = np.empty(_BLOCK, dtype=np.float32)
     one = np.float32(1.0)
     zero = np.float32(0.0)
     x = np.empty((T, _BLOCK), dtype=np.float32)
@@ -455,7 +499,7 @@ def _sce_combine_packed(base, xs, bits, w):
         for i in range(m):
             keep[i] = one if (bb[i >> 3] >> (i & 7)) & 1 else zero
         for t in range(T):
-            src = xs[t][b0 : b0 + m]
+            src = _load(xs, xb, base, raw, t, b0, m, buf)
             xt = x[t]
             for i in range(m):
                 xt[i] = src[i] * keep[i]
@@ -670,6 +714,15 @@ def _decode(src, u):
     # bfloat16 bits -> float32 bits in u[:src.size] (a float32 is a bfloat16 with 16 more mantissa bits)
     for i in range(src.size):
         u[i] = np.uint32(src[i]) << np.uint32(16)
+
+
+@_njit
+def _any_nonfinite16(src):
+    # _nonfinite16 over a whole array, a block at a time (stops at the first block holding one)
+    for b0 in range(0, src.size, _BLOCK):
+        if _nonfinite16(src[b0 : b0 + _BLOCK]):
+            return True
+    return False
 
 
 @_njit

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from merging.fused._loops import _ABS, _BLOCK, _SUB, _count_band, _jit, _njit
+from merging.fused._loops import _ABS, _BLOCK, _SUB, _count_band, _jit, _load, _njit
 
 
 @_njit
@@ -60,38 +60,56 @@ def square_sum(x: np.ndarray) -> float:
 
 
 @_njit
-def _welford_block(xs, b0, m, vb):
-    # vb[:m] = the variances of entries b0 .. b0 + m − 1, as _welford computes them; returns how many are not zero
-    T = len(xs)
+def _welford_block(x, m, vb, mean, m2):
+    # vb[:m] = the variances of the entries in x[:, :m] (one row per model), as _welford computes them (the same
+    # float64 operations per entry, here model by model over the block so that they vectorise; a division by a power
+    # of two is the multiplication by its inverse, exactly); returns how many are not zero
+    T = x.shape[0]
+    x0 = x[0]
+    for j in range(m):
+        mean[j] = np.float64(x0[j])
+        m2[j] = 0.0
+    for i in range(1, T):
+        xi = x[i]
+        d = np.float64(i + 1)
+        if i & (i + 1) == 0:  # i + 1 a power of two
+            r = 1.0 / d
+            for j in range(m):
+                v = np.float64(xi[j])
+                delta = v - mean[j]
+                mn = mean[j] + delta * r
+                mean[j] = mn
+                m2[j] = m2[j] + delta * (v - mn)
+        else:
+            for j in range(m):
+                v = np.float64(xi[j])
+                delta = v - mean[j]
+                mn = mean[j] + delta / d
+                mean[j] = mn
+                m2[j] = m2[j] + delta * (v - mn)
+    fT = np.float64(T)
     nonzero = 0
     for j in range(m):
-        mean = np.float64(xs[0][b0 + j])
-        m2 = 0.0
-        for i in range(1, T):
-            x = np.float64(xs[i][b0 + j])
-            delta = x - mean
-            mean = mean + delta / (i + 1)
-            m2 = m2 + delta * (x - mean)
-        v = np.float32(m2 / T)
-        vb[j] = v
-        nonzero += v != 0
+        r32 = np.float32(m2[j] / fT)
+        vb[j] = r32
+        nonzero += r32 != 0
     return nonzero
 
 
 @_jit(fastmath={"reassoc", "nsz"}, error_model="numpy")
-def _squares_above(xs, b0, vb, hi, m, sums, sure):
-    # sums[t] += Σ x_t² over this block's entries whose variance is > hi (squares in float32, the sum in float64 in
-    # a vectorised order); sure[i] = 1 for those entries, else 0
+def _squares_above(x, vb, hi, m, sums, sure):
+    # sums[t] += Σ x_t² over this block's entries (x: one row per model) whose variance is > hi (squares in float32,
+    # the sum in float64 in a vectorised order); sure[i] = 1 for those entries, else 0
     one = np.float32(1.0)
     zero = np.float32(0.0)
     for i in range(m):
         sure[i] = one if vb[i] > hi else zero
-    for t in range(len(xs)):
-        xt = xs[t][b0 : b0 + m]
+    for t in range(x.shape[0]):
+        xt = x[t]
         s = 0.0
         for i in range(m):
-            x = xt[i]
-            s += np.float64(x * x * sure[i])
+            v = xt[i]
+            s += np.float64(v * v * sure[i])
         sums[t] += s
 
 
@@ -111,13 +129,19 @@ def _pack(sure, m, bits, at):
 
 
 @_njit
-def _sce_count(xs, hi, klo, khi, collect, fold, sums, keys, pos, bits):
+def _sce_count(xs, xb, base, raw, hi, klo, khi, collect, fold, sums, keys, pos, bits, sq):
     # SCE's counting pass over one chunk, a block at a time (the variances never leave the block): the non-zero
     # variances; the band of the threshold search on them (how many are above hi, how many in [lo, hi], and with
-    # `collect` their bit patterns in keys and positions in pos, in order); with `fold`, the squares of the entries
-    # whose variance is above hi summed into sums and those entries marked in bits
-    n = xs[0].size
+    # `collect` their bit patterns in keys, their positions in pos and the task vectors' squares there in sq, in
+    # order); with `fold`, the squares of the entries whose variance is above hi summed into sums and those entries
+    # marked in bits. With `raw` the task vectors come as bfloat16 bits (xb), decoded against base block by block
+    T = len(xb) if raw else len(xs)
+    n = base.size if raw else xs[0].size
+    x = np.empty((T, _BLOCK), dtype=np.float32)
+    buf = np.empty(_BLOCK, dtype=np.float32)
     vb = np.empty(_BLOCK, dtype=np.float32)
+    mean = np.empty(_BLOCK, dtype=np.float64)
+    m2 = np.empty(_BLOCK, dtype=np.float64)
     sure = np.empty(_BLOCK, dtype=np.float32)
     kv = vb.view(np.int32)
     width = np.uint32(khi - klo)
@@ -126,11 +150,16 @@ def _sce_count(xs, hi, klo, khi, collect, fold, sums, keys, pos, bits):
     m = 0
     for b0 in range(0, n, _BLOCK):  # b0 is a multiple of 8: its bits start at byte b0 // 8
         mb = min(_BLOCK, n - b0)
-        nonzero += _welford_block(xs, b0, mb, vb)
+        for t in range(T):
+            src = _load(xs, xb, base, raw, t, b0, mb, buf)
+            xt = x[t]
+            for i in range(mb):
+                xt[i] = src[i]
+        nonzero += _welford_block(x, mb, vb, mean, m2)
         a, c = _count_band(kv[:mb], klo, width, khi)
         above += a
         if fold:
-            _squares_above(xs, b0, vb, hi, mb, sums, sure)
+            _squares_above(x, vb, hi, mb, sums, sure)
             _pack(sure, mb, bits, b0 // 8)
         if c == 0:
             continue
@@ -146,41 +175,49 @@ def _sce_count(xs, hi, klo, khi, collect, fold, sums, keys, pos, bits):
                 if np.uint32(k - klo) <= width:
                     keys[m] = k
                     pos[m] = b0 + s0 + i
+                    if fold:
+                        for t in range(T):
+                            v = x[t, s0 + i]
+                            sq[t, m] = v * v
                     m += 1
     return nonzero, above, m
 
 
-@_njit
-def _gather_squares(xs, pos, out):
-    for t in range(len(xs)):
-        xt = xs[t]
-        ot = out[t]
-        for j in range(pos.size):
-            x = xt[pos[j]]
-            ot[j] = x * x
-
-
-def sce_count(xs, lo: float, hi: float, sums: np.ndarray | None):
-    """One chunk of SCE's counting pass from the task vectors `xs` (float32 arrays), without materialising the
-    variances: (how many variances are not zero, how many are above `hi`, those in [lo, hi]: their values (float32)
-    or, when lo == hi, their count). With `sums` (float64, one per model) it also folds the weights in: adds Σ x_t²
-    over the entries whose variance is above `hi` and returns, in addition, those entries as bits (bit i % 8 of
-    byte i // 8), the positions of the variances in [lo, hi] and their squares ((T, m) float32)."""
-    n = xs[0].size
+def sce_count(xs, lo: float, hi: float, sums: np.ndarray | None, *, bits16=None, base: np.ndarray | None = None):
+    """One chunk of SCE's counting pass from the task vectors `xs` (float32 arrays; or, with `bits16`, their
+    bfloat16 bits, the base given), without materialising the variances: (how many variances are not zero, how many
+    are above `hi`, those in [lo, hi]: their values (float32) or, when lo == hi, their count). With `sums`
+    (float64, one per model) it also folds the weights in: adds Σ x_t² over the entries whose variance is above `hi`
+    and returns, in addition, those entries as bits (bit i % 8 of byte i // 8), the positions of the variances in
+    [lo, hi] and the task vectors' squares there ((T, m) float32)."""
+    raw = bits16 is not None
+    T = len(bits16) if raw else len(xs)
+    n = bits16[0].size if raw else xs[0].size
     fold = sums is not None
     collect = lo != hi or fold
     keys = np.empty(n if collect else 0, dtype=np.int32)
     pos = np.empty(n if collect else 0, dtype=np.int64)
+    sq = np.empty((T, n if fold else 0), dtype=np.float32)
     bits = np.empty((n + 7) // 8 if fold else 0, dtype=np.uint8)
     klo, khi = (np.float32(v).view(np.int32) for v in (lo, hi))
-    xs = tuple(xs)
+    none32, none16 = (np.empty(0, dtype=np.float32),), (np.empty(0, dtype=np.uint16),)
     nonzero, above, m = _sce_count(
-        xs, np.float32(hi), klo, khi, collect, fold, sums if fold else np.zeros(0), keys, pos, bits
+        tuple(xs) if not raw else none32,
+        tuple(bits16) if raw else none16,
+        base if raw else np.empty(0, dtype=np.float32),
+        raw,
+        np.float32(hi),
+        klo,
+        khi,
+        collect,
+        fold,
+        sums if fold else np.zeros(0),
+        keys,
+        pos,
+        bits,
+        sq,
     )
     inside = keys[:m].copy().view(np.float32) if lo != hi else int(m)
     if not fold:
         return int(nonzero), int(above), inside
-    pos = pos[:m].copy()
-    squares = np.empty((len(xs), m), dtype=np.float32)
-    _gather_squares(xs, pos, squares)
-    return int(nonzero), int(above), inside, bits, pos, squares
+    return int(nonzero), int(above), inside, bits, pos[:m].copy(), sq[:, :m].copy()

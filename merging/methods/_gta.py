@@ -323,6 +323,15 @@ class GTAMethod(MergeMethod):
         return 1.0 if total[0] > 0 else -1.0
 
     # -- per-tensor statistics ------------------------------------------------------------------------
+    def raw_ok(self, job: TensorJob, kind: str) -> bool:
+        """Raw task vectors go to the fused loops: the threshold counts of a tensor-scope trim (`fused.band`), and
+        the merge of a trim or a sign election without a random drop (`fused.gta_combine`)."""
+        if not fused.available() or self.sparsify not in ("none", "magnitude"):
+            return False
+        if kind == FULL:
+            return self.sparsify == "magnitude" and self._global_thr is None
+        return self.consensus or self.sparsify != "none"
+
     def next_pass(self, job: TensorJob, index: int) -> str | None:
         dens = [getattr(p, "density", 1.0) for p in job.model_params]
         if self.sparsify == "none" or all(d >= 1 for d in dens):
@@ -441,11 +450,15 @@ class GTAMethod(MergeMethod):
 
     def merge_chunk(self, job, start, base, tensors) -> torch.Tensor:
         weights = [p.weight for p in job.model_params]
+        if any(isinstance(t, fused.RawDelta) for t in tensors) and not (
+            self.sparsify in ("none", "magnitude") and (self.consensus or self.sparsify != "none")
+        ):
+            tensors = fused.tensors(tensors)
         if fused.available() and (self.consensus or self.sparsify != "none"):  # one pass (merging/fused/); a
             # plain weighted sum (task arithmetic) is as fast in torch's vectorised ops
             budgets = None
             if self.sparsify == "magnitude":  # the trim (and its excess ties) happens in the loop
-                thr = [self._threshold(job, t, tau) for t, tau in enumerate(tensors)]
+                thr = [self._threshold(job, t, tau) for t, tau in enumerate(tensors)]  # (a streamed tensor's: no tau)
                 budgets = [job.state.get(("ties_kept", t)) if thr[t] > 0 else None for t in range(len(tensors))]
                 xs = tensors
             else:

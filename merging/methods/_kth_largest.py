@@ -182,12 +182,12 @@ class KthLargest:
             c = x[(x >= self.lo).logical_xor_(above)]  # lo <= x <= hi, one comparison fewer
         self._add_inside(c)
 
-    def count_abs(self, x: torch.Tensor) -> None:
-        """`count(x.abs())`, in one fused pass over `x` when a bracket is set."""
+    def count_abs(self, x: torch.Tensor | fused.RawDelta) -> None:
+        """`count(x.abs())`, in one fused pass over `x` when a bracket is set (`x` may be raw task-vector bits)."""
         if self.hi < math.inf and fused.available():
             self.add_band(*fused.band(x, self.lo, self.hi))
         else:
-            self.count(x.abs())
+            self.count(fused.tensors([x])[0].abs())
 
     def add_band(self, above: int, inside: torch.Tensor | int) -> None:
         """Count one chunk from a fused band pass (`merging.fused.band`, `band2`): how many of its values lie above

@@ -235,6 +235,22 @@ class SparsifyingGTA(GTAMethod):
                 _check_della(p, labels[i] if i < len(labels) else f"models[{i}]")
 
     # -- statistics passes ------------------------------------------------------------------------------
+    def _fused_window(self, job: TensorJob) -> bool:
+        """Breadcrumbs' window inside the fused combine loop (no rescale; per-tensor ranks)."""
+        return (
+            self.sparsify == "outliers"
+            and fused.available()
+            and not self._per_row(job)
+            and self.at(job).rescale == "none"
+        )
+
+    def raw_ok(self, job: TensorJob, kind: str) -> bool:
+        if self.sparsify not in ("outliers", "della"):
+            return super().raw_ok(job, kind)
+        if not self._fused_window(job):
+            return False
+        return kind != FULL or job.state.get("stage") == "count"
+
     def next_pass(self, job: TensorJob, index: int) -> str | None:
         if self.sparsify not in ("outliers", "della"):
             return super().next_pass(job, index)
@@ -361,23 +377,18 @@ class SparsifyingGTA(GTAMethod):
     def merge_chunk(self, job, start, base, tensors) -> torch.Tensor:
         """With the fused loops, breadcrumbs' windows (without a rescale) are applied inside `fused.gta_combine`: one
         pass over each task vector instead of two."""
-        if not (
-            self.sparsify == "outliers"
-            and fused.available()
-            and not self._per_row(job)
-            and self.at(job).rescale == "none"
-            and all(t.dtype == torch.float32 for t in tensors)
-        ):
-            return super().merge_chunk(job, start, base, tensors)
+        if not (self._fused_window(job) and all(_float32(t) for t in tensors)):
+            return super().merge_chunk(job, start, base, fused.tensors(tensors))
         windows: list[Window | None] = []
+        thr = [0.0] * len(tensors)
         for t, tau in enumerate(tensors):
             w = None
             if job.model_params[t].density < 1:
                 w = self._window(job, t, tau)
                 if start == 0:
                     w.restart()
-                if w.keep == 0:
-                    tau.zero_()
+                if w.keep == 0:  # nothing kept: a threshold no finite magnitude reaches (+0, as tau.zero_())
+                    thr[t] = math.inf
                     w = None
             windows.append(w)
         specs = [None if w is None else w.spec() for w in windows]
@@ -385,7 +396,7 @@ class SparsifyingGTA(GTAMethod):
         out = fused.gta_combine(
             base,
             tensors,
-            [0.0] * len(tensors),
+            thr,
             [m.weight for m in job.model_params],
             consensus=self.consensus,
             normalize=p.normalize,
@@ -418,6 +429,10 @@ class SparsifyingGTA(GTAMethod):
         elif rescale == "keep_rate":
             x.div_(job.state["p"].to(torch.float32))
         return x
+
+
+def _float32(t) -> bool:
+    return isinstance(t, fused.RawDelta) or t.dtype == torch.float32
 
 
 def _bracketed(a: KthLargest | None, b: KthLargest | None) -> bool:

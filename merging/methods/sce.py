@@ -169,15 +169,24 @@ class Sce(MergeMethod):
             return FULL
         return None  # the weights pass is done
 
+    def raw_ok(self, job, kind):
+        """Raw task vectors go to the fused counting pass and to the merge from the selection bits."""
+        if not fused.available():
+            return False
+        if kind == FULL:
+            return job.state.get("stage") == "count" and job.state["sel"].hi < math.inf
+        return bool(job.state.get("bits"))
+
     def observe(self, job, pass_index, start, base, tensors):
         st = job.state
+        if st["stage"] == "count" and self._fused_count(job, start, tensors):
+            return
+        tensors = fused.tensors(tensors)
         if st["stage"] == "weights":
             taus = self._selected(job, start, list(tensors))  # fresh reads: masked in place
             sq = st.setdefault("squares", [0.0] * len(taus))
             for t, tau in enumerate(taus):
                 sq[t] += _square_sum(tau)
-            return
-        if st["stage"] == "count" and self._fused_count(job, start, tensors):
             return
         var, nonzero = _variance(tensors)
         if st["stage"] == "sample":
@@ -214,13 +223,18 @@ class Sce(MergeMethod):
         stay in its blocks. Its first round also folds in the weights and records the entries above the bracket as
         bits, from which the merge pass builds the selection without computing the variances again."""
         sel = job.state["sel"]
-        if not (fused.available() and sel.hi < math.inf and all(t.dtype == torch.float32 for t in taus)):
+        raw = all(isinstance(t, fused.RawDelta) for t in taus)
+        if not (fused.available() and sel.hi < math.inf and (raw or all(t.dtype == torch.float32 for t in taus))):
             return False
         from merging.fused._stats import sce_count
 
         fold = self._fold_begin(job, start, len(taus))
-        arrs = [t.reshape(-1).contiguous().numpy() for t in taus]
-        out = sce_count(arrs, sel.lo, sel.hi, fold["sums"] if fold is not None else None)
+        sums = fold["sums"] if fold is not None else None
+        if raw:
+            base = taus[0].base.reshape(-1).contiguous().numpy()
+            out = sce_count(None, sel.lo, sel.hi, sums, bits16=[t.bits for t in taus], base=base)
+        else:
+            out = sce_count([t.reshape(-1).contiguous().numpy() for t in taus], sel.lo, sel.hi, sums)
         nonzero, above, inside = out[:3]
         if "k" not in job.state:
             job.state["nonzero"] += nonzero
@@ -296,7 +310,7 @@ class Sce(MergeMethod):
         if bits is not None and base.dtype == torch.float32 and base.is_contiguous():  # the selection from the count
             w = self._weights(job, tensors)
             return fused.sce_combine_packed(base, tensors, bits, w.tolist())
-        taus = self._selected(job, start, list(tensors))
+        taus = self._selected(job, start, fused.tensors(tensors))
         w = self._weights(job, taus)
         if fused.available() and base.dtype == torch.float32 and base.is_contiguous():  # one pass, same float32 ops
             return fused.sce_combine(base, taus, w.tolist())

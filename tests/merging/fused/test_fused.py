@@ -541,34 +541,49 @@ def test_decode_sub_is_the_float_then_subtract_of_torch():
     assert unchecked is not None and torch.isnan(unchecked[65537]) and same_bits(unchecked[:65537], got[:65537])
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "sce"])
+@pytest.mark.parametrize("method", ["ties", "ties (tensor)", "breadcrumbs", "breadcrumbs_ties", "sce"])
 def test_task_vectors_read_from_bfloat16_files_in_one_pass_give_the_torch_bytes(tmp_path, monkeypatch, method):
-    """Methods on task vectors read bfloat16 chunks through `fused.decode_sub`: the output bytes are those of the
-    torch reader, whole tensors and chunked."""
+    """Methods on task vectors read bfloat16 chunks through `fused.decode_sub`, or, streamed, hand the raw bits to the
+    fused loops (`fused.RawDelta`): the output bytes are those of the torch reader, whole tensors and chunked."""
     from merging import sources
     from merging.run import run_merge
     from tests.helpers.merge import tiny_llama_dirs
 
     base, fts = tiny_llama_dirs(tmp_path, n_models=2)  # bfloat16 files
-    per = {"ties": {"density": 0.3}, "breadcrumbs": {"density": 0.8, "gamma": 0.05}, "sce": {}}[method]
+    per = {
+        "sce": {},
+        "breadcrumbs": {"density": 0.8, "gamma": 0.05},
+        "breadcrumbs_ties": {"density": 0.7, "gamma": 0.1},
+    }
+    shared = {"sce": {"select_topk": 0.5}, "ties (tensor)": {"trim_scope": "tensor"}}
     rec = {
-        "merge_method": method,
+        "merge_method": method.split()[0],
         "base_model": str(base),
         "dtype": "bfloat16",
-        "parameters": {"select_topk": 0.5} if method == "sce" else {},
-        "models": [{"model": str(p), "parameters": per} for p in fts],
+        "parameters": shared.get(method, {}),
+        "models": [{"model": str(p), "parameters": per.get(method, {"density": 0.3})} for p in fts],
     }
     monkeypatch.setattr(sources, "_FUSED_READ_MIN", 16)
-    calls = []
+    calls, raws = [], []
     real = fused.decode_sub
     monkeypatch.setattr(fused, "decode_sub", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for chunk in (1 << 20, 1000):
+    raw_deltas = sources.MergeStreams._raw_deltas
+
+    def spy(self, *a):
+        out = raw_deltas(self, *a)
+        raws.extend([1] if out is not None else [])
+        return out
+
+    monkeypatch.setattr(sources.MergeStreams, "_raw_deltas", spy)
+    for chunk in (1 << 20, 100):  # whole tensors; streamed in chunks (the tiny model's matrices hold 512 entries)
         outs = []
         for enabled in (True, False):
             monkeypatch.setattr(fused, "ENABLED", enabled)
-            n = len(calls)
+            n, r = len(calls), len(raws)
             outs.append(run_merge(rec, tmp_path / f"{chunk}{enabled}", chunk_size=chunk, progress=False, hash="none"))
             assert (len(calls) > n) == enabled
+            # streamed tensors reach the fused loops undecoded (RawDelta): their counting and merge passes
+            assert (len(raws) > r) == (enabled and chunk == 100)
         assert (outs[0] / "model.safetensors").read_bytes() == (outs[1] / "model.safetensors").read_bytes()
 
 
