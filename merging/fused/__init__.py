@@ -23,6 +23,10 @@ float32 (and, for DELLA's probabilities, float64) arithmetic in the same order, 
   same for slerp (its norms and dot product are summed in float64 here, in float32 chunks on the torch path,
   so slerp's two paths agree to float32 rounding, not bit for bit).
 
+`band`, `band2`, `gta_combine`, `sce_combine_packed` and `merging.fused._stats.sce_count` also read task vectors
+as a bfloat16 file's raw bits (`RawDelta`), decoding a block at a time: the reader hands a streamed tensor's
+chunks over that way where the method asks for it (`MergeMethod.raw_ok`).
+
 Their float32 results are bit-identical to the reference (tests/test_fused.py, on random inputs with signed
 zeros and ties). One caveat: DARE's L1 rescale sums |τ| in float64 in both paths but in a different order
 (vectorised here), so its float32 factor could differ in the last bit if the two sums straddle a rounding
