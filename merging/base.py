@@ -32,12 +32,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from merging.stream import FULL, SAMPLE, drive
+from merging.stream import FULL, MERGE, SAMPLE, drive
 from peft_lab.params import Checked, param_key
 from peft_lab.registry import Registry
 from peft_lab.tree import Tree
 
-__all__ = ["METHODS", "MergeMethod", "MergeInputs", "ModelParams", "TensorJob", "SAMPLE", "FULL", "param_key"]
+__all__ = ["METHODS", "MergeMethod", "MergeInputs", "ModelParams", "TensorJob", "SAMPLE", "FULL", "MERGE", "param_key"]
 
 METHODS: Registry[type[MergeMethod]] = Registry("merge method", package="merging.methods")
 
@@ -191,7 +191,7 @@ class MergeMethod:
         return None
 
     def raw_ok(self, job: TensorJob, kind: str) -> bool:
-        """Whether this pass (`FULL`, or `"merge"` for the merge pass) of a streamed tensor may receive task vectors
+        """Whether this pass (`FULL`, or `MERGE` for the merge pass) of a streamed tensor may receive task vectors
         undecoded (`merging.fused.RawDelta`: raw bfloat16 bits and the base, which the fused loops decode a block
         at a time) instead of float32 tensors. Default: no."""
         return False

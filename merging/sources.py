@@ -214,15 +214,14 @@ class MergeStreams:
         not apply to all of them (see `_bf16_delta`) or a chunk holds a NaN/inf (the float path then names it)."""
         from merging import fused
 
-        if not self.method.uses_deltas or stop - start < _FUSED_READ_MIN or not fused.available():
-            return None
-        if any(inp.is_delta or not src.bf16_file for src, inp in zip(srcs, self.inputs, strict=True)):
+        if not self.method.uses_deltas or any(
+            inp.is_delta or not src.bf16_file for src, inp in zip(srcs, self.inputs, strict=True)
+        ):  # decided before reading anything
             return None
         out = []
         for src in srcs:
-            bits = np.empty(stop - start, dtype=np.uint16)
-            self.files.read_into(src.leaf, start, stop, bits)
-            if check and fused.nonfinite16(bits):
+            bits = self._bf16_bits(src, start, stop)
+            if bits is None or (check and fused.nonfinite16(bits)):
                 return None
             out.append(fused.RawDelta(bits, base))
         return out
@@ -233,11 +232,19 @@ class MergeStreams:
         the chunk holds a NaN/inf (the torch path then names it)."""
         from merging import fused
 
+        bits = self._bf16_bits(src, start, stop)
+        return None if bits is None else fused.decode_sub(bits, base, check=check)
+
+    def _bf16_bits(self, src: TensorSource, start: int, stop: int) -> np.ndarray | None:
+        """The raw bits of a bfloat16 file's chunk for the fused loops, or None where they do not apply (not such a
+        file, numba unavailable, a chunk under `_FUSED_READ_MIN` elements)."""
+        from merging import fused
+
         if stop - start < _FUSED_READ_MIN or not src.bf16_file or not fused.available():
             return None
         bits = np.empty(stop - start, dtype=np.uint16)
         self.files.read_into(src.leaf, start, stop, bits)
-        return fused.decode_sub(bits, base, check=check)
+        return bits
 
     def job(self, name: str, **kw) -> TensorJob:
         leaf = self.ref[name]

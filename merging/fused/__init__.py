@@ -118,8 +118,9 @@ def tensors(xs) -> list[torch.Tensor]:
     return [x.tensor() if isinstance(x, RawDelta) else x for x in xs]
 
 
-def _inputs(xs, base: torch.Tensor | None = None):
-    """(float32 arrays, bfloat16 bit arrays, base array, raw) for the loops that read either."""
+def loop_inputs(xs, base: torch.Tensor | None = None):
+    """Task vectors as the loops that read either kind take them: (float32 arrays, bfloat16 bit arrays, base array,
+    raw). Raw only when all are `RawDelta`s (their bits are decoded against `base`, by default their own)."""
     if xs and all(isinstance(x, RawDelta) for x in xs):
         b = xs[0].base if base is None else base
         return (_NONE32,), tuple(x.bits for x in xs), b.reshape(-1).contiguous().numpy(), True
@@ -134,7 +135,7 @@ _NONE16 = np.empty(0, dtype=np.uint16)
 def band(x: torch.Tensor | RawDelta, lo: float, hi: float) -> tuple[int, torch.Tensor | int]:
     """One pass over `x` for TIES's threshold search: (#{|x| > hi}, the values of |x| in [lo, hi], in order). When
     lo == hi the values are all equal and only their count is returned (an int)."""
-    xf, xb, b, raw = _inputs([x])
+    xf, xb, b, raw = loop_inputs([x])
     collect = lo != hi
     scratch = _scratch("scratch", x.numel() if collect else 0)[0]
     above, m = _compiled()._band(xf, xb, b, raw, np.int32(_bits(lo)), np.int32(_bits(hi)), scratch, collect)
@@ -145,7 +146,7 @@ def band2(
     x: torch.Tensor | RawDelta, lo1: float, hi1: float, lo2: float, hi2: float
 ) -> tuple[int, torch.Tensor | int, int, torch.Tensor | int]:
     """`band` for two brackets in one pass over `x`: (above1, values in [lo1, hi1], above2, values in [lo2, hi2])."""
-    xf, xb, b, raw = _inputs([x])
+    xf, xb, b, raw = loop_inputs([x])
     c1, c2 = lo1 != hi1, lo2 != hi2
     b1, b2 = _scratch("scratch2", x.numel() if c1 or c2 else 0)
     k = [np.int32(_bits(v)) for v in (lo1, hi1, lo2, hi2)]
@@ -195,7 +196,7 @@ def gta_combine(
     T = len(xs)
     if base is None and any(isinstance(x, RawDelta) for x in xs):
         xs = tensors(xs)
-    xf, xb, _, raw = _inputs(xs, base)
+    xf, xb, _, raw = loop_inputs(xs, base)
     win = np.zeros(T, dtype=np.bool_)
     wf = np.zeros((T, 2), dtype=np.float32)
     wi = np.zeros((T, 6), dtype=np.int64)
@@ -351,7 +352,7 @@ def sce_combine_packed(
 ) -> torch.Tensor:
     """`sce_combine` on the task vectors masked by a selection given as bits (bit i % 8 of byte i // 8: entry i
     kept), in the same pass (`select_mask_` then `sce_combine` give the same bits); `xs` are not modified."""
-    xf, xb, _, raw = _inputs(xs, base)  # raw: decoded against base, block by block, before it is updated
+    xf, xb, _, raw = loop_inputs(xs, base)  # raw: decoded against base, block by block, before it is updated
     _compiled()._sce_combine_packed(base.reshape(-1).numpy(), xf, xb, raw, bits, np.array(weights, dtype=np.float32))
     return base
 

@@ -39,14 +39,18 @@ def _load(xf, xb, base, raw, t, b0, m, buf):
     # bits xb[t] and the base subtracted into buf, as decode_sub does for a whole chunk
     if not raw:
         return xf[t][b0 : b0 + m]
-    src = xb[t][b0 : b0 + m]
-    u = buf.view(np.uint32)
-    for i in range(m):
-        u[i] = np.uint32(src[i]) << np.uint32(16)
-    bb = base[b0 : b0 + m]
-    for i in range(m):
-        buf[i] = buf[i] - bb[i]
+    _decode_sub_block(xb[t][b0 : b0 + m], base[b0 : b0 + m], buf[:m])
     return buf[:m]
+
+
+@_njit
+def _load_all(xf, xb, base, raw, b0, m, x, buf):
+    # every model's entries b0 .. b0 + m − 1 into the rows of x (see _load)
+    for t in range(x.shape[0]):
+        src = _load(xf, xb, base, raw, t, b0, m, buf)
+        xt = x[t]
+        for i in range(m):
+            xt[i] = src[i]
 
 
 _SUB = 64  # elements per sub-block of the band loops: only sub-blocks holding a value in the bracket are compacted
@@ -83,22 +87,28 @@ def _compact(keys, klo, width, buf, m):
 
 
 @_njit
+def _band_block(blk, klo, khi, buf, m, collect):
+    # one block of a band pass: (#{|x| > hi} in it, the new m: m plus #{lo <= |x| <= hi} in it, those values' bit
+    # patterns appended to buf with `collect`)
+    width = np.uint32(khi - klo)
+    above, c = _count_band(blk, klo, width, khi)
+    if not collect:
+        return above, m + c
+    return above, (_compact(blk, klo, width, buf, m) if c else m)
+
+
+@_njit
 def _band(xf, xb, base, raw, klo, khi, buf, collect):
     # one bracket over model 0 of xf (or of its raw bits xb): (#{|x| > hi}, #{lo <= |x| <= hi}), and with `collect`
     # those values' bit patterns in buf
     above = 0
     m = 0
-    width = np.uint32(khi - klo)
     n = xb[0].size if raw else xf[0].size
     scratch = np.empty(_BLOCK, dtype=np.float32)
     for b0 in range(0, n, _BLOCK):
         blk = _load(xf, xb, base, raw, 0, b0, min(_BLOCK, n - b0), scratch).view(np.int32)
-        a, c = _count_band(blk, klo, width, khi)
+        a, m = _band_block(blk, klo, khi, buf, m, collect)
         above += a
-        if not collect:
-            m += c
-        elif c:
-            m = _compact(blk, klo, width, buf, m)
     return above, m
 
 
@@ -109,24 +119,14 @@ def _band2(xf, xb, base, raw, klo1, khi1, klo2, khi2, buf1, buf2, collect1, coll
     above2 = 0
     m1 = 0
     m2 = 0
-    w1 = np.uint32(khi1 - klo1)
-    w2 = np.uint32(khi2 - klo2)
     n = xb[0].size if raw else xf[0].size
     scratch = np.empty(_BLOCK, dtype=np.float32)
     for b0 in range(0, n, _BLOCK):
         blk = _load(xf, xb, base, raw, 0, b0, min(_BLOCK, n - b0), scratch).view(np.int32)
-        a, c = _count_band(blk, klo1, w1, khi1)
+        a, m1 = _band_block(blk, klo1, khi1, buf1, m1, collect1)
         above1 += a
-        if not collect1:
-            m1 += c
-        elif c:
-            m1 = _compact(blk, klo1, w1, buf1, m1)
-        a, c = _count_band(blk, klo2, w2, khi2)
+        a, m2 = _band_block(blk, klo2, khi2, buf2, m2, collect2)
         above2 += a
-        if not collect2:
-            m2 += c
-        elif c:
-            m2 = _compact(blk, klo2, w2, buf2, m2)
     return above1, m1, above2, m2
 
 
@@ -738,17 +738,20 @@ def _nonfinite16(src):
 def _decode_sub(src, base, out, check):
     # out = float32(bfloat16 bits src) − base, a block at a time (the decode, then the float32 subtraction torch's
     # `x.float().sub_(base)` does); with `check`, True as soon as a bfloat16 NaN/inf is seen (out is then unfinished)
-    u = out.view(np.uint32)
     for b0 in range(0, src.size, _BLOCK):
         sb = src[b0 : b0 + _BLOCK]
         if check and _nonfinite16(sb):
             return True
-        _decode(sb, u[b0 : b0 + _BLOCK])
-        ob = out[b0 : b0 + _BLOCK]
-        bb = base[b0 : b0 + _BLOCK]
-        for i in range(ob.size):
-            ob[i] = ob[i] - bb[i]
+        _decode_sub_block(sb, base[b0 : b0 + _BLOCK], out[b0 : b0 + _BLOCK])
     return False
+
+
+@_njit
+def _decode_sub_block(src, bb, ob):
+    # ob = float32(bfloat16 bits src) − bb over one block
+    _decode(src, ob.view(np.uint32))
+    for i in range(ob.size):
+        ob[i] = ob[i] - bb[i]
 
 
 @_njit

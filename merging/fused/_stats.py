@@ -14,25 +14,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from merging.fused._loops import _ABS, _BLOCK, _SUB, _count_band, _jit, _load, _njit
+from merging.fused._loops import _ABS, _BLOCK, _SUB, _count_band, _jit, _load_all, _njit
+
+_NONE16 = (np.empty(0, dtype=np.uint16),)  # the raw-bits slot of _load_all, unused by the float32 loops
+_NONE32 = np.empty(0, dtype=np.float32)
 
 
 @_njit
 def _welford(xs, out):
-    T = len(xs)
+    # out = the variances across the float32 arrays xs, a block at a time (_welford_block); returns the non-zeros
     n = out.size
+    x = np.empty((len(xs), _BLOCK), dtype=np.float32)
+    mean = np.empty(_BLOCK, dtype=np.float64)
+    m2 = np.empty(_BLOCK, dtype=np.float64)
     nonzero = 0
-    for j in range(n):
-        mean = np.float64(xs[0][j])
-        m2 = 0.0
-        for i in range(1, T):
-            x = np.float64(xs[i][j])
-            delta = x - mean
-            mean = mean + delta / (i + 1)
-            m2 = m2 + delta * (x - mean)
-        v = np.float32(m2 / T)
-        out[j] = v
-        nonzero += v != 0
+    for b0 in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - b0)
+        _load_all(xs, _NONE16, _NONE32, False, b0, m, x, x[0])
+        nonzero += _welford_block(x, m, out[b0 : b0 + m], mean, m2)
     return nonzero
 
 
@@ -61,9 +60,10 @@ def square_sum(x: np.ndarray) -> float:
 
 @_njit
 def _welford_block(x, m, vb, mean, m2):
-    # vb[:m] = the variances of the entries in x[:, :m] (one row per model), as _welford computes them (the same
-    # float64 operations per entry, here model by model over the block so that they vectorise; a division by a power
-    # of two is the multiplication by its inverse, exactly); returns how many are not zero
+    # vb[:m] = the variances of the entries in x[:, :m] (one row per model): Welford's update per entry in float64,
+    # in model order, rounded to float32 (the operations of the torch reference, run model by model over the block
+    # so that they vectorise; a division by a power of two is the multiplication by its inverse, exactly); returns
+    # how many are not zero
     T = x.shape[0]
     x0 = x[0]
     for j in range(m):
@@ -150,11 +150,7 @@ def _sce_count(xs, xb, base, raw, hi, klo, khi, collect, fold, sums, keys, pos, 
     m = 0
     for b0 in range(0, n, _BLOCK):  # b0 is a multiple of 8: its bits start at byte b0 // 8
         mb = min(_BLOCK, n - b0)
-        for t in range(T):
-            src = _load(xs, xb, base, raw, t, b0, mb, buf)
-            xt = x[t]
-            for i in range(mb):
-                xt[i] = src[i]
+        _load_all(xs, xb, base, raw, b0, mb, x, buf)
         nonzero += _welford_block(x, mb, vb, mean, m2)
         a, c = _count_band(kv[:mb], klo, width, khi)
         above += a
@@ -183,16 +179,17 @@ def _sce_count(xs, xb, base, raw, hi, klo, khi, collect, fold, sums, keys, pos, 
     return nonzero, above, m
 
 
-def sce_count(xs, lo: float, hi: float, sums: np.ndarray | None, *, bits16=None, base: np.ndarray | None = None):
-    """One chunk of SCE's counting pass from the task vectors `xs` (float32 arrays; or, with `bits16`, their
-    bfloat16 bits, the base given), without materialising the variances: (how many variances are not zero, how many
-    are above `hi`, those in [lo, hi]: their values (float32) or, when lo == hi, their count). With `sums`
-    (float64, one per model) it also folds the weights in: adds Σ x_t² over the entries whose variance is above `hi`
-    and returns, in addition, those entries as bits (bit i % 8 of byte i // 8), the positions of the variances in
-    [lo, hi] and the task vectors' squares there ((T, m) float32)."""
-    raw = bits16 is not None
-    T = len(bits16) if raw else len(xs)
-    n = bits16[0].size if raw else xs[0].size
+def sce_count(xs, lo: float, hi: float, sums: np.ndarray | None):
+    """One chunk of SCE's counting pass from the task vectors `xs` (float32 tensors, or `merging.fused.RawDelta`s),
+    without materialising the variances: (how many variances are not zero, how many are above `hi`, those in
+    [lo, hi]: their values (float32) or, when lo == hi, their count). With `sums` (float64, one per model) it also
+    folds the weights in: adds Σ x_t² over the entries whose variance is above `hi` and returns, in addition, those
+    entries as bits (bit i % 8 of byte i // 8), the positions of the variances in [lo, hi] and the task vectors'
+    squares there ((T, m) float32)."""
+    from merging.fused import loop_inputs
+
+    xf, xb, base, raw = loop_inputs(xs)
+    T, n = len(xs), xs[0].numel()
     fold = sums is not None
     collect = lo != hi or fold
     keys = np.empty(n if collect else 0, dtype=np.int32)
@@ -200,11 +197,10 @@ def sce_count(xs, lo: float, hi: float, sums: np.ndarray | None, *, bits16=None,
     sq = np.empty((T, n if fold else 0), dtype=np.float32)
     bits = np.empty((n + 7) // 8 if fold else 0, dtype=np.uint8)
     klo, khi = (np.float32(v).view(np.int32) for v in (lo, hi))
-    none32, none16 = (np.empty(0, dtype=np.float32),), (np.empty(0, dtype=np.uint16),)
     nonzero, above, m = _sce_count(
-        tuple(xs) if not raw else none32,
-        tuple(bits16) if raw else none16,
-        base if raw else np.empty(0, dtype=np.float32),
+        xf,
+        xb,
+        base,
         raw,
         np.float32(hi),
         klo,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from merging import fused
-from merging.base import FULL, SAMPLE, MergeInputs, MergeMethod, ModelParams, TensorJob
+from merging.base import FULL, MERGE, SAMPLE, MergeInputs, MergeMethod, ModelParams, TensorJob
 from merging.methods._kth_largest import KthLargest, select_kth
 from merging.settings import is_scalar
 from peft_lab.errors import UserError
@@ -450,9 +450,7 @@ class GTAMethod(MergeMethod):
 
     def merge_chunk(self, job, start, base, tensors) -> torch.Tensor:
         weights = [p.weight for p in job.model_params]
-        if any(isinstance(t, fused.RawDelta) for t in tensors) and not (
-            self.sparsify in ("none", "magnitude") and (self.consensus or self.sparsify != "none")
-        ):
+        if not self.raw_ok(job, MERGE):  # (raw chunks only come where it allows them)
             tensors = fused.tensors(tensors)
         if fused.available() and (self.consensus or self.sparsify != "none"):  # one pass (merging/fused/); a
             # plain weighted sum (task arithmetic) is as fast in torch's vectorised ops

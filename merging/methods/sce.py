@@ -229,12 +229,7 @@ class Sce(MergeMethod):
         from merging.fused._stats import sce_count
 
         fold = self._fold_begin(job, start, len(taus))
-        sums = fold["sums"] if fold is not None else None
-        if raw:
-            base = taus[0].base.reshape(-1).contiguous().numpy()
-            out = sce_count(None, sel.lo, sel.hi, sums, bits16=[t.bits for t in taus], base=base)
-        else:
-            out = sce_count([t.reshape(-1).contiguous().numpy() for t in taus], sel.lo, sel.hi, sums)
+        out = sce_count(taus, sel.lo, sel.hi, fold["sums"] if fold is not None else None)
         nonzero, above, inside = out[:3]
         if "k" not in job.state:
             job.state["nonzero"] += nonzero
